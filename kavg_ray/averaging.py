@@ -1,0 +1,278 @@
+"""Model averagers for K-AVG and Hier-AVG.
+
+Both averagers move a model's parameters and floating-point buffers into one
+contiguous buffer and make every tensor a view into it, so an average is a single
+all-reduce on that buffer followed by one in-place division: nothing is copied in
+or out. Integer buffers (BatchNorm's ``num_batches_tracked``) are left alone; every
+learner takes the same number of steps, so they stay equal without communication.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class CommStats:
+    """What one kind of reduction has cost so far."""
+
+    count: int = 0
+    seconds: float = 0.0
+    bytes: int = 0
+
+
+class FlatModel:
+    """A model whose parameters and floating buffers are views into one flat buffer."""
+
+    def __init__(self, model: nn.Module) -> None:
+        tensors = [p for p in model.parameters()]
+        buffer_slots = [
+            (mod, name, buf)
+            for mod in model.modules()
+            for name, buf in mod._buffers.items()
+            if buf is not None and buf.is_floating_point()
+        ]
+        tensors += [buf for _, _, buf in buffer_slots]
+        if not tensors:
+            raise ValueError("the model has no parameters or floating-point buffers to average")
+        devices = {t.device for t in tensors}
+        if len(devices) != 1:
+            raise ValueError(
+                f"the model must live on one device, found {sorted(map(str, devices))}"
+            )
+        dtypes = {t.dtype for t in tensors}
+        if len(dtypes) != 1:
+            raise ValueError(
+                "parameters and floating buffers must share one dtype, "
+                f"found {sorted(map(str, dtypes))}"
+            )
+        (self.device,) = devices
+        (self.dtype,) = dtypes
+        if not self.dtype.is_floating_point:
+            raise ValueError(f"cannot average tensors of dtype {self.dtype}")
+
+        total = sum(t.numel() for t in tensors)
+        self.buffer = torch.empty(total, dtype=self.dtype, device=self.device)
+        offset = 0
+        views = []
+        for t in tensors:
+            view = self.buffer[offset : offset + t.numel()].view_as(t)
+            view.copy_(t.detach())
+            views.append(view)
+            offset += t.numel()
+        n_params = len(tensors) - len(buffer_slots)
+        with torch.no_grad():
+            for p, view in zip(model.parameters(), views[:n_params], strict=True):
+                p.data = view
+        for (mod, name, _), view in zip(buffer_slots, views[n_params:], strict=True):
+            mod._buffers[name] = view
+        self.model = model
+
+    @property
+    def nbytes(self) -> int:
+        return self.buffer.numel() * self.buffer.element_size()
+
+    def is_intact(self) -> bool:
+        """True while every parameter still points into the flat buffer (no `.to()` since)."""
+        start = self.buffer.data_ptr()
+        end = start + self.nbytes
+        return all(start <= p.data_ptr() < end for p in self.model.parameters())
+
+
+def _group_size(group: dist.ProcessGroup | None) -> int:
+    if not dist.is_available() or not dist.is_initialized():
+        return 1
+    return dist.get_world_size(group)
+
+
+class _Averager:
+    """Shared machinery: the flat buffer, timing, and the step counter."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.flat = FlatModel(model)
+        self.step_count = 0
+        self._scratch: torch.Tensor | None = None
+        self._sync_cuda = self.flat.device.type == "cuda"
+
+    def _reduce(self, group: dist.ProcessGroup | None, size: int, stats: CommStats) -> None:
+        if size == 1:
+            stats.count += 1
+            return
+        start = time.perf_counter()
+        buf = self.flat.buffer
+        if dist.get_backend(group) == dist.Backend.NCCL:
+            dist.all_reduce(buf, op=dist.ReduceOp.AVG, group=group)
+        else:
+            # gloo has no AVG: sum, then one in-place division.
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
+            buf.div_(size)
+        if self._sync_cuda:
+            torch.cuda.synchronize(self.flat.device)
+        stats.seconds += time.perf_counter() - start
+        stats.count += 1
+        stats.bytes += self.flat.nbytes
+
+    @contextmanager
+    def global_average(self) -> Iterator[None]:
+        """Hold the average of all learners for a moment (to evaluate it), then restore.
+
+        Costs one all-reduce when the learners are not in sync; it is not counted
+        in the algorithm's communication. Uses the one extra model-sized buffer.
+        """
+        world = _group_size(None)
+        if self.in_sync or world == 1:
+            yield
+            return
+        if self._scratch is None:
+            self._scratch = torch.empty_like(self.flat.buffer)
+        self._scratch.copy_(self.flat.buffer)
+        dist.all_reduce(self.flat.buffer, op=dist.ReduceOp.SUM)
+        self.flat.buffer.div_(world)
+        try:
+            yield
+        finally:
+            self.flat.buffer.copy_(self._scratch)
+
+    def state_dict(self) -> dict:
+        return {"step_count": self.step_count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_count = int(state["step_count"])
+
+
+class KAvgAverager(_Averager):
+    """K-step model averaging (K-AVG).
+
+    Call :meth:`step` once after every ``optimizer.step()``. The P models in
+    ``process_group`` are replaced by their average after optimizer steps
+    K, 2K, 3K, ... counted from construction (never after step 1 unless K = 1).
+    K = 1 is synchronous parallel SGD; a group of one learner never communicates.
+
+    Args:
+        model: the learner's model, on one device, all floating tensors of one dtype.
+            Its parameters and floating buffers become views into one buffer:
+            build the optimizer before or after, but do not move the model afterwards.
+        period: K, the number of local steps between averages (>= 1).
+        process_group: the group to average over (default: the world).
+    """
+
+    def __init__(
+        self, model: nn.Module, period: int, process_group: dist.ProcessGroup | None = None
+    ) -> None:
+        if not isinstance(period, int) or isinstance(period, bool) or period < 1:
+            raise ValueError(f"period (K) must be an integer >= 1, got {period!r}")
+        super().__init__(model)
+        self.period = period
+        self.process_group = process_group
+        self.world_size = _group_size(process_group)
+        self.stats = CommStats()
+
+    def step(self) -> bool:
+        """Count one optimizer step; average if it is a multiple of K. Returns whether it did."""
+        self.step_count += 1
+        if self.step_count % self.period == 0:
+            self.average()
+            return True
+        return False
+
+    def average(self) -> None:
+        """Replace every model in the group by the group's average, now."""
+        self._reduce(self.process_group, self.world_size, self.stats)
+
+    @property
+    def in_sync(self) -> bool:
+        """True when the last step was an averaging step (all models equal)."""
+        return self.step_count % self.period == 0
+
+
+class HierAvgAverager(_Averager):
+    """Hierarchical averaging (Hier-AVG) over the default process group.
+
+    The P learners form P/S groups of S consecutive ranks. Call :meth:`step` once
+    after every ``optimizer.step()``. After steps that are multiples of
+    ``global_period`` (K2) all P learners average; after the other multiples of
+    ``local_period`` (K1) each group averages inside itself. K2 must be a
+    multiple of K1. S = 1 or K1 = K2 is K-AVG with K = K2; S = P is K-AVG with K = K1.
+
+    Every rank creates every subgroup, in the same order, as torch requires.
+    """
+
+    def __init__(
+        self, model: nn.Module, local_period: int, global_period: int, group_size: int
+    ) -> None:
+        for name, value in (
+            ("local_period (K1)", local_period),
+            ("global_period (K2)", global_period),
+            ("group_size (S)", group_size),
+        ):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if global_period % local_period:
+            raise ValueError(
+                f"global_period K2={global_period} must be a multiple of "
+                f"local_period K1={local_period}"
+            )
+        world = _group_size(None)
+        if group_size > world or world % group_size:
+            raise ValueError(
+                f"group_size S={group_size} must divide the number of learners P={world}"
+            )
+        super().__init__(model)
+        self.local_period = local_period
+        self.global_period = global_period
+        self.group_size = group_size
+        self.world_size = world
+        self.local_group: dist.ProcessGroup | None = None
+        if 1 < group_size < world:
+            rank = dist.get_rank()
+            for first in range(0, world, group_size):
+                ranks = list(range(first, first + group_size))
+                group = dist.new_group(ranks)
+                if rank in ranks:
+                    self.local_group = group
+        self.local_stats = CommStats()
+        self.global_stats = CommStats()
+
+    def step(self) -> str | None:
+        """Count one optimizer step; returns "global", "local" or None for what it did."""
+        self.step_count += 1
+        if self.step_count % self.global_period == 0:
+            self.average()
+            return "global"
+        if self.step_count % self.local_period == 0:
+            self.average_local()
+            return "local"
+        return None
+
+    def average(self) -> None:
+        """Average over all P learners, now."""
+        self._reduce(None, self.world_size, self.global_stats)
+
+    def average_local(self) -> None:
+        """Average inside this learner's group of S, now."""
+        if self.group_size == self.world_size:
+            self._reduce(None, self.world_size, self.local_stats)
+        elif self.group_size == 1:
+            self.local_stats.count += 1
+        else:
+            self._reduce(self.local_group, self.group_size, self.local_stats)
+
+    @property
+    def in_sync(self) -> bool:
+        return self.step_count % self.global_period == 0
+
+    @property
+    def stats(self) -> CommStats:
+        """Local and global reductions together."""
+        return CommStats(
+            self.local_stats.count + self.global_stats.count,
+            self.local_stats.seconds + self.global_stats.seconds,
+            self.local_stats.bytes + self.global_stats.bytes,
+        )

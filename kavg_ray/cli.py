@@ -1,0 +1,192 @@
+"""The `kavg` command line.
+
+Inputs are validated before torch or Ray are imported, so a bad file costs a
+fraction of a second and launches nothing. Exit codes: 0 success, 2 bad input,
+1 a failure at run time.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from functools import wraps
+from typing import Any
+
+import click
+
+FORMATS = click.Choice(["table", "csv", "json"])
+
+
+class BadInput(click.ClickException):
+    """One line on stderr, exit code 2."""
+
+    exit_code = 2
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+def _user_errors(fn: Callable) -> Callable:
+    """Turn the project's input errors into exit code 2 with one line."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from kavg_ray.config import ConfigError
+
+        errors: tuple[type[Exception], ...] = (ConfigError,)
+        if "kavg_ray.results" in sys.modules:
+            from kavg_ray.results import ResultsError
+
+            errors += (ResultsError,)
+        if "kavg_ray.sweep" in sys.modules:
+            from kavg_ray.sweep import SweepError
+
+            errors += (SweepError,)
+        try:
+            return fn(*args, **kwargs)
+        except errors as exc:
+            raise BadInput(str(exc)) from None
+
+    return wrapper
+
+
+def _storage(storage: str | None) -> str:
+    return storage or os.environ.get("KAVG_STORAGE") or "./kavg_results"
+
+
+def _check_name(name: str) -> str:
+    from kavg_ray.config import NAME_RE
+
+    if not NAME_RE.match(name) or name in (".", ".."):
+        raise BadInput(f"name '{name}' may only hold letters, digits, '.', '_' and '-'")
+    return name
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """kavg: find the best model-averaging period K for K-AVG and Hier-AVG on Ray."""
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=True))
+@click.option("--address", default=None, help="Ray cluster address (default: start a local Ray)")
+@click.option("--storage", default=None, help="results directory [./kavg_results, $KAVG_STORAGE]")
+@_user_errors
+def train(config: str, address: str | None, storage: str | None) -> None:
+    """Train one model with K-AVG (or Hier-AVG) on P Ray Train workers."""
+    from kavg_ray.config import load_run, read_yaml
+
+    cfg = load_run(config)
+    storage = _storage(storage)
+    from kavg_ray.sweep import run_sweep
+
+    tid = cfg.trial_name()
+    statuses = run_sweep(
+        cfg.name, [cfg], read_yaml(config), storage, address=address, overwrite=True,
+        progress=True, echo=click.echo,
+    )  # fmt: skip
+    from kavg_ray.results import load_trials
+
+    row = load_trials(cfg.name, storage).set_index("trial_id").loc[tid]
+    click.echo(
+        f"summary: {cfg.algorithm} P={cfg.P} {'K=' + str(cfg.K) if cfg.K else ''} "
+        f"status {row['status']}  final test accuracy {row['final_test_acc']:.4f}  "
+        f"wall time {row['wall_time_s']:.1f}s  averaging time {row['comm_time_s']:.2f}s  "
+        f"bytes averaged {int(row['bytes_communicated']):,}  rounds {int(row['rounds'])}"
+    )
+    click.echo(f"results: {os.path.join(storage, cfg.name)}")
+    if statuses.get(tid) == "failed":
+        click.echo(f"error: run failed: {row['error']}", err=True)
+        sys.exit(1)
+
+
+@main.group()
+def sweep() -> None:
+    """Run sweeps over K and P."""
+
+
+@sweep.command("run")
+@click.argument("spec", type=click.Path(dir_okay=True))
+@click.option("--address", default=None, help="Ray cluster address (default: start a local Ray)")
+@click.option("--storage", default=None, help="results directory [./kavg_results, $KAVG_STORAGE]")
+@click.option("--name", default=None, help="sweep name (default: the spec's name)")
+@click.option("--resume", is_flag=True, help="run only the grid points with no finished row")
+@_user_errors
+def sweep_run(
+    spec: str, address: str | None, storage: str | None, name: str | None, resume: bool
+) -> None:
+    """Run a sweep spec on Ray Tune and print the K_opt table."""
+    from kavg_ray.config import load_sweep, read_yaml
+
+    parsed = load_sweep(spec)
+    points = parsed.points()
+    sweep_name = _check_name(name or points[0].name)
+    storage = _storage(storage)
+    from kavg_ray import results
+    from kavg_ray.sweep import run_sweep
+
+    statuses = run_sweep(
+        sweep_name, points, read_yaml(spec), storage, address=address, resume=resume,
+        echo=click.echo,
+    )  # fmt: skip
+    trials = results.load_trials(sweep_name, storage)
+    by = "time" if points[0].target_accuracy else "accuracy"
+    click.echo(f"\nK_opt by {by} for sweep '{sweep_name}' ({len(trials)} trials):")
+    click.echo(results.format_frame(results.kopt_table(trials, by=by), "table"))
+    click.echo(f"results: {os.path.join(storage, sweep_name)}")
+    if any(s == "failed" for s in statuses.values()):
+        click.echo("error: some trials failed; see 'kavg results show'", err=True)
+        sys.exit(1)
+
+
+@main.group("results")
+def results_group() -> None:
+    """Query stored sweeps."""
+
+
+@results_group.command("list")
+@click.option("--storage", default=None, help="results directory [./kavg_results, $KAVG_STORAGE]")
+@click.option("--format", "fmt", type=FORMATS, default="table")
+@_user_errors
+def results_list(storage: str | None, fmt: str) -> None:
+    """List the sweeps in the store."""
+    from kavg_ray import results
+
+    click.echo(results.format_frame(results.ResultsStore(_storage(storage)).list_sweeps(), fmt))
+
+
+@results_group.command("show")
+@click.argument("sweep_name")
+@click.option("--storage", default=None, help="results directory [./kavg_results, $KAVG_STORAGE]")
+@click.option("--format", "fmt", type=FORMATS, default="table")
+@_user_errors
+def results_show(sweep_name: str, storage: str | None, fmt: str) -> None:
+    """Show a sweep's trials."""
+    from kavg_ray import results
+
+    df = results.load_trials(_check_name(sweep_name), _storage(storage))
+    if fmt == "table":
+        cols = ["trial_id", "algorithm", "P", "K", "S", "K1", "K2", "seed", "status",
+                "final_test_acc", "best_test_acc", "time_to_target_s", "wall_time_s",
+                "comm_time_s", "rounds"]  # fmt: skip
+        df = df[[c for c in cols if c in df.columns and df[c].notna().any()]]
+    click.echo(results.format_frame(df, fmt))
+
+
+@results_group.command("kopt")
+@click.argument("sweep_name")
+@click.option("--by", type=click.Choice(["accuracy", "time"]), default="accuracy")
+@click.option("--storage", default=None, help="results directory [./kavg_results, $KAVG_STORAGE]")
+@click.option("--format", "fmt", type=FORMATS, default="table")
+@_user_errors
+def results_kopt(sweep_name: str, by: str, storage: str | None, fmt: str) -> None:
+    """The best K per P (by final accuracy, or by time to the target accuracy)."""
+    from kavg_ray import results
+
+    df = results.load_trials(_check_name(sweep_name), _storage(storage))
+    click.echo(results.format_frame(results.kopt_table(df, by=by), fmt))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,471 @@
+"""Data sets and the per-learner mini-batch schedule.
+
+Data sets are held whole in memory as tensors (the largest, CIFAR-10, is 150 MB as uint8), so a
+learner draws a mini-batch by indexing: ``ds.prepare(ds.train_x[idx])``, then
+``ds.augment(x, generator)`` for training batches when ``ds.augment`` is set.
+
+The batch schedule (:func:`epoch_indices`) and the augmentation generators
+(:func:`augment_generator`) are pure functions of ``(seed, epoch, rank)``: a distributed run
+and the single-process simulator that stacks all P learners draw exactly the same batches.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+DATASETS = ("digits", "synthetic", "cifar10")
+SAMPLINGS = ("shard", "iid")
+
+# Per-channel statistics of the CIFAR-10 training set (pixel values scaled to [0, 1]).
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CIFAR10_FOLDER = "cifar-10-batches-py"
+_CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+_CIFAR10_TEST_FILE = "test_batch"
+
+_SYNTHETIC_DEFAULTS: dict[str, Any] = {
+    "task": "classification",  # classification | least_squares
+    "n_train": 2048,
+    "n_test": 512,
+    "dim": 20,
+    "num_classes": 4,  # classification only
+    "noise": 0.1,  # least squares: std of the label noise
+    "cluster_std": 1.0,  # classification: std of each Gaussian cluster
+    "seed": 0,
+}
+
+_SEED_MOD = 2**64  # torch.Generator.manual_seed accepts [0, 2**64)
+# Salt that separates the augmentation streams from the iid-sampling streams.
+_AUGMENT_SALT = 0x9E3779B97F4A7C15
+
+
+@dataclass
+class Dataset:
+    """An in-memory data set.
+
+    ``train_x``/``test_x`` are stored compactly (uint8 images for CIFAR-10, float32 otherwise);
+    call :meth:`prepare` on every batch (train and test) before the model sees it.
+    ``augment(x, generator)`` is a batch-level training augmentation applied to a prepared
+    float batch; ``None`` when the data set has none. ``extras`` holds data-set specific facts,
+    e.g. ``w_star`` for the synthetic least-squares task.
+    """
+
+    name: str
+    train_x: Tensor
+    train_y: Tensor
+    test_x: Tensor
+    test_y: Tensor
+    num_classes: int  # 1 for regression
+    input_shape: tuple[int, ...]
+    task: str  # "classification" | "regression"
+    augment: Callable[[Tensor, torch.Generator], Tensor] | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+    # Normalization applied by prepare() to uint8 images after scaling them to [0, 1].
+    norm_mean: tuple[float, ...] | None = None
+    norm_std: tuple[float, ...] | None = None
+
+    @property
+    def n_train(self) -> int:
+        return int(self.train_x.shape[0])
+
+    @property
+    def n_test(self) -> int:
+        return int(self.test_x.shape[0])
+
+    def prepare(self, x: Tensor) -> Tensor:
+        """uint8 images -> normalized float32 (on ``x``'s device); float data unchanged."""
+        if x.is_floating_point():
+            return x
+        out = x.to(torch.float32).div_(255.0)
+        if self.norm_mean is not None and self.norm_std is not None:
+            out = _normalize(out, self.norm_mean, self.norm_std)
+        return out
+
+
+def _normalize(x: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(shape)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(shape)
+    return (x - m) / s
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_dataset(
+    name: str,
+    *,
+    data_dir: str | os.PathLike[str] | None = None,
+    download: bool = False,
+    seed: int = 0,
+    synthetic: dict[str, Any] | None = None,
+) -> Dataset:
+    """Load data set ``name`` (one of :data:`DATASETS`).
+
+    ``seed`` is the trial's seed. The built-in data sets deliberately ignore it: the digits
+    split and the synthetic data are fixed by their own seeds so that every trial of a sweep
+    (all K, P and seeds) sees the same data. ``synthetic`` holds the options of the synthetic
+    data set (see :func:`make_synthetic`); ``data_dir``/``download`` apply to CIFAR-10.
+    """
+    del seed  # accepted for a uniform call signature; see the docstring
+    if name == "digits":
+        return load_digits()
+    if name == "synthetic":
+        return make_synthetic(**(synthetic or {}))
+    if name == "cifar10":
+        return load_cifar10(data_dir, download=download)
+    raise ValueError(f"unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)}")
+
+
+def load_digits() -> Dataset:
+    """scikit-learn's 8x8 digits (1797 images), pixels scaled to [0, 1], shaped (N, 1, 8, 8).
+
+    The test set is a fixed 20% (360 images, rounded up as in ``train_test_split``), chosen
+    with ``numpy.random.RandomState(0)`` so the split never depends on a trial's seed.
+    """
+    from sklearn.datasets import load_digits as _sk_load_digits
+
+    bunch = _sk_load_digits()
+    x = torch.from_numpy((bunch.data / 16.0).astype(np.float32)).reshape(-1, 1, 8, 8)
+    y = torch.from_numpy(bunch.target.astype(np.int64))
+    n = x.shape[0]
+    perm = torch.from_numpy(np.random.RandomState(0).permutation(n))
+    n_test = math.ceil(0.2 * n)
+    test_idx, train_idx = perm[:n_test], perm[n_test:]
+    return Dataset(
+        name="digits",
+        train_x=x[train_idx].contiguous(),
+        train_y=y[train_idx].contiguous(),
+        test_x=x[test_idx].contiguous(),
+        test_y=y[test_idx].contiguous(),
+        num_classes=10,
+        input_shape=(1, 8, 8),
+        task="classification",
+    )
+
+
+def make_synthetic(**options: Any) -> Dataset:
+    """Seeded synthetic data. Options (defaults in brackets):
+
+    - ``task`` [classification]: ``classification`` or ``least_squares``.
+    - ``n_train`` [2048], ``n_test`` [512], ``dim`` [20], ``seed`` [0].
+    - classification: ``num_classes`` [4] Gaussian clusters with centers drawn from N(0, I_dim)
+      and spread ``cluster_std`` [1.0]; well separated for the default ``dim``.
+    - least_squares: x ~ N(0, I_dim), y = x @ w_star + ``noise`` [0.1] * N(0, 1), y shaped
+      (n, 1). The intended loss is ``mean over the batch of 0.5 * (x . w - y)^2`` (note the
+      0.5: ``torch.nn.functional.mse_loss`` is twice that), whose Hessian is E[x x^T]; see
+      :func:`least_squares_constants`. ``extras`` holds ``w_star`` (dim, 1) and the population
+      ``covariance`` of x (the identity).
+
+    The training set does not depend on ``n_test`` (it is drawn first).
+    """
+    unknown = sorted(set(options) - set(_SYNTHETIC_DEFAULTS))
+    if unknown:
+        raise ValueError(
+            f"unknown synthetic option(s) {unknown}; valid options: {sorted(_SYNTHETIC_DEFAULTS)}"
+        )
+    opts = {**_SYNTHETIC_DEFAULTS, **options}
+    task = opts["task"]
+    n_train, n_test, dim = int(opts["n_train"]), int(opts["n_test"]), int(opts["dim"])
+    if n_train < 1 or n_test < 1 or dim < 1:
+        raise ValueError(f"synthetic n_train, n_test and dim must be >= 1, got {opts}")
+    rng = np.random.RandomState(int(opts["seed"]))
+
+    if task == "classification":
+        num_classes = int(opts["num_classes"])
+        if num_classes < 2:
+            raise ValueError(f"synthetic num_classes must be >= 2, got {num_classes}")
+        centers = rng.randn(num_classes, dim)
+        std = float(opts["cluster_std"])
+
+        def draw(n: int) -> tuple[Tensor, Tensor]:
+            y = rng.randint(num_classes, size=n)
+            x = centers[y] + std * rng.randn(n, dim)
+            return torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y.astype(np.int64))
+
+        train_x, train_y = draw(n_train)
+        test_x, test_y = draw(n_test)
+        return Dataset(
+            name="synthetic",
+            train_x=train_x,
+            train_y=train_y,
+            test_x=test_x,
+            test_y=test_y,
+            num_classes=num_classes,
+            input_shape=(dim,),
+            task="classification",
+            extras={"centers": torch.from_numpy(centers.astype(np.float32))},
+        )
+
+    if task == "least_squares":
+        w_star = rng.randn(dim, 1)
+        noise = float(opts["noise"])
+
+        def draw_ls(n: int) -> tuple[Tensor, Tensor]:
+            x = rng.randn(n, dim)
+            y = x @ w_star + noise * rng.randn(n, 1)
+            return torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y.astype(np.float32))
+
+        train_x, train_y = draw_ls(n_train)
+        test_x, test_y = draw_ls(n_test)
+        return Dataset(
+            name="synthetic",
+            train_x=train_x,
+            train_y=train_y,
+            test_x=test_x,
+            test_y=test_y,
+            num_classes=1,
+            input_shape=(dim,),
+            task="regression",
+            extras={
+                "w_star": torch.from_numpy(w_star.astype(np.float32)),
+                "covariance": torch.eye(dim),
+                "noise": noise,
+                "loss": "mean of 0.5 * (x . w - y)^2",
+            },
+        )
+
+    raise ValueError(f"unknown synthetic task {task!r}; valid tasks: classification, least_squares")
+
+
+def least_squares_constants(ds: Dataset, *, bias: bool = False) -> dict[str, Any]:
+    """Closed-form constants of the empirical least-squares problem on ``ds``'s training set.
+
+    Loss: F(w) = mean_i 0.5 * (x_i . w - y_i)^2, so the Hessian is H = X^T X / n everywhere.
+    Returns ``L`` (largest eigenvalue of H: the gradient's Lipschitz constant), ``mu`` (the
+    smallest), ``w_opt`` (the least-squares solution, float64 tensor (d, 1)), ``F_star``
+    (F at ``w_opt``) and ``M_at_opt`` (the variance of one sample's gradient at ``w_opt``,
+    mean_i ||x_i r_i||^2 with residual r_i, since the full gradient vanishes there).
+    ``bias=True`` appends a constant feature, for a model with an intercept (the ``linear``
+    model has none).
+    """
+    if ds.task != "regression":
+        raise ValueError(f"least_squares_constants needs a regression data set, got {ds.task!r}")
+    x = ds.train_x.detach().cpu().double().reshape(ds.n_train, -1).numpy()
+    y = ds.train_y.detach().cpu().double().reshape(ds.n_train, -1).numpy()
+    if bias:
+        x = np.hstack([x, np.ones((x.shape[0], 1))])
+    n = x.shape[0]
+    eig = np.linalg.eigvalsh(x.T @ x / n)
+    w_opt, *_ = np.linalg.lstsq(x, y, rcond=None)
+    resid = x @ w_opt - y
+    f_star = 0.5 * float(np.mean(np.sum(resid**2, axis=1)))
+    per_sample_grad_sq = np.sum(x**2, axis=1) * np.sum(resid**2, axis=1)
+    return {
+        "L": float(eig[-1]),
+        "mu": float(eig[0]),
+        "w_opt": torch.from_numpy(w_opt),
+        "F_star": f_star,
+        "M_at_opt": float(np.mean(per_sample_grad_sq)),
+    }
+
+
+def load_cifar10(
+    data_dir: str | os.PathLike[str] | None = None, *, download: bool = False
+) -> Dataset:
+    """CIFAR-10 as uint8 tensors (N, 3, 32, 32); batches go through ``Dataset.prepare``.
+
+    ``data_dir`` is either the directory that contains ``cifar-10-batches-py`` or that folder
+    itself; default ``$KAVG_DATA_DIR`` or ``~/.cache/kavg_ray``. ``download=True`` fetches and
+    md5-checks the archive with torchvision. The pickled batches are then read here rather than
+    through ``torchvision.datasets.CIFAR10``, which insists on the md5 sums of the original
+    files and so refuses any locally written set in the same format (a subset, a test fixture).
+    """
+    root = _cifar10_root(data_dir)
+    folder = root / CIFAR10_FOLDER
+    if download and not _cifar10_complete(folder):
+        from torchvision.datasets import CIFAR10
+
+        CIFAR10(root=str(root), train=True, download=True)
+    if not _cifar10_complete(folder):
+        raise FileNotFoundError(
+            f"CIFAR-10 not found under {folder}; set download: true or point data_dir at the "
+            f"extracted {CIFAR10_FOLDER}"
+        )
+    train_x, train_y = _read_cifar10_batches(folder, _CIFAR10_TRAIN_FILES)
+    test_x, test_y = _read_cifar10_batches(folder, (_CIFAR10_TEST_FILE,))
+    return Dataset(
+        name="cifar10",
+        train_x=train_x,
+        train_y=train_y,
+        test_x=test_x,
+        test_y=test_y,
+        num_classes=10,
+        input_shape=(3, 32, 32),
+        task="classification",
+        augment=functools.partial(
+            random_crop_flip,
+            padding=4,
+            # RandomCrop pads the raw image with black; after normalization black is -mean/std.
+            fill=tuple(-m / s for m, s in zip(CIFAR10_MEAN, CIFAR10_STD, strict=True)),
+        ),
+        extras={"classes": _read_cifar10_classes(folder)},
+        norm_mean=CIFAR10_MEAN,
+        norm_std=CIFAR10_STD,
+    )
+
+
+def _cifar10_root(data_dir: str | os.PathLike[str] | None) -> Path:
+    if data_dir is None:
+        data_dir = os.environ.get("KAVG_DATA_DIR") or "~/.cache/kavg_ray"
+    path = Path(data_dir).expanduser()
+    return path.parent if path.name == CIFAR10_FOLDER else path
+
+
+def _cifar10_complete(folder: Path) -> bool:
+    names = (*_CIFAR10_TRAIN_FILES, _CIFAR10_TEST_FILE)
+    return all((folder / name).is_file() for name in names)
+
+
+def _unpickle(path: Path) -> dict[Any, Any]:
+    # latin1 (as torchvision does) decodes the Python 2 pickles of the official archive;
+    # files written by Python 3 may have bytes keys, which _get() accepts too.
+    with open(path, "rb") as f:
+        return pickle.load(f, encoding="latin1")  # trusted: local data set files
+
+
+def _get(entry: dict[Any, Any], key: str) -> Any:
+    if key in entry:
+        return entry[key]
+    if key.encode() in entry:
+        return entry[key.encode()]
+    raise KeyError(key)
+
+
+def _read_cifar10_batches(folder: Path, names: tuple[str, ...]) -> tuple[Tensor, Tensor]:
+    xs, ys = [], []
+    for name in names:
+        entry = _unpickle(folder / name)
+        try:
+            data = np.asarray(_get(entry, "data"), dtype=np.uint8)
+            labels = np.asarray(_get(entry, "labels"), dtype=np.int64)
+        except KeyError as exc:
+            raise ValueError(f"{folder / name} is not a CIFAR-10 batch (no {exc} entry)") from exc
+        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or data.shape[0] != labels.shape[0]:
+            raise ValueError(
+                f"{folder / name}: expected data (N, 3072) and N labels, got data "
+                f"{data.shape} and {labels.shape[0]} labels"
+            )
+        xs.append(data.reshape(-1, 3, 32, 32))
+        ys.append(labels)
+    return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+
+
+def _read_cifar10_classes(folder: Path) -> list[str]:
+    meta = folder / "batches.meta"
+    if not meta.is_file():
+        return []
+    names = _get(_unpickle(meta), "label_names")
+    return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+
+
+# --------------------------------------------------------------------------------------------
+# Augmentation
+
+
+def random_crop_flip(
+    x: Tensor,
+    generator: torch.Generator,
+    *,
+    padding: int = 4,
+    fill: float | tuple[float, ...] = 0.0,
+) -> Tensor:
+    """Batched random crop (same size, zero-``fill`` padding) plus random horizontal flip.
+
+    Per image this equals torchvision's ``RandomCrop(H, padding)`` then
+    ``RandomHorizontalFlip()``, but all draws come from ``generator`` (a CPU generator) so
+    the result is reproducible. ``fill`` (scalar or per channel) is used for floating-point
+    input; integer input is padded with 0.
+    """
+    n, c, h, w = x.shape
+    padded = x.new_zeros((n, c, h + 2 * padding, w + 2 * padding))
+    if x.is_floating_point():
+        fills = torch.as_tensor(fill, dtype=x.dtype, device=x.device).reshape(-1)
+        padded += fills.view(1, -1, 1, 1) if fills.numel() > 1 else fills
+    padded[:, :, padding : padding + h, padding : padding + w] = x
+    off_y = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    off_x = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    flip = torch.rand(n, generator=generator) < 0.5
+    cols = torch.arange(w)
+    rows = off_y[:, None] + torch.arange(h)  # (n, h)
+    # A flipped crop reads its columns right to left.
+    cols = off_x[:, None] + torch.where(flip[:, None], w - 1 - cols, cols)  # (n, w)
+    batch = torch.arange(n)[:, None, None]
+    dev = x.device
+    # Advanced indices on dims 0, 2, 3 around a slice put the index dims first: (n, h, w, c).
+    out = padded[batch.to(dev), :, rows[:, :, None].to(dev), cols[:, None, :].to(dev)]
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return seed * 1_000_003 + epoch
+
+
+def steps_per_epoch(n_train: int, batch_size: int, world_size: int) -> int:
+    """Local steps per learner per epoch: one epoch is n_train samples over all learners."""
+    if batch_size < 1 or world_size < 1:
+        raise ValueError(
+            f"batch_size and world_size must be >= 1, got batch_size={batch_size}, "
+            f"world_size={world_size}"
+        )
+    if batch_size * world_size > n_train:
+        raise ValueError(
+            f"batch_size * world_size = {batch_size} * {world_size} = {batch_size * world_size} "
+            f"exceeds the {n_train} training samples: one step of all learners needs more than "
+            f"one epoch"
+        )
+    return n_train // (batch_size * world_size)
+
+
+def epoch_indices(
+    n_train: int,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    epoch: int,
+    seed: int,
+    sampling: str = "shard",
+) -> Tensor:
+    """Training-set indices of learner ``rank`` for ``epoch``: int64 (steps, batch_size).
+
+    ``shard``: one permutation per epoch, the same on every rank; rank r takes the r-th
+    contiguous block of steps * batch_size indices, so ranks are disjoint (the last
+    n_train mod (batch_size * world_size) samples of the permutation are skipped this epoch).
+    ``iid``: uniform with replacement, an independent stream per (seed, epoch, rank).
+    """
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"unknown sampling {sampling!r}; valid samplings: {', '.join(SAMPLINGS)}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+    steps = steps_per_epoch(n_train, batch_size, world_size)
+    base = _epoch_seed(seed, epoch)
+    if sampling == "shard":
+        gen = torch.Generator().manual_seed(base % _SEED_MOD)
+        perm = torch.randperm(n_train, generator=gen)
+        block = steps * batch_size
+        return perm[rank * block : (rank + 1) * block].reshape(steps, batch_size).clone()
+    gen = torch.Generator().manual_seed((base * 4099 + rank) % _SEED_MOD)
+    return torch.randint(n_train, (steps, batch_size), generator=gen, dtype=torch.int64)
+
+
+def augment_generator(seed: int, epoch: int, rank: int) -> torch.Generator:
+    """The CPU generator for learner ``rank``'s training augmentation in ``epoch``."""
+    return torch.Generator().manual_seed(
+        ((_epoch_seed(seed, epoch) * 4099 + rank) + _AUGMENT_SALT) % _SEED_MOD
+    )

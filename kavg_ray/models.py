@@ -1,0 +1,169 @@
+"""Model zoo for the K-AVG experiments.
+
+Every model maps a batch shaped ``(N, *input_shape)`` to ``(N, num_classes)``. The CIFAR
+models (``vgg16``, ``nin``, ``resnet18``) are the 32x32 variants used in the K-AVG paper's
+experiments; ``mlp``, ``cnn`` and ``linear`` are small enough to train on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+MODELS = ("mlp", "cnn", "vgg16", "nin", "resnet18", "linear")
+
+# CIFAR VGG-16: numbers are conv widths, "M" is a 2x2 max pool (five pools: 32 -> 1).
+_VGG16_CFG: tuple[int | str, ...] = (
+    64, 64, "M",
+    128, 128, "M",
+    256, 256, 256, "M",
+    512, 512, 512, "M",
+    512, 512, 512, "M",
+)  # fmt: skip
+
+
+def _flat_features(input_shape: tuple[int, ...]) -> int:
+    return int(math.prod(input_shape))
+
+
+def _image_shape(
+    name: str, input_shape: tuple[int, ...], min_side: int = 1
+) -> tuple[int, int, int]:
+    if len(input_shape) != 3:
+        raise ValueError(
+            f"model {name!r} needs an image input shape (C, H, W), got {tuple(input_shape)}"
+        )
+    c, h, w = (int(s) for s in input_shape)
+    if h < min_side or w < min_side:
+        raise ValueError(
+            f"model {name!r} needs images of at least {min_side}x{min_side}, got {h}x{w}"
+        )
+    return c, h, w
+
+
+def _linear(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    # No bias: the synthetic least-squares target has no intercept, so without a bias the
+    # loss Hessian is exactly the data second-moment matrix X^T X / n and the closed-form
+    # constants of data.least_squares_constants() describe this model exactly.
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(_flat_features(input_shape), num_classes, bias=False),
+    )
+
+
+def _mlp(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(_flat_features(input_shape), 128),
+        nn.ReLU(inplace=True),
+        nn.Linear(128, num_classes),
+    )
+
+
+def _cnn(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    c, _, _ = _image_shape("cnn", input_shape, min_side=2)
+    # The adaptive pool makes the head independent of the input size: on 8x8 digits it is a
+    # no-op (4x4 after the max pool), on 32x32 CIFAR it averages 16x16 down to 4x4.
+    return nn.Sequential(
+        nn.Conv2d(c, 32, kernel_size=3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(32, 64, kernel_size=3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+        nn.AdaptiveAvgPool2d(4),
+        nn.Flatten(),
+        nn.Linear(64 * 4 * 4, 128),
+        nn.ReLU(inplace=True),
+        nn.Linear(128, num_classes),
+    )
+
+
+def _vgg16(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    c, _, _ = _image_shape("vgg16", input_shape, min_side=32)
+    layers: list[nn.Module] = []
+    in_ch = c
+    for item in _VGG16_CFG:
+        if item == "M":
+            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+        else:
+            out_ch = int(item)
+            layers += [
+                nn.Conv2d(in_ch, out_ch, kernel_size=3, padding=1, bias=False),
+                nn.BatchNorm2d(out_ch),
+                nn.ReLU(inplace=True),
+            ]
+            in_ch = out_ch
+    return nn.Sequential(
+        *layers,
+        # 1x1 already for 32x32 inputs; keeps larger inputs working with the same classifier.
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(512, num_classes),
+    )
+
+
+def _nin(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    c, _, _ = _image_shape("nin", input_shape, min_side=4)
+
+    def mlpconv(in_ch: int, widths: tuple[int, int, int], kernel: int) -> list[nn.Module]:
+        a, b, d = widths
+        return [
+            nn.Conv2d(in_ch, a, kernel_size=kernel, padding=kernel // 2),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(a, b, kernel_size=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(b, d, kernel_size=1),
+        ]
+
+    return nn.Sequential(
+        *mlpconv(c, (192, 160, 96), kernel=5),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
+        nn.Dropout(0.5),
+        *mlpconv(96, (192, 192, 192), kernel=5),
+        nn.ReLU(inplace=True),
+        nn.AvgPool2d(kernel_size=3, stride=2, padding=1),
+        nn.Dropout(0.5),
+        # The last 1x1 conv emits one map per class; no ReLU after it (unlike the Caffe
+        # model) because non-negative logits slow down training from scratch.
+        *mlpconv(192, (192, 192, num_classes), kernel=3),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    )
+
+
+def _resnet18(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    c, _, _ = _image_shape("resnet18", input_shape, min_side=8)
+    from torchvision.models import resnet18  # lazy: torchvision is only needed here
+
+    model = resnet18(weights=None, num_classes=num_classes)
+    # CIFAR stem: a 7x7/2 conv plus max pool would shrink 32x32 to 8x8 before the first block.
+    model.conv1 = nn.Conv2d(c, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+_BUILDERS: dict[str, Callable[[tuple[int, ...], int], nn.Module]] = {
+    "mlp": _mlp,
+    "cnn": _cnn,
+    "vgg16": _vgg16,
+    "nin": _nin,
+    "resnet18": _resnet18,
+    "linear": _linear,
+}
+
+
+def build_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> torch.nn.Module:
+    """Build model ``name`` for inputs shaped ``input_shape`` (without the batch dimension).
+
+    ``num_classes`` is the output width: the number of classes, or 1 for the synthetic
+    least-squares task (use ``linear`` there).
+    """
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(MODELS)}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    return _BUILDERS[name](tuple(int(s) for s in input_shape), int(num_classes))

@@ -1,0 +1,74 @@
+"""Ray Train glue: one run of the worker loop on P Ray Train workers (Train V2).
+
+Each learner writes its own checkpoint file into the epoch's checkpoint
+directory (Ray gives all ranks the same directory name), so a restarted worker
+group resumes every learner from its own state: local models and momentum differ
+between averages.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import ray.train
+import torch
+from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from kavg_ray.config import RunConfig
+from kavg_ray.worker import run_training
+
+STATE_FILE = "learner-{rank}.pt"
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Entry point of every Ray Train worker."""
+    cfg = RunConfig.model_validate(config["run"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
+    device = ray.train.torch.get_device() if cfg.resources.use_gpu else torch.device("cpu")
+
+    resume = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            resume = torch.load(Path(d) / STATE_FILE.format(rank=rank), weights_only=False)
+
+    def report(metrics: dict, state: dict) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            torch.save(state, os.path.join(d, STATE_FILE.format(rank=rank)))
+            ray.train.report(
+                metrics,
+                checkpoint=ray.train.Checkpoint.from_directory(d),
+                checkpoint_dir_name=f"epoch-{metrics['epoch']:06d}",
+            )
+
+    run_training(cfg, rank, world, device, report, resume=resume)
+
+
+def make_trainer(
+    cfg: RunConfig, storage_path: str, name: str, callbacks: list | None = None
+) -> TorchTrainer:
+    """A TorchTrainer running `cfg` on P workers, NCCL on GPUs and gloo otherwise."""
+    res = cfg.resources
+    per_worker = {"CPU": res.cpus_per_worker}
+    if res.use_gpu:
+        per_worker["GPU"] = res.gpus_per_worker
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"run": cfg.model_dump(mode="json")},
+        torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.P, use_gpu=res.use_gpu, resources_per_worker=per_worker
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage_path,
+            callbacks=callbacks or [],
+            failure_config=FailureConfig(max_failures=cfg.failure.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )

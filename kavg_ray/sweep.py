@@ -1,0 +1,263 @@
+"""Sweeps over K and P with Ray Tune, writing the results store as trials finish.
+
+Each Tune trial is a function that builds a `TorchTrainer` with P workers and
+forwards its reports to Tune (`TuneReportCallback`, the Train V2 pattern). The
+driver keeps every trial's per-epoch reports and writes the trial's row and
+history the moment it ends, so a driver that dies loses no finished trial.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from kavg_ray.config import RunConfig
+from kavg_ray.results import ResultsStore
+
+HISTORY_KEYS = (
+    "epoch", "samples", "rounds", "train_loss", "test_loss", "test_acc", "lr",
+    "compute_time_s", "comm_time_s", "bytes_communicated", "wall_time_s",
+    "local_reductions", "global_reductions", "local_comm_time_s", "global_comm_time_s",
+)  # fmt: skip
+
+
+class SweepError(Exception):
+    """A sweep that cannot start (the cluster cannot place it, the name is taken...)."""
+
+
+def trial_row(
+    sweep: str, trial_id: str, cfg: RunConfig, history: list[dict], status: str, error: str = ""
+) -> dict[str, Any]:
+    """The trials.parquet row of one trial, derived from its per-epoch reports."""
+    last = history[-1] if history else {}
+    accs = [h["test_acc"] for h in history if _finite(h.get("test_acc"))]
+    target = cfg.target_accuracy
+    reached = [h["wall_time_s"] for h in history if target and h.get("test_acc", 0) >= target]
+    row = {
+        "sweep": sweep,
+        "trial_id": trial_id,
+        "algorithm": cfg.algorithm,
+        "model": cfg.workload.model,
+        "dataset": cfg.workload.dataset,
+        "backend": cfg.backend,
+        "P": cfg.P,
+        "K": cfg.period,
+        "S": cfg.S,
+        "K1": cfg.K1,
+        "K2": cfg.K2,
+        "seed": cfg.seed,
+        "lr": cfg.workload.lr.initial,
+        "batch_size": cfg.workload.batch_size,
+        "epochs": cfg.workload.epochs,
+        "status": status,
+        "final_test_acc": last.get("test_acc", math.nan),
+        "final_test_loss": last.get("test_loss", math.nan),
+        "final_train_loss": last.get("train_loss", math.nan),
+        "best_test_acc": max(accs) if accs else math.nan,
+        "time_to_target_s": reached[0] if reached else math.nan,
+        "wall_time_s": last.get("wall_time_s", math.nan),
+        "compute_time_s": last.get("compute_time_s", math.nan),
+        "comm_time_s": last.get("comm_time_s", math.nan),
+        "bytes_communicated": last.get("bytes_communicated", 0),
+        "rounds": last.get("rounds", 0),
+        "samples": last.get("samples", 0),
+        "error": error,
+    }
+    if cfg.algorithm == "hier_avg":
+        for key in ("local_reductions", "global_reductions", "local_comm_time_s",
+                    "global_comm_time_s"):  # fmt: skip
+            row[key] = last.get(key, 0)
+    return row
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _status(cfg: RunConfig, history: list[dict]) -> str:
+    if history and history[-1].get("diverged"):
+        return "diverged"
+    if not history or history[-1]["epoch"] < cfg.workload.epochs:
+        return "failed"
+    return "completed"
+
+
+def _trial_fn(config: dict) -> None:
+    """One Tune trial: a TorchTrainer with P workers, reporting into this trial."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from kavg_ray.ray_train import make_trainer
+
+    trial = config["trial"]
+    cfg = RunConfig.model_validate(trial["run"])
+    trainer = make_trainer(
+        cfg, trial["train_storage"], trial["trial_id"], callbacks=[TuneReportCallback()]
+    )
+    trainer.fit()
+
+
+def _make_callback(
+    store: ResultsStore, sweep: str, configs: dict[str, RunConfig], echo, progress: bool
+):
+    from ray.tune import Callback
+
+    class ResultsCallback(Callback):
+        """Keeps each trial's reports; writes its row and history when it ends."""
+
+        def __init__(self) -> None:
+            self.history: dict[str, list[dict]] = {}
+            self.statuses: dict[str, str] = {}
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):  # noqa: ANN001
+            tid = trial.config["trial"]["trial_id"]
+            if "epoch" not in result:
+                return
+            rows = self.history.setdefault(tid, [])
+            # A restarted worker group re-reports from its checkpoint: keep the latest.
+            rows[:] = [r for r in rows if r["epoch"] < result["epoch"]]
+            rows.append({k: result[k] for k in (*HISTORY_KEYS, "diverged") if k in result})
+            if progress:
+                from kavg_ray.worker import format_progress
+
+                echo(format_progress(configs[tid], result))
+
+        def _finish(self, trial, error: str) -> None:  # noqa: ANN001
+            tid = trial.config["trial"]["trial_id"]
+            cfg = configs[tid]
+            history = self.history.get(tid, [])
+            status = "failed" if error else _status(cfg, history)
+            row = trial_row(sweep, tid, cfg, history, status, error)
+            hist_rows = [
+                {"sweep": sweep, "trial_id": tid, **{k: h.get(k) for k in HISTORY_KEYS}}
+                for h in history
+            ]
+            store.upsert_trial(sweep, row, hist_rows)
+            self.statuses[tid] = status
+            acc = row["final_test_acc"]
+            echo(f"[kavg] {tid}: {status}, final test accuracy {acc:.4f}, "
+                 f"wall {row['wall_time_s']:.1f}s")  # fmt: skip
+
+        def on_trial_complete(self, iteration, trials, trial, **info):  # noqa: ANN001
+            self._finish(trial, "")
+
+        def on_trial_error(self, iteration, trials, trial, **info):  # noqa: ANN001
+            err = trial.get_error()
+            msg = str(err).strip().splitlines()[-1] if err else "trial failed"
+            self._finish(trial, msg[:500])
+
+    return ResultsCallback()
+
+
+def connect(address: str | None) -> None:
+    """Connect to a running Ray cluster, or start a local one (dashboard on 127.0.0.1)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(include_dashboard=True, dashboard_host="127.0.0.1")
+
+
+def check_placement(points: list[RunConfig]) -> None:
+    """Refuse a sweep whose largest trial no node set of the cluster could place."""
+    import ray
+
+    total = ray.cluster_resources()
+    for cfg in points:
+        res = cfg.resources
+        need_cpu = cfg.P * res.cpus_per_worker
+        if need_cpu > total.get("CPU", 0) + 1e-9:
+            raise SweepError(
+                f"trial {cfg.trial_name()} needs {need_cpu:g} CPUs (P={cfg.P} x "
+                f"{res.cpus_per_worker:g}) but the cluster has {total.get('CPU', 0):g}"
+            )
+        need_gpu = cfg.P * res.gpus_per_worker if res.use_gpu else 0
+        if need_gpu > total.get("GPU", 0) + 1e-9:
+            raise SweepError(
+                f"trial {cfg.trial_name()} needs {need_gpu:g} GPUs but the cluster has "
+                f"{total.get('GPU', 0):g}"
+            )
+
+
+def default_concurrency(points: list[RunConfig]) -> int:
+    """As many trials at once as the cluster's CPUs hold of the largest trial."""
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 1)
+    largest = max(p.P * p.resources.cpus_per_worker for p in points)
+    return max(1, int(cpus // largest))
+
+
+def run_sweep(
+    sweep: str,
+    points: list[RunConfig],
+    spec_doc: dict,
+    storage: str,
+    *,
+    address: str | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = False,
+    echo=print,
+) -> dict[str, str]:
+    """Run every grid point not yet finished; returns trial_id -> status of this run."""
+    store = ResultsStore(storage)
+    by_id = {p.trial_name(): p for p in points}
+    if resume:
+        done = store.finished_trial_ids(sweep) if store.sweep_dir(sweep).exists() else set()
+        todo = [tid for tid in by_id if tid not in done]
+        echo(f"[kavg] resume {sweep}: {len(done & set(by_id))} finished, {len(todo)} to run")
+    else:
+        if not overwrite and (store.sweep_dir(sweep) / "trials.parquet").exists():
+            raise SweepError(
+                f"sweep '{sweep}' already has results under {storage}; "
+                "use --resume to finish it or --name for a new sweep"
+            )
+        todo = list(by_id)
+    store.write_spec(sweep, spec_doc)
+    if not todo:
+        return {}
+    sweep_root = Path(storage, sweep).resolve()
+    if not resume:
+        # Ray Train resumes a run of the same name from its checkpoints: a fresh
+        # sweep must not pick up an older run's.
+        for tid in todo:
+            shutil.rmtree(sweep_root / "ray" / "train" / tid, ignore_errors=True)
+
+    connect(address)
+    todo_points = [by_id[t] for t in todo]
+    check_placement(todo_points)
+
+    from ray import tune
+
+    max_conc = todo_points[0].resources.max_concurrent_trials or default_concurrency(todo_points)
+    space = [
+        {"trial_id": t, "run": by_id[t].model_dump(mode="json"),
+         "train_storage": str(sweep_root / "ray" / "train")}
+        for t in todo
+    ]  # fmt: skip
+    callback = _make_callback(store, sweep, by_id, echo, progress)
+    tuner = tune.Tuner(
+        tune.with_resources(_trial_fn, {"CPU": 0}),
+        param_space={"trial": tune.grid_search(space)},
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=max_conc,
+            trial_name_creator=lambda t: t.config["trial"]["trial_id"],
+            trial_dirname_creator=lambda t: t.config["trial"]["trial_id"],
+        ),
+        run_config=tune.RunConfig(
+            name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=str(sweep_root / "ray"),
+            callbacks=[callback],
+            verbose=1,
+        ),
+    )
+    tuner.fit()
+    return callback.statuses

@@ -1,0 +1,230 @@
+"""KAvgAverager and HierAvgAverager: schedules with exact values, and equivalence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
+
+from kavg_ray.averaging import HierAvgAverager, KAvgAverager
+
+from .distributed import run_distributed
+
+
+def _vector_model(values: list[float]) -> nn.Module:
+    model = nn.Module()
+    model.w = nn.Parameter(torch.tensor(values, dtype=torch.float64))
+    return model
+
+
+# ---------------------------------------------------------------- K-AVG schedule
+
+
+def _kavg_schedule(rank: int, world: int, period: int) -> None:
+    """Each step adds (rank + 1) * step to the parameter; check every step's value."""
+    model = _vector_model([float(rank), 10.0 * rank])
+    avg = KAvgAverager(model, period=period)
+    # The exact values every rank should hold, simulated for all ranks at once.
+    sim = [[float(r), 10.0 * r] for r in range(world)]
+    fired = []
+    for step in range(1, 3 * period + 2):
+        with torch.no_grad():
+            model.w.add_((rank + 1) * step)
+        for r in range(world):
+            sim[r] = [v + (r + 1) * step for v in sim[r]]
+        fired.append(avg.step())
+        if step % period == 0:
+            mean = [sum(sim[r][i] for r in range(world)) / world for i in range(2)]
+            sim = [list(mean) for _ in range(world)]
+        assert model.w.tolist() == sim[rank], (step, model.w.tolist(), sim[rank])
+    assert fired == [s % period == 0 for s in range(1, 3 * period + 2)]
+    assert avg.stats.count == 3
+    assert avg.stats.bytes == 3 * 2 * 8
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_kavg_schedule_exact(world: int) -> None:
+    run_distributed(_kavg_schedule, world, 3)
+
+
+def test_kavg_schedule_values_by_hand() -> None:
+    """P = 2, K = 2, written out: averaging after steps 2 and 4 only."""
+    run_distributed(_kavg_by_hand, 2)
+
+
+def _kavg_by_hand(rank: int, world: int) -> None:
+    model = _vector_model([float(rank)])  # rank 0: 0, rank 1: 1
+    avg = KAvgAverager(model, period=2)
+    values = []
+    for _ in range(4):
+        with torch.no_grad():
+            model.w.add_(rank + 1)
+        avg.step()
+        values.append(model.w.item())
+    # rank 0: 1, 2 -> avg(2, 5) = 3.5, 4.5, 5.5 -> avg(5.5, 7.5) = 6.5
+    # rank 1: 3, 5 -> 3.5, 5.5, 7.5 -> 6.5
+    assert values == ([1.0, 3.5, 4.5, 6.5] if rank == 0 else [3.0, 3.5, 5.5, 6.5])
+
+
+# ------------------------------------------------- equivalence with torch's averager
+
+
+def _mlp(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+
+
+def _equivalence(rank: int, world: int, period: int) -> None:
+    ours, ref = _mlp(0), _mlp(0)
+    avg = KAvgAverager(ours, period=period)
+    ref_avg = PeriodicModelAverager(period=period, warmup_steps=period - 1)
+    opt = torch.optim.SGD(ours.parameters(), lr=0.2)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.2)
+    gen = torch.Generator().manual_seed(100 + rank)  # each learner its own batches
+    for _ in range(20):
+        x = torch.randn(16, 8, generator=gen)
+        y = torch.randint(0, 3, (16,), generator=gen)
+        for model, o in ((ours, opt), (ref, ref_opt)):
+            o.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            o.step()
+        avg.step()
+        ref_avg.average_parameters(ref.parameters())
+        for a, b in zip(ours.parameters(), ref.parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    # The learners really diverge between averages (so the test can see a wrong schedule).
+    if period > 1:
+        assert avg.step_count % period != 0
+        gathered = [torch.empty_like(avg.flat.buffer) for _ in range(world)]
+        dist.all_gather(gathered, avg.flat.buffer)
+        assert not torch.equal(gathered[0], gathered[1])
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("period", [1, 3])
+def test_equivalent_to_torch_periodic_averager(world: int, period: int) -> None:
+    run_distributed(_equivalence, world, period)
+
+
+# ---------------------------------------------------------------- BatchNorm buffers
+
+
+def _batchnorm(rank: int, world: int) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2))
+    avg = KAvgAverager(model, period=2)
+    bn = model[1]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(rank)
+    for _ in range(4):
+        x = torch.randn(32, 4, generator=gen) * (rank + 1) + rank  # rank-specific statistics
+        loss = model(x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        pre = torch.cat([bn.running_mean, bn.running_var]).clone()
+        gathered = [torch.empty_like(pre) for _ in range(world)]
+        dist.all_gather(gathered, pre)
+        averaged = avg.step()
+        post = torch.cat([bn.running_mean, bn.running_var])
+        if averaged:
+            torch.testing.assert_close(post, torch.stack(gathered).mean(0), rtol=0, atol=1e-6)
+        else:
+            assert torch.equal(post, pre)
+            assert not torch.equal(gathered[0], gathered[1])
+    assert int(bn.num_batches_tracked) == 4
+
+
+def test_batchnorm_buffers_are_averaged() -> None:
+    run_distributed(_batchnorm, 2)
+
+
+# ---------------------------------------------------------------- single process
+
+
+def test_single_learner_equals_plain_sgd() -> None:
+    """P = 1: K-AVG is sequential SGD, bit for bit, for any K."""
+    ours, ref = _mlp(1), _mlp(1)
+    avg = KAvgAverager(ours, period=3)
+    opt = torch.optim.SGD(ours.parameters(), lr=0.3, momentum=0.9)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.3, momentum=0.9)
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(20):
+        x, y = torch.randn(8, 8, generator=gen), torch.randint(0, 3, (8,), generator=gen)
+        for model, o in ((ours, opt), (ref, ref_opt)):
+            o.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            o.step()
+        avg.step()
+    for a, b in zip(ours.parameters(), ref.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert avg.stats.count == 6 and avg.stats.bytes == 0
+
+
+def test_parameters_are_views_into_one_buffer() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    avg = KAvgAverager(model, period=2)
+    buf = avg.flat.buffer
+    n = sum(p.numel() for p in model.parameters()) + 8  # + running mean and var
+    assert buf.numel() == n
+    with torch.no_grad():
+        buf.fill_(7.0)
+    assert all(bool((p == 7).all()) for p in model.parameters())
+    assert bool((model[1].running_var == 7).all())
+    assert avg.flat.is_intact()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"period": 0}, "period"),
+        ({"period": 1.5}, "period"),
+        ({"period": True}, "period"),
+    ],
+)
+def test_bad_arguments(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        KAvgAverager(_mlp(0), **kwargs)
+
+
+def test_mixed_dtypes_refused() -> None:
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2).double())
+    with pytest.raises(ValueError, match="one dtype"):
+        KAvgAverager(model, period=2)
+
+
+# ---------------------------------------------------------------- Hier-AVG
+
+
+def _hier_schedule(rank: int, world: int) -> None:
+    """P = 4, S = 2, K1 = 2, K2 = 6: local means after 2, 4, 8, 10; global after 6, 12."""
+    model = _vector_model([float(rank)])
+    avg = HierAvgAverager(model, local_period=2, global_period=6, group_size=2)
+    sim = [float(r) for r in range(world)]
+    kinds = []
+    for step in range(1, 13):
+        with torch.no_grad():
+            model.w.add_((rank + 1) * step)
+        sim = [v + (r + 1) * step for r, v in enumerate(sim)]
+        kinds.append(avg.step())
+        if step % 6 == 0:
+            sim = [sum(sim) / world] * world
+        elif step % 2 == 0:
+            sim = [(sim[r - r % 2] + sim[r - r % 2 + 1]) / 2 for r in range(world)]
+        assert model.w.item() == sim[rank], (step, model.w.item(), sim[rank])
+    assert kinds == [None, "local", None, "local", None, "global"] * 2
+    assert (avg.local_stats.count, avg.global_stats.count) == (4, 2)
+    assert avg.local_stats.bytes == 4 * 8 and avg.global_stats.bytes == 2 * 8
+
+
+def test_hier_avg_schedule_exact() -> None:
+    run_distributed(_hier_schedule, 4)
+
+
+def test_hier_avg_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="multiple"):
+        HierAvgAverager(_mlp(0), local_period=4, global_period=6, group_size=1)
+    with pytest.raises(ValueError, match="divide"):
+        HierAvgAverager(_mlp(0), local_period=2, global_period=4, group_size=2)
