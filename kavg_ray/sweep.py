@@ -158,11 +158,20 @@ def connect(address: str | None) -> None:
 
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    env = {
+        "RAY_TRAIN_V2_ENABLED": "1",
+        # A worker's report blocks until the Train controller polls it, every 2 s by
+        # default: per-epoch reports of small models would spend most time waiting.
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get(
+            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"
+        ),
+    }
+    os.environ.update(env)
+    runtime_env = {"env_vars": env}
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, runtime_env=runtime_env)
     else:
-        ray.init(include_dashboard=True, dashboard_host="127.0.0.1")
+        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=runtime_env)
 
 
 def check_placement(points: list[RunConfig]) -> None:
@@ -245,7 +254,7 @@ def run_sweep(
     ]  # fmt: skip
     callback = _make_callback(store, sweep, by_id, echo, progress)
     tuner = tune.Tuner(
-        tune.with_resources(_trial_fn, {"CPU": 0}),
+        tune.with_resources(_trial_fn, {"CPU": 0, "memory": 2**20}),
         param_space={"trial": tune.grid_search(space)},
         tune_config=tune.TuneConfig(
             max_concurrent_trials=max_conc,
