@@ -27,26 +27,29 @@ class BadInput(click.ClickException):
         click.echo(f"error: {self.format_message()}", err=True)
 
 
+def _input_error_types() -> tuple[type[Exception], ...]:
+    """The project's bad-input errors, from the modules loaded so far (no new imports)."""
+    from kavg_ray.config import ConfigError
+
+    errors: tuple[type[Exception], ...] = (ConfigError,)
+    if "kavg_ray.results" in sys.modules:
+        errors += (sys.modules["kavg_ray.results"].ResultsError,)
+    if "kavg_ray.sweep" in sys.modules:
+        errors += (sys.modules["kavg_ray.sweep"].SweepError,)
+    return errors
+
+
 def _user_errors(fn: Callable) -> Callable:
     """Turn the project's input errors into exit code 2 with one line."""
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from kavg_ray.config import ConfigError
-
-        errors: tuple[type[Exception], ...] = (ConfigError,)
-        if "kavg_ray.results" in sys.modules:
-            from kavg_ray.results import ResultsError
-
-            errors += (ResultsError,)
-        if "kavg_ray.sweep" in sys.modules:
-            from kavg_ray.sweep import SweepError
-
-            errors += (SweepError,)
         try:
             return fn(*args, **kwargs)
-        except errors as exc:
-            raise BadInput(str(exc)) from None
+        except Exception as exc:
+            if isinstance(exc, _input_error_types()):
+                raise BadInput(str(exc)) from None
+            raise
 
     return wrapper
 
@@ -186,6 +189,104 @@ def results_kopt(sweep_name: str, by: str, storage: str | None, fmt: str) -> Non
 
     df = results.load_trials(_check_name(sweep_name), _storage(storage))
     click.echo(results.format_frame(results.kopt_table(df, by=by), fmt))
+
+
+@main.group()
+def theory() -> None:
+    """The K-AVG bound: predicted K_opt from L, M and F(w1) - F*."""
+
+
+def _powers_of_two(k_max: int) -> list[int]:
+    ks, k = [], 1
+    while k <= k_max:
+        ks.append(k)
+        k *= 2
+    return ks
+
+
+@theory.command("predict")
+@click.option("--L", "L", type=float, required=True, help="Lipschitz constant of the gradient")
+@click.option("--M", "M", type=float, required=True, help="variance bound of a stochastic gradient")
+@click.option("--F-gap", "F_gap", type=float, required=True, help="F(w1) - F*")
+@click.option("--gamma", type=float, required=True, help="step size")
+@click.option("--B", "B", type=int, required=True, help="mini-batch size per learner")
+@click.option("--P", "P", type=int, multiple=True, required=True, help="learners (repeatable)")
+@click.option("--S", "S", type=float, required=True, help="budget: local steps per learner (N*K)")
+@click.option("--delta", type=float, default=0.5, show_default=True, help="slack of (3.1)")
+@click.option("--k-max", type=int, default=1024, show_default=True)
+@click.option("--format", "fmt", type=FORMATS, default="table")
+def theory_predict(
+    L: float, M: float, F_gap: float, gamma: float, B: int, P: tuple[int, ...], S: float,
+    delta: float, k_max: int, fmt: str,
+) -> None:  # fmt: skip
+    """Print B(K) of (3.44) for K = 1, 2, 4, ... and the predicted K_opt for each P."""
+    from kavg_ray import theory as th
+
+    rows = []
+    try:
+        for p in P:
+            ks = _powers_of_two(k_max)
+            table = th.bound_table(F_gap, L, M, gamma, B, p, S, delta, ks)
+            try:
+                kopt, note = th.predict_kopt(F_gap, L, M, gamma, B, p, S, delta, k_max), ""
+            except ValueError as exc:
+                kopt = th.predict_kopt(
+                    F_gap, L, M, gamma, B, p, S, delta, k_max, enforce_conditions=False
+                )
+                note = f"conditions of Theorem 3.1 fail ({exc}); argmin of (3.44) as a formula"
+            for row in table:
+                rows.append({"P": p, **row, "K_opt": kopt})
+            more = th.kopt_greater_than_one(F_gap, L, M, gamma, B, p, S, delta)
+            click.echo(
+                f"P={p}: predicted K_opt = {kopt}  (sufficient condition (3.47) for "
+                f"K_opt > 1: {'holds' if more else 'does not hold'}){'  ' + note if note else ''}",
+                err=True,
+            )
+    except ValueError as exc:
+        raise BadInput(str(exc)) from None
+    import pandas as pd
+
+    from kavg_ray.results import format_frame
+
+    click.echo(format_frame(pd.DataFrame(rows), fmt))
+
+
+@theory.command("estimate")
+@click.argument("config", type=click.Path(dir_okay=True))
+@click.option("--probe-steps", type=int, default=50, show_default=True)
+@click.option("--F-star", "F_star", type=float, default=None, help="a known lower bound F*")
+@click.option("--delta", type=float, default=0.5, show_default=True)
+@click.option("--format", "fmt", type=FORMATS, default="table")
+@_user_errors
+def theory_estimate(
+    config: str, probe_steps: int, F_star: float | None, delta: float, fmt: str
+) -> None:
+    """Estimate L, M, F(w1) - F* on the config's workload; predict K_opt per P."""
+    from kavg_ray.config import ConfigError, load_run, load_sweep, read_yaml
+
+    doc = read_yaml(config)
+    if "grid" in doc:
+        points = load_sweep(config).points()
+        cfg, P_values = points[0], sorted({p.P for p in points})
+    else:
+        cfg = load_run(config)
+        P_values = [cfg.P]
+    if probe_steps < 2:
+        raise ConfigError("--probe-steps must be at least 2")
+    from kavg_ray.estimate import estimate_constants, predict_for_config
+
+    est = estimate_constants(cfg, probe_steps=probe_steps, F_star=F_star)
+    click.echo(
+        f"L = {est.L:.6g} ({est.L_method})\nM = {est.M:.6g} ({est.M_method})\n"
+        f"F(w1) - F* = {est.F_gap:.6g} (F(w1) = {est.F0:.6g}, F* = {est.F_star:.6g})"
+    )
+    rows = predict_for_config(cfg, est, P_values, delta=delta)
+    import pandas as pd
+
+    from kavg_ray.results import format_frame
+
+    table = pd.DataFrame([{k: v for k, v in r.items() if k != "curve"} for r in rows])
+    click.echo(format_frame(table, fmt))
 
 
 if __name__ == "__main__":

@@ -8,11 +8,21 @@ from __future__ import annotations
 
 import itertools
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 DATASETS = ("digits", "synthetic", "cifar10")
 MODELS = ("linear", "mlp", "cnn", "vgg16", "nin", "resnet18")
@@ -31,22 +41,73 @@ GRID_KEYS = {
     "epochs": ("workload", "epochs"),
     "momentum": ("workload", "momentum"),
 }
+# Swept keys that the trial name ``K4-P2-s0`` does not already show; a grid over them
+# appends ``-lr0.05``, ``-batch_size32`` ... so that every grid point has its own name.
+CORE_KEYS = ("K", "P", "seed", "S", "K1", "K2")
 MAX_GRID_POINTS = 10_000
+MAX_FILE_BYTES = 1_000_000
+MAX_MESSAGE_CHARS = 1_000
+# The side of the images of each data set (None: flat vectors), and the smallest image
+# side each convolutional model accepts (see kavg_ray.models); checked here so that a
+# mismatch is refused before Ray starts rather than inside a worker.
+_IMAGE_SIDE = {"digits": 8, "cifar10": 32, "synthetic": None}
+_MIN_IMAGE_SIDE = {"cnn": 2, "vgg16": 32, "nin": 4, "resnet18": 8}
+
+
+def _one_line(text: str) -> str:
+    """``text`` with line breaks and other control characters escaped, and capped in length."""
+    out = "".join(
+        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text
+    )
+    if len(out) > MAX_MESSAGE_CHARS:
+        out = out[: MAX_MESSAGE_CHARS - 3] + "..."
+    return out
 
 
 class ConfigError(Exception):
     """A config or spec that cannot be run; the message is one line for the user."""
+
+    def __init__(self, message: object) -> None:
+        super().__init__(_one_line(str(message)))
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _not_bool(value: Any) -> Any:
+    # YAML reads yes/no/true/false as booleans; a number field must not take them as 1/0.
+    if isinstance(value, bool):
+        raise ValueError("Input should be a number, not a boolean")
+    return value
+
+
+# Integers: only YAML integers (no booleans, strings or floats). Floats: any real number,
+# and also a string such as "1e-3" (PyYAML reads 1e-3 without a dot as a string), but no
+# boolean, infinity or NaN.
+Int = Annotated[int, Field(strict=True)]
+Float = Annotated[float, BeforeValidator(_not_bool), Field(allow_inf_nan=False)]
+Bool = Annotated[bool, Field(strict=True)]
+
+
+class SyntheticOptions(_Strict):
+    """The options of the synthetic data set (kavg_ray.data.make_synthetic)."""
+
+    task: Literal["classification", "least_squares"] = "classification"
+    n_train: Int = Field(default=2048, ge=1, le=10_000_000)
+    n_test: Int = Field(default=512, ge=1, le=10_000_000)
+    dim: Int = Field(default=20, ge=1, le=1_000_000)
+    num_classes: Int = Field(default=4, ge=2, le=100_000)
+    noise: Float = Field(default=0.1, ge=0)
+    cluster_std: Float = Field(default=1.0, ge=0)
+    seed: Int = Field(default=0, ge=0, le=2**32 - 1)
+
+
 class LRConfig(_Strict):
     """The paper's step-size schedule: gamma0, halved every N epochs."""
 
-    initial: float = Field(gt=0, description="initial learning rate gamma0")
-    halve_every_epochs: int | None = Field(
+    initial: Float = Field(gt=0, description="initial learning rate gamma0")
+    halve_every_epochs: Int | None = Field(
         default=None, ge=1, description="halve the rate every this many epochs (none: constant)"
     )
 
@@ -62,18 +123,35 @@ class WorkloadConfig(_Strict):
 
     dataset: Literal["digits", "synthetic", "cifar10"] = "digits"
     model: Literal["linear", "mlp", "cnn", "vgg16", "nin", "resnet18"] = "mlp"
-    epochs: int = Field(default=10, ge=1, le=100_000)
-    batch_size: int = Field(default=16, ge=1, le=1_000_000)
+    epochs: Int = Field(default=10, ge=1, le=100_000)
+    batch_size: Int = Field(default=16, ge=1, le=1_000_000)
     lr: LRConfig = LRConfig(initial=0.1)
-    momentum: float = Field(default=0.0, ge=0.0, lt=1.0)
-    weight_decay: float = Field(default=0.0, ge=0.0)
+    momentum: Float = Field(default=0.0, ge=0.0, lt=1.0)
+    weight_decay: Float = Field(default=0.0, ge=0.0)
     sampling: Literal["shard", "iid"] = "shard"
     data_dir: str | None = None
-    download: bool = False
+    download: Bool = False
     synthetic: dict[str, Any] | None = None
+
+    @field_validator("synthetic")
+    @classmethod
+    def _check_synthetic(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        # Validated here (unknown keys, types, ranges); kept as the plain dict it was.
+        if value is not None:
+            SyntheticOptions.model_validate(value)
+        return value
 
     @model_validator(mode="after")
     def _check_data(self) -> WorkloadConfig:
+        side = _IMAGE_SIDE[self.dataset]
+        need = _MIN_IMAGE_SIDE.get(self.model)
+        if need is not None and side is None:
+            raise ValueError(f"model {self.model} needs images; dataset {self.dataset} has none")
+        if need is not None and side < need:
+            raise ValueError(
+                f"model {self.model} needs images of at least {need}x{need}; "
+                f"dataset {self.dataset} has {side}x{side}"
+            )
         if self.dataset == "cifar10" and not self.download:
             root = Path(self.data_dir or "./data")
             if not (root / "cifar-10-batches-py").is_dir():
@@ -89,16 +167,16 @@ class WorkloadConfig(_Strict):
 class ResourcesConfig(_Strict):
     """What each learner asks Ray for."""
 
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(default=1.0, gt=0)
-    gpus_per_worker: float = Field(default=1.0, ge=0)
-    max_concurrent_trials: int | None = Field(default=None, ge=1)
+    use_gpu: Bool = False
+    cpus_per_worker: Float = Field(default=1.0, gt=0, le=1024)
+    gpus_per_worker: Float = Field(default=1.0, ge=0, le=64)
+    max_concurrent_trials: Int | None = Field(default=None, ge=1)
 
 
 class FailureConfig(_Strict):
     """Fault tolerance of one run."""
 
-    max_failures: int = Field(default=0, ge=-1, description="worker-group restarts; -1: forever")
+    max_failures: Int = Field(default=0, ge=-1, description="worker-group restarts; -1: forever")
 
 
 class RunConfig(_Strict):
@@ -108,15 +186,18 @@ class RunConfig(_Strict):
     workload: WorkloadConfig = WorkloadConfig()
     algorithm: Literal["kavg", "hier_avg"] = "kavg"
     backend: Literal["ray"] = "ray"
-    K: int | None = Field(default=None, ge=1, le=1_000_000)
-    P: int = Field(default=1, ge=1, le=4096)
-    seed: int = Field(default=0, ge=0)
-    S: int | None = Field(default=None, ge=1, description="Hier-AVG group size")
-    K1: int | None = Field(default=None, ge=1, description="Hier-AVG local period")
-    K2: int | None = Field(default=None, ge=1, description="Hier-AVG global period")
+    K: Int | None = Field(default=None, ge=1, le=1_000_000)
+    P: Int = Field(default=1, ge=1, le=4096)
+    # The workers seed torch with seed * 1_000_003 + rank: keep that within 64 bits.
+    seed: Int = Field(default=0, ge=0, le=2**32 - 1)
+    S: Int | None = Field(default=None, ge=1, le=4096, description="Hier-AVG group size")
+    K1: Int | None = Field(default=None, ge=1, le=1_000_000, description="Hier-AVG local period")
+    K2: Int | None = Field(default=None, ge=1, le=1_000_000, description="Hier-AVG global period")
     resources: ResourcesConfig = ResourcesConfig()
     failure: FailureConfig = FailureConfig()
-    target_accuracy: float | None = Field(default=None, gt=0, le=1)
+    target_accuracy: Float | None = Field(default=None, gt=0, le=1)
+    # The swept keys outside CORE_KEYS, set by SweepSpec.points() for the trial name.
+    _name_extra: tuple[str, ...] = PrivateAttr(default=())
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
@@ -128,8 +209,11 @@ class RunConfig(_Strict):
             if any(v is not None for v in (self.S, self.K1, self.K2)):
                 raise ValueError("S, K1, K2 belong to algorithm hier_avg; kavg takes K")
         else:
-            if None in (self.S, self.K1, self.K2):
-                raise ValueError("algorithm hier_avg needs S, K1 and K2")
+            missing = [k for k in ("S", "K1", "K2") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(
+                    f"algorithm hier_avg needs S, K1 and K2 (missing: {', '.join(missing)})"
+                )
             if self.K is not None:
                 raise ValueError("algorithm hier_avg takes S, K1, K2, not K")
             if self.S > self.P:
@@ -145,13 +229,34 @@ class RunConfig(_Strict):
         """The global averaging period: K, or K2 for Hier-AVG."""
         return self.K if self.algorithm == "kavg" else self.K2
 
-    def trial_name(self) -> str:
-        """A stable name for this grid point, e.g. ``K4-P8-s0``."""
+    def trial_name(self, extra: Mapping[str, Any] | None = None) -> str:
+        """A stable name for this run or grid point, e.g. ``K4-P8-s0``.
+
+        A point of a sweep over a key the head does not show (lr, batch_size, epochs,
+        momentum) gets that key's value appended: ``K4-P8-s0-lr0.05``. ``extra`` overrides
+        the appended keys and values (default: the keys this point's sweep varies).
+        """
         if self.algorithm == "kavg":
             head = f"K{self.K}-P{self.P}"
         else:
             head = f"S{self.S}-K1{self.K1}-K2{self.K2}-P{self.P}"
-        return f"{head}-s{self.seed}"
+        if extra is None:
+            extra = {key: self.grid_value(key) for key in self._name_extra}
+        tail = "".join(f"-{key}{_name_value(value)}" for key, value in extra.items())
+        return f"{head}-s{self.seed}{tail}"
+
+    def grid_value(self, key: str) -> Any:
+        """The value of a sweepable key (see GRID_KEYS) in this config."""
+        node: Any = self
+        for part in GRID_KEYS[key]:
+            node = getattr(node, part)
+        return node
+
+
+def _name_value(value: Any) -> str:
+    """A value as it appears in a trial name: only characters of NAME_RE."""
+    text = repr(value) if isinstance(value, float) else str(value)
+    return re.sub(r"[^A-Za-z0-9._-]", "", text.replace("+", ""))
 
 
 class SweepSpec(_Strict):
@@ -159,20 +264,33 @@ class SweepSpec(_Strict):
 
     base: dict[str, Any]
     grid: dict[str, list[Any]]
+    _points: list[RunConfig] | None = PrivateAttr(default=None)
 
     def points(self) -> list[RunConfig]:
-        """Every grid point as a validated run config, in grid order."""
+        """Every grid point as a validated run config, in grid order (the last key fastest).
+
+        Each point's ``trial_name()`` is unique within the sweep: keys outside CORE_KEYS
+        that the grid varies are appended to it.
+        """
+        if self._points is None:
+            self._points = self._build_points()
+        return list(self._points)
+
+    def _build_points(self) -> list[RunConfig]:
         keys = list(self.grid)
+        extra = tuple(k for k in keys if k not in CORE_KEYS)
         out = []
         for values in itertools.product(*(self.grid[k] for k in keys)):
             doc = _deep_copy(self.base)
             for key, value in zip(keys, values, strict=True):
                 _set_path(doc, GRID_KEYS[key], value)
             try:
-                out.append(RunConfig.model_validate(doc))
+                cfg = RunConfig.model_validate(doc)
             except ValidationError as exc:
-                point = ", ".join(f"{k}={v}" for k, v in zip(keys, values, strict=True))
+                point = ", ".join(f"{k}={v!r}" for k, v in zip(keys, values, strict=True))
                 raise ConfigError(f"grid point ({point}): {_first_error(exc)}") from None
+            cfg._name_extra = extra
+            out.append(cfg)
         return out
 
 
@@ -221,10 +339,15 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{p}: no such file")
     if not p.is_file():
         raise ConfigError(f"{p}: not a regular file")
-    if p.stat().st_size > 1_000_000:
+    try:
+        with p.open("rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read: {exc.strerror or exc}") from None
+    if len(data) > MAX_FILE_BYTES:
         raise ConfigError(f"{p}: larger than 1 MB, not a config")
     try:
-        text = p.read_bytes().decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"{p}: not UTF-8 text") from None
     try:
@@ -232,8 +355,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        problem = getattr(exc, "problem", None) or (str(exc).splitlines() or ["?"])[0]
         raise ConfigError(f"{p}: not valid YAML{where}: {problem}") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: not a config: nested too deeply") from None
     if not isinstance(doc, dict):
         raise ConfigError(f"{p}: expected a mapping of keys at the top level")
     return doc
@@ -252,7 +377,9 @@ def parse_run(doc: dict[str, Any], source: str = "config") -> RunConfig:
 def parse_sweep(doc: dict[str, Any], source: str = "spec") -> SweepSpec:
     """Validate a sweep spec document and every point of its grid."""
     doc = dict(doc)
-    grid = doc.pop("grid", None)
+    if "grid" not in doc:
+        raise ConfigError(f"{source}: has no grid: run a single config with 'kavg train'")
+    grid = doc.pop("grid")
     if not isinstance(grid, dict) or not grid:
         raise ConfigError(f"{source}: grid: must be a non-empty mapping of key -> list")
     n_points = 1
@@ -265,24 +392,45 @@ def parse_sweep(doc: dict[str, Any], source: str = "spec") -> SweepSpec:
             raise ConfigError(f"{source}: grid.{key}: must be a non-empty list")
         if any(isinstance(v, (dict, list)) for v in values):
             raise ConfigError(f"{source}: grid.{key}: values must be scalars")
-        if len({repr(v) for v in values}) != len(values):
-            raise ConfigError(f"{source}: grid.{key}: duplicate values {values}")
-        if GRID_KEYS[key] == (key,) and key in doc:
-            raise ConfigError(f"{source}: {key} is given both as a scalar and in grid")
+        seen: set[str] = set()
+        for v in values:
+            if repr(v) in seen:
+                raise ConfigError(f"{source}: grid.{key}: value {v!r} is listed twice")
+            seen.add(repr(v))
+        if _has_path(doc, GRID_KEYS[key]):
+            where = ".".join(GRID_KEYS[key])
+            raise ConfigError(f"{source}: {where} is given both as a scalar and in grid.{key}")
         n_points *= len(values)
+        if n_points > MAX_GRID_POINTS:
+            break
     if n_points > MAX_GRID_POINTS:
+        n_points = 1
+        for values in grid.values():
+            n_points *= len(values) if isinstance(values, list) else 1
         raise ConfigError(f"{source}: grid has {n_points} points, more than {MAX_GRID_POINTS}")
     spec = SweepSpec(base=doc, grid=grid)
     try:
         points = spec.points()
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
-    if len({p.trial_name() for p in points}) != len(points):
-        raise ConfigError(
-            f"{source}: grid points share trial names; sweep lr/batch_size/epochs "
-            "in separate sweeps"
-        )
+    names: set[str] = set()
+    for point in points:
+        name = point.trial_name()
+        if name in names:
+            raise ConfigError(
+                f"{source}: two grid points are the same run {name} "
+                "(grid values that differ only in how they are written?)"
+            )
+        names.add(name)
     return spec
+
+
+def _has_path(doc: Any, path: tuple[str, ...]) -> bool:
+    for key in path:
+        if not isinstance(doc, dict) or key not in doc:
+            return False
+        doc = doc[key]
+    return True
 
 
 def load_run(path: str | Path) -> RunConfig:

@@ -37,7 +37,10 @@ def train_loop_per_worker(config: dict) -> None:
         with checkpoint.as_directory() as d:
             resume = torch.load(Path(d) / STATE_FILE.format(rank=rank), weights_only=False)
 
-    def report(metrics: dict, state: dict) -> None:
+    def report(metrics: dict, state: dict | None) -> None:
+        if state is None:
+            ray.train.report(metrics)
+            return
         with tempfile.TemporaryDirectory() as d:
             torch.save(state, os.path.join(d, STATE_FILE.format(rank=rank)))
             ray.train.report(

@@ -74,6 +74,10 @@ def trial_row(
     return row
 
 
+def _history_row(report: dict) -> dict:
+    return {k: report[k] for k in (*HISTORY_KEYS, "diverged") if k in report}
+
+
 def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
@@ -117,9 +121,12 @@ def _make_callback(
             if "epoch" not in result:
                 return
             rows = self.history.setdefault(tid, [])
+            if result.get("history_before"):
+                # A run resumed from a checkpoint: its earlier epochs come with it.
+                rows[:] = [_history_row(h) for h in result["history_before"]]
             # A restarted worker group re-reports from its checkpoint: keep the latest.
             rows[:] = [r for r in rows if r["epoch"] < result["epoch"]]
-            rows.append({k: result[k] for k in (*HISTORY_KEYS, "diverged") if k in result})
+            rows.append(_history_row(result))
             if progress:
                 from kavg_ray.worker import format_progress
 

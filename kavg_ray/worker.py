@@ -25,7 +25,9 @@ from kavg_ray.config import RunConfig
 from kavg_ray.data import Dataset, augment_generator, epoch_indices, load_dataset, steps_per_epoch
 from kavg_ray.models import build_model
 
-ReportFn = Callable[[dict, dict], None]
+# report(metrics, state): state is this learner's checkpoint, or None when there is
+# nothing new to save.
+ReportFn = Callable[[dict, dict | None], None]
 EVAL_BATCH = 1024
 
 
@@ -112,13 +114,21 @@ def run_training(
     wl = cfg.workload
     steps = steps_per_epoch(data.n_train, wl.batch_size, world_size)
     c = {"epoch": 0, "samples": 0, "compute_time_s": 0.0, "wall_time_s": 0.0}
+    history: list[dict] = []
     if resume is not None:
         model.load_state_dict(resume["model"])
         opt.load_state_dict(resume["optimizer"])
         avg.load_state_dict(resume["averager"])
         torch.set_rng_state(resume["rng"])
-        c = resume["counters"]
+        c = dict(resume["counters"])
         _restore_stats(avg, resume["comm"])
+        history = list(resume["history"])
+    # A resumed run hands the epochs before its checkpoint to its first report, so
+    # whoever collects the reports ends with every epoch exactly once.
+    replay = list(history)
+    if replay and (c["epoch"] >= wl.epochs or replay[-1].get("diverged")):
+        report({**replay[-1], "history_before": replay[:-1]}, None)
+        return replay[-1]
     metrics: dict = {}
     start = time.perf_counter() - c["wall_time_s"]
 
@@ -178,6 +188,7 @@ def run_training(
             "diverged": diverged,
             **_hier_metrics(avg),
         }
+        history.append(metrics)
         state = {
             "model": model.state_dict(),
             "optimizer": opt.state_dict(),
@@ -185,8 +196,13 @@ def run_training(
             "rng": torch.get_rng_state(),
             "counters": dict(c),
             "comm": _save_stats(avg),
+            "history": list(history),
         }
-        report(metrics, state)
+        if replay:
+            report({**metrics, "history_before": replay}, state)
+            replay = []
+        else:
+            report(metrics, state)
         if diverged:
             break
     return metrics

@@ -126,6 +126,16 @@ def test_resume_from_checkpoint_state_matches_uninterrupted_run() -> None:
         assert torch.equal(resumed[-1][1]["model"][name], value), name
     assert resumed[-1][0]["rounds"] == full[-1][0]["rounds"]
     assert resumed[-1][0]["samples"] == full[-1][0]["samples"]
+    # The epochs before the checkpoint travel with the first report after it.
+    assert [m["epoch"] for m in resumed[0][0]["history_before"]] == [1]
+    assert resumed[0][0]["history_before"][0]["test_loss"] == full[0][0]["test_loss"]
+
+    # Resuming a run that had already finished trains nothing and reports its end once.
+    again = []
+    run_training(cfg, 0, 1, torch.device("cpu"), lambda m, s: again.append((m, s)), full[-1][1])
+    ((metrics, state),) = again
+    assert state is None and metrics["epoch"] == 2
+    assert [m["epoch"] for m in metrics["history_before"]] == [1]
 
 
 def test_divergence_is_reported_and_stops() -> None:

@@ -1,0 +1,211 @@
+"""Time per model average: KAvgAverager against the floor and the alternatives.
+
+P gloo processes on 127.0.0.1 (one thread each) average a model repeatedly. For every
+(model, P) the methods are timed round-robin (one repetition of each in turn, so a burst of
+load from elsewhere hits all of them alike), with a ``dist.barrier()`` before every timed
+repetition; the table shows rank 0's median per method.
+
+Methods:
+  ours      ``KAvgAverager.average()``: one all_reduce(SUM) of the flat buffer that holds
+            every parameter and floating buffer, then one in-place div_.
+  floor     one all_reduce of a separate flat buffer of the same size + one in-place div_.
+  allreduce the same all_reduce alone (no division), for reference.
+  torch     ``PeriodicModelAverager(period=1).average_parameters(model.parameters())``
+            on an ordinary (not flattened) copy of the model: parameters only, it
+            concatenates them into a fresh buffer, divides, all-reduces and re-points them.
+  per-tensor one all_reduce + one div_ per parameter tensor (parameters only).
+
+Usage: python benchmarks/averaging.py [--reps 20] [--models resnet18,vgg16]
+       [--world-sizes 2,4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kavg_ray.averaging import KAvgAverager  # noqa: E402
+from kavg_ray.models import build_model  # noqa: E402
+
+WARMUP = 3
+METHODS = ("ours", "floor", "allreduce", "torch", "per-tensor")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _methods(name: str, world: int) -> tuple[dict[str, Callable[[], None]], dict[str, int]]:
+    """The averaging callables for one model, and the bytes each one all-reduces."""
+    from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
+
+    torch.manual_seed(0)  # every rank builds the same model, so averages are idempotent
+    ours_model = build_model(name, (3, 32, 32), 10)
+    averager = KAvgAverager(ours_model, period=1)
+    flat_nbytes = averager.flat.nbytes
+
+    floor_buf = averager.flat.buffer.clone()
+    plain_buf = torch.zeros_like(averager.flat.buffer)  # sums of zeros stay finite
+
+    torch.manual_seed(0)
+    ref_model = build_model(name, (3, 32, 32), 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch_avg = PeriodicModelAverager(period=1, warmup_steps=0)
+    for p in ref_model.parameters():  # torch averages only parameters that have a gradient
+        p.grad = torch.zeros_like(p)
+    param_nbytes = sum(p.numel() * p.element_size() for p in ref_model.parameters())
+
+    torch.manual_seed(0)
+    tensor_model = build_model(name, (3, 32, 32), 10)
+    tensors = [p.data for p in tensor_model.parameters()]
+
+    def floor() -> None:
+        dist.all_reduce(floor_buf, op=dist.ReduceOp.SUM)
+        floor_buf.div_(world)
+
+    def allreduce() -> None:
+        dist.all_reduce(plain_buf, op=dist.ReduceOp.SUM)
+
+    def torch_method() -> None:
+        torch_avg.average_parameters(ref_model.parameters())
+
+    def per_tensor() -> None:
+        for t in tensors:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            t.div_(world)
+
+    methods = {
+        "ours": averager.average,
+        "floor": floor,
+        "allreduce": allreduce,
+        "torch": torch_method,
+        "per-tensor": per_tensor,
+    }
+    nbytes = {
+        "ours": flat_nbytes,
+        "floor": flat_nbytes,
+        "allreduce": flat_nbytes,
+        "torch": param_nbytes,
+        "per-tensor": param_nbytes,
+    }
+    return methods, nbytes
+
+
+def _worker(
+    rank: int, world: int, port: int, models: list[str], reps: int, out_path: str
+) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    results = []
+    for name in models:
+        methods, nbytes = _methods(name, world)
+        times: dict[str, list[float]] = {m: [] for m in METHODS}
+        for rep in range(WARMUP + reps):
+            for method in METHODS:
+                dist.barrier()
+                t0 = time.perf_counter()
+                methods[method]()
+                elapsed = time.perf_counter() - t0
+                if rep >= WARMUP:
+                    times[method].append(elapsed)
+        results.append(
+            {
+                "model": name,
+                "P": world,
+                "median_ms": {m: 1000 * statistics.median(times[m]) for m in METHODS},
+                "nbytes": nbytes,
+            }
+        )
+        del methods
+    if rank == 0:
+        Path(out_path).write_text(json.dumps(results))
+    dist.barrier()  # leave together: gloo aborts a peer whose connections vanish
+    dist.destroy_process_group()
+
+
+def run(models: list[str], world_sizes: list[int], reps: int) -> list[dict]:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for world in world_sizes:
+            out = os.path.join(tmp, f"P{world}.json")
+            mp.spawn(
+                _worker,
+                args=(world, _free_port(), models, reps, out),
+                nprocs=world,
+                join=True,
+            )
+            rows += json.loads(Path(out).read_text())
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    head = (
+        "| model | P | MB ours | MB torch | ours | floor | allreduce | torch | per-tensor "
+        "| ours/floor | ours/torch |"
+    )
+    lines = [head, "|" + " --- |" * 11]
+    for r in rows:
+        ms = r["median_ms"]
+        lines.append(
+            f"| {r['model']} | {r['P']} | {r['nbytes']['ours'] / 1e6:.3f} "
+            f"| {r['nbytes']['torch'] / 1e6:.3f} | "
+            + " | ".join(f"{ms[m]:.1f}" for m in METHODS)
+            + f" | {ms['ours'] / ms['floor']:.2f} | {ms['ours'] / ms['torch']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=20, help="timed repetitions per method")
+    parser.add_argument("--models", default="resnet18,vgg16", help="comma-separated models")
+    parser.add_argument("--world-sizes", default="2,4", help="comma-separated values of P")
+    args = parser.parse_args(argv)
+    models = [m for m in args.models.split(",") if m]
+    worlds = [int(p) for p in args.world_sizes.split(",") if p]
+    if args.reps < 1 or not models or any(p < 2 for p in worlds):
+        parser.error("need --reps >= 1, at least one model, and world sizes >= 2")
+
+    print(
+        f"# averaging: gloo on 127.0.0.1, 1 thread per process, {WARMUP} warm-up + "
+        f"{args.reps} timed reps per method (round-robin, barrier before each), "
+        f"median of rank 0, in ms"
+    )
+    print(
+        f"# torch {torch.__version__}, python {platform.python_version()}, "
+        f"{os.cpu_count()} CPUs"
+    )
+    start = time.perf_counter()
+    rows = run(models, worlds, args.reps)
+    print(format_table(rows))
+    print(
+        "# ours/floor/allreduce move every parameter + floating buffer (BatchNorm running "
+        "mean/var) in one flat buffer (MB ours);\n"
+        "# torch (PeriodicModelAverager) and per-tensor move parameters only (MB torch)."
+    )
+    print(f"# total {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

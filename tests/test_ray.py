@@ -1,0 +1,124 @@
+"""Real Ray runs through the CLI: one `kavg train`, one 2 x 2 sweep and its resume.
+
+Each starts a local Ray (dashboard on 127.0.0.1) and stops it when the command ends.
+These are the slow tests (about a minute each on 2 cores); the algorithms are
+tested without Ray in test_averaging.py and test_worker.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from kavg_ray.results import HISTORY_COLUMNS, TRIAL_COLUMNS, ResultsStore
+
+pytestmark = pytest.mark.ray
+
+WORKLOAD = {
+    "dataset": "digits",
+    "model": "mlp",
+    "epochs": 5,
+    "batch_size": 16,
+    "lr": {"initial": 0.1},
+}
+
+
+def kavg(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RAY_DEDUP_LOGS": "0", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "kavg_ray.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_kavg_train_on_ray(tmp_path: Path) -> None:
+    config = {
+        "name": "digits-train",
+        "workload": WORKLOAD,
+        "K": 4,
+        "P": 2,
+        "resources": {"cpus_per_worker": 0.5},
+    }
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    out = kavg("train", "run.yaml", "--storage", "store", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for epoch in range(1, 6):
+        assert f"epoch {epoch}/5" in out.stdout
+    assert "summary: kavg P=2 K=4 status completed" in out.stdout
+
+    trials = ResultsStore(tmp_path / "store").read_trials("digits-train")
+    (row,) = trials.to_dict("records")
+    assert row["status"] == "completed"
+    assert row["final_test_acc"] >= 0.9
+    # 1437 samples, 2 learners x 16: 44 steps per epoch, an average every 4 steps.
+    assert row["samples"] == 5 * 44 * 32
+    assert row["rounds"] == (5 * 44) // 4
+    assert row["bytes_communicated"] == row["rounds"] * (64 * 128 + 128 + 128 * 10 + 10) * 4
+    history = ResultsStore(tmp_path / "store").read_history("digits-train")
+    assert history["epoch"].tolist() == [1, 2, 3, 4, 5]
+
+
+def test_sweep_tables_kopt_and_resume(tmp_path: Path) -> None:
+    spec = {
+        "name": "grid2x2",
+        "workload": {**WORKLOAD, "epochs": 3},
+        "grid": {"K": [1, 4], "P": [1, 2], "seed": [0]},
+        "resources": {"cpus_per_worker": 0.5},
+    }
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    out = kavg("sweep", "run", "spec.yaml", "--storage", "store", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "K_opt by accuracy" in out.stdout
+
+    store = ResultsStore(tmp_path / "store")
+    trials = store.read_trials("grid2x2")
+    assert sorted(trials["trial_id"]) == ["K1-P1-s0", "K1-P2-s0", "K4-P1-s0", "K4-P2-s0"]
+    assert list(trials.columns[: len(TRIAL_COLUMNS)]) == TRIAL_COLUMNS
+    assert set(trials["status"]) == {"completed"}
+    history = store.read_history("grid2x2")
+    assert list(history.columns[: len(HISTORY_COLUMNS)]) == HISTORY_COLUMNS
+    assert sorted(zip(history["trial_id"], history["epoch"], strict=True)) == sorted(
+        (t, e) for t in trials["trial_id"] for e in (1, 2, 3)
+    )
+    assert json.loads((tmp_path / "store" / "grid2x2" / "spec.json").read_text())["grid"]
+
+    kopt = kavg(
+        "results", "kopt", "grid2x2", "--storage", "store", "--format", "json", cwd=tmp_path
+    )
+    assert kopt.returncode == 0, kopt.stderr
+    rows = {r["P"]: r for r in json.loads(kopt.stdout)}
+    assert set(rows) == {1, 2}
+    for p, r in rows.items():
+        best = trials[trials["P"] == p].sort_values(
+            ["final_test_acc", "K"], ascending=[False, True]
+        )
+        assert r["K_opt"] == best["K"].iloc[0]
+
+    # Lose two trials' rows, as a sweep interrupted before they finished would have.
+    kept = trials[trials["trial_id"].isin(["K1-P1-s0", "K4-P2-s0"])]
+    kept.to_parquet(tmp_path / "store" / "grid2x2" / "trials.parquet")
+    again = kavg("sweep", "run", "spec.yaml", "--storage", "store", cwd=tmp_path)
+    assert again.returncode == 2 and "--resume" in again.stderr
+    resumed = kavg("sweep", "run", "spec.yaml", "--storage", "store", "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "2 finished, 2 to run" in resumed.stdout
+    ran = sorted(
+        line.split(":")[0] for line in resumed.stdout.splitlines() if line.startswith("[kavg] K")
+    )
+    assert ran == ["[kavg] K1-P2-s0", "[kavg] K4-P1-s0"]
+    final = store.read_trials("grid2x2")
+    assert sorted(final["trial_id"]) == sorted(trials["trial_id"])
+    # Same seeds, same data order: the rerun trials reproduce their first results.
+    merged = pd.merge(final, trials, on="trial_id", suffixes=("", "_first"))
+    assert (merged["final_test_acc"] == merged["final_test_acc_first"]).all()
