@@ -60,6 +60,7 @@ __all__ = [
     "Estimates",
     "estimate_constants",
     "full_gradient",
+    "full_loss",
     "hessian_norm",
     "per_sample_gradient_variance",
     "predict_for_config",
@@ -472,6 +473,8 @@ def predict_for_config(
             kopt = theory.predict_kopt(*args, k_max=k_max, enforce_conditions=False)
             hold = False
             notes.append(f"B(K) minimised without Theorem 3.1's conditions: {exc}")
+        if wl.momentum > 0 or wl.weight_decay > 0:
+            notes.append("Theorem 3.1 is for plain SGD: momentum and weight decay are not modelled")
         if wl.lr.halve_every_epochs is not None:
             notes.append("gamma = lr.initial (the halving schedule is not modelled)")
         alpha, beta, eta = theory.bound_coefficients(*args)
