@@ -228,3 +228,66 @@ def test_hier_avg_bad_arguments() -> None:
         HierAvgAverager(_mlp(0), local_period=4, global_period=6, group_size=1)
     with pytest.raises(ValueError, match="divide"):
         HierAvgAverager(_mlp(0), local_period=2, global_period=4, group_size=2)
+
+
+def _train_step(model: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator) -> None:
+    x = torch.randn(16, 8, generator=gen)
+    y = torch.randint(0, 3, (16,), generator=gen)
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+
+
+def _hier_reductions(rank: int, world: int) -> None:
+    """S = 1 is K-AVG with K = K2; S = P is K-AVG with K = K1; K1 = K2 is K-AVG with K = K1."""
+    cases = [((2, 6, 1), 6), ((2, 6, world), 2), ((3, 3, 2), 3)]
+    for (k1, k2, s), k in cases:
+        hier, ref = _mlp(0), _mlp(0)
+        h_avg = HierAvgAverager(hier, local_period=k1, global_period=k2, group_size=s)
+        k_avg = KAvgAverager(ref, period=k)
+        h_opt = torch.optim.SGD(hier.parameters(), lr=0.2)
+        k_opt = torch.optim.SGD(ref.parameters(), lr=0.2)
+        gen_h = torch.Generator().manual_seed(50 + rank)
+        gen_k = torch.Generator().manual_seed(50 + rank)
+        for _ in range(20):
+            _train_step(hier, h_opt, gen_h)
+            _train_step(ref, k_opt, gen_k)
+            h_avg.step()
+            k_avg.step()
+            for a, b in zip(hier.parameters(), ref.parameters(), strict=True):
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_hier_avg_reduces_to_kavg() -> None:
+    run_distributed(_hier_reductions, 4)
+
+
+def _hier_batchnorm(rank: int, world: int) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2))
+    avg = HierAvgAverager(model, local_period=2, global_period=6, group_size=2)
+    bn = model[1]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(rank)
+    for step in range(1, 13):
+        x = torch.randn(32, 4, generator=gen) * (rank + 1) + rank
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+        pre = torch.cat([bn.running_mean, bn.running_var]).clone()
+        gathered = [torch.empty_like(pre) for _ in range(world)]
+        dist.all_gather(gathered, pre)
+        avg.step()
+        post = torch.cat([bn.running_mean, bn.running_var])
+        first = rank - rank % 2
+        if step % 6 == 0:
+            expected = torch.stack(gathered).mean(0)
+        elif step % 2 == 0:
+            expected = (gathered[first] + gathered[first + 1]) / 2
+        else:
+            expected = pre
+        torch.testing.assert_close(post, expected, rtol=0, atol=1e-6)
+
+
+def test_hier_avg_batchnorm_buffers_follow_schedule() -> None:
+    run_distributed(_hier_batchnorm, 4)
