@@ -8,6 +8,7 @@ history the moment it ends, so a driver that dies loses no finished trial.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -181,11 +182,22 @@ def connect(address: str | None) -> None:
         ray.init(include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=runtime_env)
 
 
-def check_placement(points: list[RunConfig]) -> None:
-    """Refuse a sweep whose largest trial no node set of the cluster could place."""
-    import ray
+def local_resources(points: list[RunConfig]) -> dict[str, float]:
+    """What a local Ray started by this process will have, known without starting it."""
+    total = {"CPU": float(os.cpu_count() or 1), "GPU": 0.0}
+    if any(p.resources.use_gpu for p in points):
+        import torch
 
-    total = ray.cluster_resources()
+        total["GPU"] = float(torch.cuda.device_count())
+    return total
+
+
+def check_placement(points: list[RunConfig], total: dict[str, float] | None = None) -> None:
+    """Refuse a sweep whose largest trial no node set of the cluster could place."""
+    if total is None:
+        import ray
+
+        total = ray.cluster_resources()
     for cfg in points:
         res = cfg.resources
         need_cpu = cfg.P * res.cpus_per_worker
@@ -226,10 +238,15 @@ def run_sweep(
     """Run every grid point not yet finished; returns trial_id -> status of this run."""
     store = ResultsStore(storage)
     by_id = {p.trial_name(): p for p in points}
+    has_spec = (store.sweep_dir(sweep) / "spec.json").exists()
     if resume:
-        done = store.finished_trial_ids(sweep) if store.sweep_dir(sweep).exists() else set()
+        if has_spec and store.read_spec(sweep) != json.loads(json.dumps(spec_doc, default=str)):
+            raise SweepError(
+                f"sweep '{sweep}' was started from a different spec; "
+                "resume it with the same spec, or give a new --name"
+            )
+        done = store.finished_trial_ids(sweep) if has_spec else set()
         todo = [tid for tid in by_id if tid not in done]
-        echo(f"[kavg] resume {sweep}: {len(done & set(by_id))} finished, {len(todo)} to run")
     else:
         if not overwrite and (store.sweep_dir(sweep) / "trials.parquet").exists():
             raise SweepError(
@@ -237,19 +254,22 @@ def run_sweep(
                 "use --resume to finish it or --name for a new sweep"
             )
         todo = list(by_id)
-    store.write_spec(sweep, spec_doc)
+    todo_points = [by_id[t] for t in todo]
+    if address is None and todo:
+        check_placement(todo_points, local_resources(todo_points))
+    if resume:
+        echo(f"[kavg] resume {sweep}: {len(by_id) - len(todo)} finished, {len(todo)} to run")
     if not todo:
         return {}
+    connect(address)
+    check_placement(todo_points)
+    store.write_spec(sweep, spec_doc)
     sweep_root = Path(storage, sweep).resolve()
     if not resume:
         # Ray Train resumes a run of the same name from its checkpoints: a fresh
         # sweep must not pick up an older run's.
         for tid in todo:
             shutil.rmtree(sweep_root / "ray" / "train" / tid, ignore_errors=True)
-
-    connect(address)
-    todo_points = [by_id[t] for t in todo]
-    check_placement(todo_points)
 
     from ray import tune
 
