@@ -187,8 +187,59 @@ def results_kopt(sweep_name: str, by: str, storage: str | None, fmt: str) -> Non
     """The best K per P (by final accuracy, or by time to the target accuracy)."""
     from kavg_ray import results
 
-    df = results.load_trials(_check_name(sweep_name), _storage(storage))
-    click.echo(results.format_frame(results.kopt_table(df, by=by), fmt))
+    storage = _storage(storage)
+    table = results.kopt_table(results.load_trials(_check_name(sweep_name), storage), by=by)
+    predicted = _predicted(sweep_name, storage)
+    if predicted:
+        table["predicted_kopt"] = table["P"].map(predicted).astype("Int64")
+    click.echo(results.format_frame(table, fmt))
+
+
+def _predicted(sweep_name: str, storage: str) -> dict[int, int] | None:
+    """P -> predicted K_opt, when the sweep ran the theory probe (`theory: estimate`)."""
+    from kavg_ray.results import ResultsStore
+
+    doc = ResultsStore(storage).read_theory(sweep_name)
+    if not doc:
+        return None
+    return {int(row["P"]): int(row["predicted_kopt"]) for row in doc["predictions"]}
+
+
+@results_group.command("plot")
+@click.argument("sweep_name")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="folder for PNGs")
+@click.option("--storage", default=None, help="results directory [./kavg_results, $KAVG_STORAGE]")
+@_user_errors
+def results_plot(sweep_name: str, out: str, storage: str | None) -> None:
+    """Plot accuracy against K per P, accuracy per epoch, K_opt, speedup and gap (PNG)."""
+    from kavg_ray import plots, results
+
+    storage = _storage(storage)
+    trials = results.load_trials(_check_name(sweep_name), storage)
+    history = results.load_history(sweep_name, storage)
+    written, skipped = plots.save_all_detailed(
+        trials, history, out, predicted=_predicted(sweep_name, storage)
+    )
+    for path in written:
+        click.echo(str(path))
+    for name, why in skipped.items():
+        click.echo(f"skipped {name}: {why}", err=True)
+
+
+@results_group.command("report")
+@click.argument("sweep_name")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="output folder")
+@click.option("--storage", default=None, help="results directory [./kavg_results, $KAVG_STORAGE]")
+@_user_errors
+def results_report(sweep_name: str, out: str, storage: str | None) -> None:
+    """One Markdown page: spec, tables, K_opt per P and the plots."""
+    from kavg_ray.report import write_report
+
+    storage = _storage(storage)
+    path = write_report(
+        _check_name(sweep_name), storage, out, predicted=_predicted(sweep_name, storage)
+    )
+    click.echo(str(path))
 
 
 @main.group()

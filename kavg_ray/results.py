@@ -124,6 +124,7 @@ SWEEP_LIST_COLUMNS: list[str] = [
 TRIALS_FILE = "trials.parquet"
 HISTORY_FILE = "history.parquet"
 SPEC_FILE = "spec.json"
+THEORY_FILE = "theory.json"
 LOCK_FILE = ".lock"
 
 _NAME_RE = re.compile(r"[A-Za-z0-9._-]+")
@@ -285,32 +286,49 @@ class ResultsStore:
 
     def write_spec(self, sweep: str, spec: dict[str, Any]) -> Path:
         """Store the sweep spec as ``spec.json`` (atomically); returns its path."""
+        return self._write_json(sweep, SPEC_FILE, spec)
+
+    def read_spec(self, sweep: str) -> dict[str, Any]:
+        """The stored spec of ``sweep``; ResultsError if the sweep or its spec is missing."""
+        spec = self._read_json(sweep, SPEC_FILE)
+        if spec is None:
+            path = self.sweep_dir(sweep) / SPEC_FILE
+            raise ResultsError(f"sweep {sweep!r} has no spec: {path} does not exist")
+        return spec
+
+    def write_theory(self, sweep: str, theory: dict[str, Any]) -> Path:
+        """Store the sweep's theory estimates and predicted K_opt as ``theory.json``."""
+        return self._write_json(sweep, THEORY_FILE, theory)
+
+    def read_theory(self, sweep: str) -> dict[str, Any] | None:
+        """The sweep's ``theory.json``, or None when the sweep did not estimate."""
+        return self._read_json(sweep, THEORY_FILE)
+
+    def _write_json(self, sweep: str, name: str, doc: dict[str, Any]) -> Path:
         # default=str: YAML can yield dates and similar scalars; a readable string is
-        # better than refusing to record the spec at all.
-        text = json.dumps(spec, indent=2, sort_keys=True, default=str) + "\n"
+        # better than refusing to record the document at all.
+        text = json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n"
 
         def write(tmp: str) -> None:
             with open(tmp, "w", encoding="utf-8") as fh:
                 fh.write(text)
 
         with self._locked(sweep) as d:
-            path = d / SPEC_FILE
+            path = d / name
             _atomic_write(path, write)
         return path
 
-    def read_spec(self, sweep: str) -> dict[str, Any]:
-        """The stored spec of ``sweep``; ResultsError if the sweep or its spec is missing."""
-        d = self._existing_sweep_dir(sweep)
-        path = d / SPEC_FILE
+    def _read_json(self, sweep: str, name: str) -> dict[str, Any] | None:
+        path = self._existing_sweep_dir(sweep) / name
         if not path.is_file():
-            raise ResultsError(f"sweep {sweep!r} has no spec: {path} does not exist")
+            return None
         try:
-            spec = json.loads(path.read_text(encoding="utf-8"))
+            doc = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise ResultsError(f"cannot read {path}: {_one_line(exc)}") from exc
-        if not isinstance(spec, dict):
+        if not isinstance(doc, dict):
             raise ResultsError(f"cannot read {path}: expected a JSON object")
-        return spec
+        return doc
 
     # ------------------------------------------------------------------ tables
 
