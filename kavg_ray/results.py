@@ -98,6 +98,9 @@ FINISHED_STATUSES: frozenset[str] = frozenset({"completed", "diverged"})
 
 #: Default grouping of kopt_table: one K_opt per workload and learner count.
 DEFAULT_GROUP_KEYS: tuple[str, ...] = ("algorithm", "dataset", "model", "P")
+VARYING_GROUP_KEYS: tuple[str, ...] = (
+    "backend", "lr", "batch_size", "epochs", "momentum", "S", "K1",
+)  # fmt: skip
 
 #: kopt_table columns after the group keys (``predicted_kopt`` is appended when present).
 KOPT_COLUMNS: list[str] = [
@@ -517,6 +520,13 @@ def kopt_table(
 
     if group_by is None:
         keys = [k for k in DEFAULT_GROUP_KEYS if k in trials_df.columns]
+        # A sweep over lr, batch size, backend or Hier-AVG's S and K1 asks for K_opt
+        # per setting: those columns join the key when they vary.
+        keys += [
+            k
+            for k in VARYING_GROUP_KEYS
+            if k in trials_df.columns and trials_df[k].dropna().nunique() > 1
+        ]
     else:
         keys = [group_by] if isinstance(group_by, str) else list(group_by)
         absent = [k for k in keys if k not in trials_df.columns]

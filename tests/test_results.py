@@ -223,11 +223,19 @@ def test_kopt_predicted_passthrough():
 def test_kopt_hier_avg_uses_k_column():
     df = frame(
         trial(2, 0.7, algorithm="hier_avg", S=2, K1=1, K2=2),
-        trial(8, 0.9, algorithm="hier_avg", S=2, K1=2, K2=8),
+        trial(8, 0.9, algorithm="hier_avg", S=2, K1=1, K2=8),
     )
     row = only_row(kopt_table(df))
     assert row["algorithm"] == "hier_avg"
     assert row["K_opt"] == 8
+    # K_opt is the best global period K2 for each local period K1 swept.
+    df = frame(
+        trial(2, 0.7, algorithm="hier_avg", S=2, K1=1, K2=2),
+        trial(8, 0.9, algorithm="hier_avg", S=2, K1=2, K2=8),
+        trial(4, 0.95, algorithm="hier_avg", S=2, K1=2, K2=4),
+    )
+    table = kopt_table(df)
+    assert table[["K1", "K_opt"]].values.tolist() == [[1, 2], [2, 4]]
 
 
 def test_kopt_float_k_reported_as_int():
@@ -586,3 +594,15 @@ def test_format_json_plain_frame_nan():
     assert json.loads(format_frame(df, "json")) == [
         {"a": 1.5, "b": "x"}, {"a": None, "b": None},
     ]
+
+
+def test_kopt_table_groups_by_a_swept_learning_rate() -> None:
+    """Two learning rates in one sweep: one K_opt per (P, lr), never pooled as seeds."""
+    rows = [
+        {"algorithm": "kavg", "dataset": "digits", "model": "mlp", "P": 2, "K": k, "lr": lr,
+         "seed": 0, "status": "completed", "final_test_acc": acc}
+        for k, lr, acc in [(1, 0.1, 0.90), (4, 0.1, 0.80), (1, 0.5, 0.70), (4, 0.5, 0.95)]
+    ]  # fmt: skip
+    table = kopt_table(pd.DataFrame(rows))
+    assert table[["lr", "K_opt"]].values.tolist() == [[0.1, 1], [0.5, 4]]
+    assert table["n_seeds"].tolist() == [1, 1]
