@@ -170,9 +170,10 @@ def results_show(sweep_name: str, storage: str | None, fmt: str) -> None:
 
     df = results.load_trials(_check_name(sweep_name), _storage(storage))
     if fmt == "table":
-        cols = ["trial_id", "algorithm", "P", "K", "S", "K1", "K2", "seed", "status",
-                "final_test_acc", "best_test_acc", "time_to_target_s", "wall_time_s",
-                "comm_time_s", "rounds"]  # fmt: skip
+        cols = ["trial_id", "algorithm", "backend", "P", "K", "S", "K1", "K2", "seed",
+                "status", "final_test_acc", "best_test_acc", "time_to_target_s",
+                "wall_time_s", "global_reductions", "local_reductions", "comm_time_s",
+                "global_comm_time_s", "local_comm_time_s"]  # fmt: skip
         df = df[[c for c in cols if c in df.columns and df[c].notna().any()]]
     click.echo(results.format_frame(df, fmt))
 

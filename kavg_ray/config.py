@@ -196,6 +196,9 @@ class RunConfig(_Strict):
     resources: ResourcesConfig = ResourcesConfig()
     failure: FailureConfig = FailureConfig()
     target_accuracy: Float | None = Field(default=None, gt=0, le=1)
+    theory: Literal["estimate"] | None = Field(
+        default=None, description="'estimate': probe L, M, F gap and predict K_opt per P"
+    )
     # The swept keys outside CORE_KEYS, set by SweepSpec.points() for the trial name.
     _name_extra: tuple[str, ...] = PrivateAttr(default=())
 
@@ -239,7 +242,7 @@ class RunConfig(_Strict):
         if self.algorithm == "kavg":
             head = f"K{self.K}-P{self.P}"
         else:
-            head = f"S{self.S}-K1{self.K1}-K2{self.K2}-P{self.P}"
+            head = f"S{self.S}-K1_{self.K1}-K2_{self.K2}-P{self.P}"
         if extra is None:
             extra = {key: self.grid_value(key) for key in self._name_extra}
         tail = "".join(f"-{key}{_name_value(value)}" for key, value in extra.items())
@@ -264,6 +267,7 @@ class SweepSpec(_Strict):
 
     base: dict[str, Any]
     grid: dict[str, list[Any]]
+    variants: list[dict[str, Any]] = [{}]
     _points: list[RunConfig] | None = PrivateAttr(default=None)
 
     def points(self) -> list[RunConfig]:
@@ -280,8 +284,10 @@ class SweepSpec(_Strict):
         keys = list(self.grid)
         extra = tuple(k for k in keys if k not in CORE_KEYS)
         out = []
-        for values in itertools.product(*(self.grid[k] for k in keys)):
-            doc = _deep_copy(self.base)
+        for variant, values in itertools.product(
+            self.variants, itertools.product(*(self.grid[k] for k in keys))
+        ):
+            doc = _deep_merge(_deep_copy(self.base), variant)
             for key, value in zip(keys, values, strict=True):
                 _set_path(doc, GRID_KEYS[key], value)
             try:
@@ -292,6 +298,16 @@ class SweepSpec(_Strict):
             cfg._name_extra = extra
             out.append(cfg)
         return out
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    """`over` laid on `base`: nested mappings merge, everything else replaces."""
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_merge(base[key], value)
+        else:
+            base[key] = _deep_copy(value)
+    return base
 
 
 def _deep_copy(doc: Any) -> Any:
@@ -380,6 +396,13 @@ def parse_sweep(doc: dict[str, Any], source: str = "spec") -> SweepSpec:
     if "grid" not in doc:
         raise ConfigError(f"{source}: has no grid: run a single config with 'kavg train'")
     grid = doc.pop("grid")
+    variants = doc.pop("variants", [{}])
+    if (
+        not isinstance(variants, list)
+        or not variants
+        or not all(isinstance(v, dict) for v in variants)
+    ):
+        raise ConfigError(f"{source}: variants: must be a non-empty list of mappings")
     if not isinstance(grid, dict) or not grid:
         raise ConfigError(f"{source}: grid: must be a non-empty mapping of key -> list")
     n_points = 1
@@ -397,6 +420,9 @@ def parse_sweep(doc: dict[str, Any], source: str = "spec") -> SweepSpec:
             if repr(v) in seen:
                 raise ConfigError(f"{source}: grid.{key}: value {v!r} is listed twice")
             seen.add(repr(v))
+        if any(_has_path(v, GRID_KEYS[key]) for v in variants):
+            where = ".".join(GRID_KEYS[key])
+            raise ConfigError(f"{source}: {where} is given both in variants and in grid.{key}")
         if _has_path(doc, GRID_KEYS[key]):
             where = ".".join(GRID_KEYS[key])
             raise ConfigError(f"{source}: {where} is given both as a scalar and in grid.{key}")
@@ -408,7 +434,10 @@ def parse_sweep(doc: dict[str, Any], source: str = "spec") -> SweepSpec:
         for values in grid.values():
             n_points *= len(values) if isinstance(values, list) else 1
         raise ConfigError(f"{source}: grid has {n_points} points, more than {MAX_GRID_POINTS}")
-    spec = SweepSpec(base=doc, grid=grid)
+    n_points *= len(variants)
+    if n_points > MAX_GRID_POINTS:
+        raise ConfigError(f"{source}: grid has {n_points} points, more than {MAX_GRID_POINTS}")
+    spec = SweepSpec(base=doc, grid=grid, variants=variants)
     try:
         points = spec.points()
     except ConfigError as exc:

@@ -68,11 +68,33 @@ def trial_row(
         "samples": last.get("samples", 0),
         "error": error,
     }
-    if cfg.algorithm == "hier_avg":
-        for key in ("local_reductions", "global_reductions", "local_comm_time_s",
-                    "global_comm_time_s"):  # fmt: skip
-            row[key] = last.get(key, 0)
+    # K-AVG's every average is global: the columns let both algorithms sit side by side.
+    row["local_reductions"] = last.get("local_reductions", 0)
+    row["global_reductions"] = last.get("global_reductions", row["rounds"])
+    row["local_comm_time_s"] = last.get("local_comm_time_s", 0.0)
+    row["global_comm_time_s"] = last.get("global_comm_time_s", row["comm_time_s"])
     return row
+
+
+def estimate_theory(points: list[RunConfig], echo=print) -> dict:
+    """`theory: estimate`: probe L, M, F gap once per workload; predict K_opt per P."""
+    from kavg_ray.estimate import estimate_constants, predict_for_config
+
+    by_workload: dict[str, list[RunConfig]] = {}
+    for p in points:
+        by_workload.setdefault(p.workload.model_dump_json(), []).append(p)
+    estimates, predictions = [], []
+    for group in by_workload.values():
+        cfg = group[0]
+        echo(f"[kavg] theory: probing {cfg.workload.dataset}/{cfg.workload.model} ...")
+        est = estimate_constants(cfg)
+        estimates.append({"workload": cfg.workload.model_dump(mode="json"), **est.to_dict()})
+        for row in predict_for_config(cfg, est, sorted({p.P for p in group})):
+            predictions.append(
+                {"lr": cfg.workload.lr.initial, "batch_size": cfg.workload.batch_size, **row}
+            )
+            echo(f"[kavg] theory: P={row['P']} predicted K_opt {row['predicted_kopt']}")
+    return {"estimates": estimates, "predictions": predictions}
 
 
 def _history_row(report: dict) -> dict:
@@ -264,6 +286,10 @@ def run_sweep(
     connect(address)
     check_placement(todo_points)
     store.write_spec(sweep, spec_doc)
+    if todo_points[0].theory == "estimate" and (
+        resume is False or store.read_theory(sweep) is None
+    ):
+        store.write_theory(sweep, estimate_theory(points, echo))
     sweep_root = Path(storage, sweep).resolve()
     if not resume:
         # Ray Train resumes a run of the same name from its checkpoints: a fresh

@@ -178,7 +178,7 @@ def test_hier_avg_valid():
     cfg = parse_run(_hier())
     assert (cfg.S, cfg.K1, cfg.K2, cfg.P, cfg.K) == (4, 2, 8, 8, None)
     assert cfg.period == 8
-    assert cfg.trial_name() == "S4-K12-K28-P8-s0"
+    assert cfg.trial_name() == "S4-K1_2-K2_8-P8-s0"
     assert parse_run(_hier(S=8, K1=3, K2=3)).period == 3  # S == P and K2 == K1 are fine
 
 
@@ -300,7 +300,7 @@ def test_hier_avg_grid():
     spec = parse_sweep(
         {"algorithm": "hier_avg", "P": 4, "K1": 1, "grid": {"S": [1, 2, 4], "K2": [2, 4]}}
     )
-    assert _names(spec)[:3] == ["S1-K11-K22-P4-s0", "S1-K11-K24-P4-s0", "S2-K11-K22-P4-s0"]
+    assert _names(spec)[:3] == ["S1-K1_1-K2_2-P4-s0", "S1-K1_1-K2_4-P4-s0", "S2-K1_1-K2_2-P4-s0"]
     assert len(spec.points()) == 6
 
 
@@ -414,3 +414,38 @@ def test_read_yaml_refuses_bad_files(tmp_path, content, message):
 def test_read_yaml_missing_and_directory(tmp_path):
     assert _read_error(tmp_path / "none.yaml") == f"{tmp_path / 'none.yaml'}: no such file"
     assert _read_error(tmp_path) == f"{tmp_path}: not a regular file"
+
+
+def test_variants_mix_algorithms_in_one_sweep() -> None:
+    spec = load_sweep(ROOT / "sweeps" / "hier_vs_kavg.yaml")
+    names = [p.trial_name() for p in spec.points()]
+    assert names == [
+        "K8-P4-s0", "K8-P4-s1", "S2-K1_2-K2_8-P4-s0", "S2-K1_2-K2_8-P4-s1",
+        "K2-P4-s0", "K2-P4-s1",
+    ]  # fmt: skip
+    hier = spec.points()[2]
+    assert (hier.algorithm, hier.S, hier.K1, hier.K2, hier.K) == ("hier_avg", 2, 2, 8, None)
+    assert hier.period == 8 and spec.points()[0].period == 8
+
+
+@pytest.mark.parametrize(
+    ("variants", "message"),
+    [
+        ([], "variants: must be a non-empty list"),
+        ("kavg", "variants: must be a non-empty list"),
+        ([{"algorithm": "kavg", "K": 2}, {"algorithm": "kavg", "K": 2}], "same run"),
+        ([{"algorithm": "kavg", "P": 2}], "both in variants and in grid"),
+        ([{"algorithm": "hier_avg", "S": 3, "K1": 1, "K2": 2}], "does not divide"),
+    ],
+)
+def test_bad_variants(variants, message: str) -> None:
+    doc = {"variants": variants, "grid": {"P": [4], "seed": [0]}}
+    with pytest.raises(ConfigError, match=message):
+        parse_sweep(doc)
+
+
+def test_theory_estimate_key() -> None:
+    cfg = parse_run({"K": 2, "theory": "estimate"})
+    assert cfg.theory == "estimate"
+    with pytest.raises(ConfigError, match="theory"):
+        parse_run({"K": 2, "theory": "guess"})
