@@ -75,6 +75,7 @@ def test_sweep_tables_kopt_and_resume(tmp_path: Path) -> None:
         "workload": {**WORKLOAD, "epochs": 3},
         "grid": {"K": [1, 4], "P": [1, 2], "seed": [0]},
         "resources": {"cpus_per_worker": 0.5},
+        "theory": "estimate",
     }
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     out = kavg("sweep", "run", "spec.yaml", "--storage", "store", cwd=tmp_path)
@@ -99,6 +100,11 @@ def test_sweep_tables_kopt_and_resume(tmp_path: Path) -> None:
     assert kopt.returncode == 0, kopt.stderr
     rows = {r["P"]: r for r in json.loads(kopt.stdout)}
     assert set(rows) == {1, 2}
+    # The theory probe ran once for the workload and predicted a K_opt for each P.
+    theory = store.read_theory("grid2x2")
+    assert len(theory["estimates"]) == 1 and theory["estimates"][0]["L"] > 0
+    predicted = {p["P"]: p["predicted_kopt"] for p in theory["predictions"]}
+    assert {p: r["predicted_kopt"] for p, r in rows.items()} == predicted
     for p, r in rows.items():
         best = trials[trials["P"] == p].sort_values(
             ["final_test_acc", "K"], ascending=[False, True]
