@@ -2,8 +2,9 @@
 
 P gloo processes on 127.0.0.1 (one thread each) average a model repeatedly. For every
 (model, P) the methods are timed round-robin (one repetition of each in turn, so a burst of
-load from elsewhere hits all of them alike), with a ``dist.barrier()`` before every timed
-repetition; the table shows rank 0's median per method.
+load from elsewhere hits all of them alike; the order rotates every round), with a
+``dist.barrier()`` before every timed repetition; the tables show rank 0's median (and
+minimum) per method.
 
 Methods:
   ours      ``KAvgAverager.average()``: one all_reduce(SUM) of the flat buffer that holds
@@ -15,7 +16,7 @@ Methods:
             concatenates them into a fresh buffer, divides, all-reduces and re-points them.
   per-tensor one all_reduce + one div_ per parameter tensor (parameters only).
 
-Usage: python benchmarks/averaging.py [--reps 20] [--models resnet18,vgg16]
+Usage: python benchmarks/averaging.py [--reps 30] [--models resnet18,vgg16]
        [--world-sizes 2,4]
 """
 
@@ -110,9 +111,7 @@ def _methods(name: str, world: int) -> tuple[dict[str, Callable[[], None]], dict
     return methods, nbytes
 
 
-def _worker(
-    rank: int, world: int, port: int, models: list[str], reps: int, out_path: str
-) -> None:
+def _worker(rank: int, world: int, port: int, models: list[str], reps: int, out_path: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -121,7 +120,8 @@ def _worker(
         methods, nbytes = _methods(name, world)
         times: dict[str, list[float]] = {m: [] for m in METHODS}
         for rep in range(WARMUP + reps):
-            for method in METHODS:
+            shift = rep % len(METHODS)  # rotate the order: no method always runs first
+            for method in METHODS[shift:] + METHODS[:shift]:
                 dist.barrier()
                 t0 = time.perf_counter()
                 methods[method]()
@@ -133,6 +133,7 @@ def _worker(
                 "model": name,
                 "P": world,
                 "median_ms": {m: 1000 * statistics.median(times[m]) for m in METHODS},
+                "min_ms": {m: 1000 * min(times[m]) for m in METHODS},
                 "nbytes": nbytes,
             }
         )
@@ -158,14 +159,14 @@ def run(models: list[str], world_sizes: list[int], reps: int) -> list[dict]:
     return rows
 
 
-def format_table(rows: list[dict]) -> str:
+def format_table(rows: list[dict], stat: str = "median_ms") -> str:
     head = (
         "| model | P | MB ours | MB torch | ours | floor | allreduce | torch | per-tensor "
         "| ours/floor | ours/torch |"
     )
     lines = [head, "|" + " --- |" * 11]
     for r in rows:
-        ms = r["median_ms"]
+        ms = r[stat]
         lines.append(
             f"| {r['model']} | {r['P']} | {r['nbytes']['ours'] / 1e6:.3f} "
             f"| {r['nbytes']['torch'] / 1e6:.3f} | "
@@ -177,7 +178,7 @@ def format_table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=20, help="timed repetitions per method")
+    parser.add_argument("--reps", type=int, default=30, help="timed repetitions per method")
     parser.add_argument("--models", default="resnet18,vgg16", help="comma-separated models")
     parser.add_argument("--world-sizes", default="2,4", help="comma-separated values of P")
     args = parser.parse_args(argv)
@@ -188,22 +189,27 @@ def main(argv: list[str] | None = None) -> int:
 
     print(
         f"# averaging: gloo on 127.0.0.1, 1 thread per process, {WARMUP} warm-up + "
-        f"{args.reps} timed reps per method (round-robin, barrier before each), "
-        f"median of rank 0, in ms"
+        f"{args.reps} timed reps per method (rotating round-robin, barrier before each), "
+        f"rank 0's times"
     )
     print(
         f"# torch {torch.__version__}, python {platform.python_version()}, "
-        f"{os.cpu_count()} CPUs"
+        f"{os.cpu_count()} CPUs, load average at start {os.getloadavg()[0]:.2f}"
     )
     start = time.perf_counter()
     rows = run(models, worlds, args.reps)
-    print(format_table(rows))
+    print("## median ms per average")
+    print(format_table(rows, "median_ms"))
+    print("## best (minimum) ms per average, for reference on a shared machine")
+    print(format_table(rows, "min_ms"))
     print(
         "# ours/floor/allreduce move every parameter + floating buffer (BatchNorm running "
         "mean/var) in one flat buffer (MB ours);\n"
         "# torch (PeriodicModelAverager) and per-tensor move parameters only (MB torch)."
     )
-    print(f"# total {time.perf_counter() - start:.0f} s")
+    print(
+        f"# total {time.perf_counter() - start:.0f} s, load average at end {os.getloadavg()[0]:.2f}"
+    )
     return 0
 
 
