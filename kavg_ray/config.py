@@ -26,7 +26,9 @@ from pydantic import (
 
 DATASETS = ("digits", "synthetic", "cifar10")
 MODELS = ("linear", "mlp", "cnn", "vgg16", "nin", "resnet18")
-ALGORITHMS = ("kavg", "hier_avg")
+ALGORITHMS = ("kavg", "hier_avg", "downpour", "eamsgd")
+# The asynchronous parameter-server baselines (kavg_ray.asgd) and their own keys.
+ASGD_KEYS = {"downpour": ("fetch_period", "push_period"), "eamsgd": ("tau", "beta")}
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 # Keys a sweep's grid may vary, and where each lives in a run config.
 GRID_KEYS = {
@@ -36,6 +38,10 @@ GRID_KEYS = {
     "S": ("S",),
     "K1": ("K1",),
     "K2": ("K2",),
+    "fetch_period": ("fetch_period",),
+    "push_period": ("push_period",),
+    "tau": ("tau",),
+    "beta": ("beta",),
     "lr": ("workload", "lr", "initial"),
     "batch_size": ("workload", "batch_size"),
     "epochs": ("workload", "epochs"),
@@ -43,7 +49,7 @@ GRID_KEYS = {
 }
 # Swept keys that the trial name ``K4-P2-s0`` does not already show; a grid over them
 # appends ``-lr0.05``, ``-batch_size32`` ... so that every grid point has its own name.
-CORE_KEYS = ("K", "P", "seed", "S", "K1", "K2")
+CORE_KEYS = ("K", "P", "seed", "S", "K1", "K2", "fetch_period", "push_period", "tau", "beta")
 MAX_GRID_POINTS = 10_000
 MAX_FILE_BYTES = 1_000_000
 MAX_MESSAGE_CHARS = 1_000
@@ -184,7 +190,7 @@ class RunConfig(_Strict):
 
     name: str = "run"
     workload: WorkloadConfig = WorkloadConfig()
-    algorithm: Literal["kavg", "hier_avg"] = "kavg"
+    algorithm: Literal["kavg", "hier_avg", "downpour", "eamsgd"] = "kavg"
     backend: Literal["ray"] = "ray"
     K: Int | None = Field(default=None, ge=1, le=1_000_000)
     P: Int = Field(default=1, ge=1, le=4096)
@@ -193,6 +199,17 @@ class RunConfig(_Strict):
     S: Int | None = Field(default=None, ge=1, le=4096, description="Hier-AVG group size")
     K1: Int | None = Field(default=None, ge=1, le=1_000_000, description="Hier-AVG local period")
     K2: Int | None = Field(default=None, ge=1, le=1_000_000, description="Hier-AVG global period")
+    # Downpour and EAMSGD (kavg_ray.asgd); alpha = beta / P is EAMSGD's moving rate.
+    fetch_period: Int | None = Field(
+        default=None, ge=1, le=1_000_000, description="Downpour: pull the center every N steps"
+    )
+    push_period: Int | None = Field(
+        default=None, ge=1, le=1_000_000, description="Downpour: push the update every N steps"
+    )
+    tau: Int | None = Field(
+        default=None, ge=1, le=1_000_000, description="EAMSGD: exchange every tau steps"
+    )
+    beta: Float | None = Field(default=None, gt=0, description="EAMSGD: alpha = beta / P")
     resources: ResourcesConfig = ResourcesConfig()
     failure: FailureConfig = FailureConfig()
     target_accuracy: Float | None = Field(default=None, gt=0, le=1)
@@ -206,6 +223,13 @@ class RunConfig(_Strict):
     def _check(self) -> RunConfig:
         if not NAME_RE.match(self.name) or self.name in (".", ".."):
             raise ValueError(f"name '{self.name}' may only hold letters, digits, '.', '_' and '-'")
+        if self.algorithm in ASGD_KEYS:
+            return self._check_asgd()
+        given = [k for keys in ASGD_KEYS.values() for k in keys if getattr(self, k) is not None]
+        if given:
+            raise ValueError(
+                f"{', '.join(given)} belong to algorithms downpour/eamsgd, not {self.algorithm}"
+            )
         if self.algorithm == "kavg":
             if self.K is None:
                 raise ValueError("algorithm kavg needs K")
@@ -227,9 +251,39 @@ class RunConfig(_Strict):
                 raise ValueError(f"K2={self.K2} is not a multiple of K1={self.K1}")
         return self
 
+    def _check_asgd(self) -> RunConfig:
+        own = ASGD_KEYS[self.algorithm]
+        foreign = [k for k in ("K", "S", "K1", "K2") if getattr(self, k) is not None]
+        foreign += [
+            k for keys in ASGD_KEYS.values() for k in keys
+            if k not in own and getattr(self, k) is not None
+        ]  # fmt: skip
+        if foreign:
+            raise ValueError(
+                f"algorithm {self.algorithm} takes {' and '.join(own)}, not {', '.join(foreign)}"
+            )
+        missing = [k for k in own if getattr(self, k) is None]
+        if missing:
+            raise ValueError(
+                f"algorithm {self.algorithm} needs {' and '.join(own)} "
+                f"(missing: {', '.join(missing)})"
+            )
+        if self.algorithm == "eamsgd" and self.beta / self.P >= 1:
+            raise ValueError(
+                f"EAMSGD moving rate alpha = beta / P = {self.beta}/{self.P} must be below 1"
+            )
+        if self.backend != "ray":
+            raise ValueError(f"algorithm {self.algorithm} needs backend ray (a parameter server)")
+        return self
+
     @property
     def period(self) -> int:
-        """The global averaging period: K, or K2 for Hier-AVG."""
+        """The communication period: K, K2 for Hier-AVG, push_period for Downpour, tau for
+        EAMSGD (the steps between two updates a learner makes to the shared model)."""
+        if self.algorithm == "downpour":
+            return self.push_period
+        if self.algorithm == "eamsgd":
+            return self.tau
         return self.K if self.algorithm == "kavg" else self.K2
 
     def trial_name(self, extra: Mapping[str, Any] | None = None) -> str:
@@ -241,6 +295,10 @@ class RunConfig(_Strict):
         """
         if self.algorithm == "kavg":
             head = f"K{self.K}-P{self.P}"
+        elif self.algorithm == "downpour":
+            head = f"downpour-f{self.fetch_period}-p{self.push_period}-P{self.P}"
+        elif self.algorithm == "eamsgd":
+            head = f"eamsgd-t{self.tau}-b{_name_value(self.beta)}-P{self.P}"
         else:
             head = f"S{self.S}-K1_{self.K1}-K2_{self.K2}-P{self.P}"
         if extra is None:

@@ -49,20 +49,37 @@ def train_loop_per_worker(config: dict) -> None:
                 checkpoint_dir_name=f"epoch-{metrics['epoch']:06d}",
             )
 
-    run_training(cfg, rank, world, device, report, resume=resume)
+    if cfg.algorithm in ("downpour", "eamsgd"):
+        # The asynchronous baselines talk to the parameter-server actor of this run.
+        from kavg_ray.asgd import run_downpour, run_eamsgd
+
+        loop = run_downpour if cfg.algorithm == "downpour" else run_eamsgd
+        loop(cfg, rank, world, device, report, config["server"], resume=resume)
+    else:
+        run_training(cfg, rank, world, device, report, resume=resume)
 
 
 def make_trainer(
-    cfg: RunConfig, storage_path: str, name: str, callbacks: list | None = None
+    cfg: RunConfig,
+    storage_path: str,
+    name: str,
+    callbacks: list | None = None,
+    server: object | None = None,
 ) -> TorchTrainer:
-    """A TorchTrainer running `cfg` on P workers, NCCL on GPUs and gloo otherwise."""
+    """A TorchTrainer running `cfg` on P workers, NCCL on GPUs and gloo otherwise.
+
+    ``server``: the ParameterServer actor handle (kavg_ray.asgd) of a downpour/eamsgd run.
+    """
     res = cfg.resources
     per_worker = {"CPU": res.cpus_per_worker}
     if res.use_gpu:
         per_worker["GPU"] = res.gpus_per_worker
+    loop_config: dict = {"run": cfg.model_dump(mode="json")}
+    if server is not None:
+        loop_config["server"] = server
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"run": cfg.model_dump(mode="json")},
+        train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=cfg.P, use_gpu=res.use_gpu, resources_per_worker=per_worker

@@ -23,6 +23,7 @@ HISTORY_KEYS = (
     "epoch", "samples", "rounds", "train_loss", "test_loss", "test_acc", "lr",
     "compute_time_s", "comm_time_s", "bytes_communicated", "wall_time_s",
     "local_reductions", "global_reductions", "local_comm_time_s", "global_comm_time_s",
+    "staleness_mean", "staleness_max", "pushes", "applied",
 )  # fmt: skip
 
 
@@ -73,6 +74,14 @@ def trial_row(
     row["global_reductions"] = last.get("global_reductions", row["rounds"])
     row["local_comm_time_s"] = last.get("local_comm_time_s", 0.0)
     row["global_comm_time_s"] = last.get("global_comm_time_s", row["comm_time_s"])
+    if cfg.algorithm in ("downpour", "eamsgd"):
+        # Parameter-server runs: staleness (mean of the per-epoch means, overall max).
+        means = [h["staleness_mean"] for h in history if _finite(h.get("staleness_mean"))]
+        maxes = [h["staleness_max"] for h in history if _finite(h.get("staleness_max"))]
+        row["staleness_mean"] = sum(means) / len(means) if means else math.nan
+        row["staleness_max"] = max(maxes) if maxes else math.nan
+        row["pushes"] = last.get("pushes", 0)
+        row["applied"] = last.get("applied", 0)
     return row
 
 
@@ -121,10 +130,23 @@ def _trial_fn(config: dict) -> None:
 
     trial = config["trial"]
     cfg = RunConfig.model_validate(trial["run"])
-    trainer = make_trainer(
-        cfg, trial["train_storage"], trial["trial_id"], callbacks=[TuneReportCallback()]
-    )
-    trainer.fit()
+    server = None
+    if cfg.algorithm in ("downpour", "eamsgd"):
+        # Downpour/EAMSGD: the trial owns a parameter-server actor for its learners.
+        from kavg_ray.asgd import start_server
+
+        server = start_server(cfg)
+    try:
+        trainer = make_trainer(
+            cfg, trial["train_storage"], trial["trial_id"], callbacks=[TuneReportCallback()],
+            server=server,
+        )  # fmt: skip
+        trainer.fit()
+    finally:
+        if server is not None:
+            import ray
+
+            ray.kill(server)
 
 
 def _make_callback(

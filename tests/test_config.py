@@ -154,7 +154,7 @@ def test_lr_written_with_exponent_is_a_number():
         ({"K": 0}, "config: K: Input should be greater than or equal to 1"),
         ({"K": 1, "seed": -1}, "config: seed: Input should be greater than or equal to 0"),
         ({"K": 1, "resources": {"use_gpu": "yes"}}, "config: resources.use_gpu: Input"),
-        ({"K": 1, "algorithm": "downpour"}, "config: algorithm: Input should be 'kavg'"),
+        ({"K": 1, "algorithm": "hogwild"}, "config: algorithm: Input should be 'kavg'"),
         ({"K": 1, "workload": {"model": "alexnet"}}, "config: workload.model: Input should be"),
         ({"K": 1, "workload": {"dataset": "mnist"}}, "config: workload.dataset: Input should"),
         ({"K": 1, "Kk": 2}, "config: Kk: unknown key"),
