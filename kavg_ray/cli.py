@@ -173,7 +173,8 @@ def results_show(sweep_name: str, storage: str | None, fmt: str) -> None:
         cols = ["trial_id", "algorithm", "backend", "P", "K", "S", "K1", "K2", "seed",
                 "status", "final_test_acc", "best_test_acc", "time_to_target_s",
                 "wall_time_s", "global_reductions", "local_reductions", "comm_time_s",
-                "global_comm_time_s", "local_comm_time_s"]  # fmt: skip
+                "global_comm_time_s", "local_comm_time_s", "staleness_mean",
+                "staleness_max", "pushes", "applied"]  # fmt: skip
         df = df[[c for c in cols if c in df.columns and df[c].notna().any()]]
     click.echo(results.format_frame(df, fmt))
 
