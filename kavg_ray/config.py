@@ -179,10 +179,27 @@ class ResourcesConfig(_Strict):
     max_concurrent_trials: Int | None = Field(default=None, ge=1)
 
 
+class FaultInjection(_Strict):
+    """A test fault: kill learner ``rank`` once, at the end of epoch ``epoch``."""
+
+    rank: Int = Field(ge=0, description="the learner (world rank) to kill; below P")
+    epoch: Int = Field(ge=1, description="the 1-based epoch it dies in; at most workload.epochs")
+
+
 class FailureConfig(_Strict):
-    """Fault tolerance of one run."""
+    """Fault tolerance of one run.
+
+    ``inject: {rank: R, epoch: E}`` is for testing recovery: learner R kills its own
+    process (SIGKILL) after it has trained epoch E, before it reports that epoch, once per
+    trial (a marker file in the trial's Ray Train storage stops the restarted worker group
+    from dying again). With ``max_failures >= 1`` the run resumes from the epoch E - 1
+    checkpoint and must end as if nothing had happened; with 0 the trial fails.
+    """
 
     max_failures: Int = Field(default=0, ge=-1, description="worker-group restarts; -1: forever")
+    inject: FaultInjection | None = Field(
+        default=None, description="test only: kill one learner once, e.g. {rank: 1, epoch: 2}"
+    )
 
 
 class RunConfig(_Strict):
@@ -191,7 +208,10 @@ class RunConfig(_Strict):
     name: str = "run"
     workload: WorkloadConfig = WorkloadConfig()
     algorithm: Literal["kavg", "hier_avg", "downpour", "eamsgd"] = "kavg"
-    backend: Literal["ray"] = "ray"
+    backend: Literal["ray", "simulated"] = Field(
+        default="ray",
+        description="ray: P Ray Train workers; simulated: all P learners stacked in one process",
+    )
     K: Int | None = Field(default=None, ge=1, le=1_000_000)
     P: Int = Field(default=1, ge=1, le=4096)
     # The workers seed torch with seed * 1_000_003 + rank: keep that within 64 bits.
@@ -223,6 +243,12 @@ class RunConfig(_Strict):
     def _check(self) -> RunConfig:
         if not NAME_RE.match(self.name) or self.name in (".", ".."):
             raise ValueError(f"name '{self.name}' may only hold letters, digits, '.', '_' and '-'")
+        inject = self.failure.inject
+        if inject is not None and (inject.rank >= self.P or inject.epoch > self.workload.epochs):
+            raise ValueError(
+                f"failure.inject: rank {inject.rank} must be below P={self.P} and epoch "
+                f"{inject.epoch} at most workload.epochs={self.workload.epochs}"
+            )
         if self.algorithm in ASGD_KEYS:
             return self._check_asgd()
         given = [k for keys in ASGD_KEYS.values() for k in keys if getattr(self, k) is not None]
@@ -277,6 +303,11 @@ class RunConfig(_Strict):
         return self
 
     @property
+    def workers(self) -> int:
+        """Ray Train workers this run needs: P, or one for the simulated backend."""
+        return 1 if self.backend == "simulated" else self.P
+
+    @property
     def period(self) -> int:
         """The communication period: K, K2 for Hier-AVG, push_period for Downpour, tau for
         EAMSGD (the steps between two updates a learner makes to the shared model)."""
@@ -304,6 +335,8 @@ class RunConfig(_Strict):
         if extra is None:
             extra = {key: self.grid_value(key) for key in self._name_extra}
         tail = "".join(f"-{key}{_name_value(value)}" for key, value in extra.items())
+        if self.backend == "simulated":
+            tail += "-sim"
         return f"{head}-s{self.seed}{tail}"
 
     def grid_value(self, key: str) -> Any:

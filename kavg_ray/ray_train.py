@@ -9,9 +9,11 @@ between averages.
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
 from pathlib import Path
 
+import pyarrow.fs
 import ray.train
 import torch
 from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
@@ -21,6 +23,36 @@ from kavg_ray.config import RunConfig
 from kavg_ray.worker import run_training
 
 STATE_FILE = "learner-{rank}.pt"
+# Beside the run's checkpoints: the fault of `failure.inject` has been injected already.
+FAULT_MARKER = "fault-injected-rank{rank}-epoch{epoch}"
+
+
+def _inject_fault(cfg: RunConfig, rank: int, epoch: int) -> None:
+    """`failure.inject`: SIGKILL this learner at the end of the chosen epoch, once per run.
+
+    The learner first waits until Ray Train has committed every earlier report, so the
+    restart resumes from the epoch ``epoch - 1`` checkpoint (a report waits in the worker's
+    queue until the controller polls it; a worker dying before that poll takes the
+    previous epoch's checkpoint with it, and the run would restart from scratch). The
+    marker is written (and closed) before the kill, in the run's Ray Train storage (the
+    directory of its checkpoints), so the restarted worker group trains through that
+    epoch again without dying.
+    """
+    inject = cfg.failure.inject
+    if inject is None or inject.rank != rank or inject.epoch != epoch:
+        return
+    storage = ray.train.get_context().get_storage()
+    fs = storage.storage_filesystem
+    marker = Path(storage.experiment_fs_path, FAULT_MARKER.format(rank=rank, epoch=epoch))
+    if fs.get_file_info(marker.as_posix()).type != pyarrow.fs.FileType.NotFound:
+        return
+    ray.train.get_all_reported_checkpoints(
+        consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=300
+    )
+    fs.create_dir(marker.parent.as_posix())
+    with fs.open_output_stream(marker.as_posix()) as f:
+        f.write(f"pid {os.getpid()}\n".encode())
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -38,6 +70,8 @@ def train_loop_per_worker(config: dict) -> None:
             resume = torch.load(Path(d) / STATE_FILE.format(rank=rank), weights_only=False)
 
     def report(metrics: dict, state: dict | None) -> None:
+        if state is not None:  # a trained epoch (None: a replay of finished ones)
+            _inject_fault(cfg, rank, metrics["epoch"])
         if state is None:
             ray.train.report(metrics)
             return
@@ -55,6 +89,11 @@ def train_loop_per_worker(config: dict) -> None:
 
         loop = run_downpour if cfg.algorithm == "downpour" else run_eamsgd
         loop(cfg, rank, world, device, report, config["server"], resume=resume)
+    elif cfg.backend == "simulated":
+        # All P learners stacked in this one worker (kavg_ray.simulated).
+        from kavg_ray.simulated import run_simulated
+
+        run_simulated(cfg, device, report, resume=resume)
     else:
         run_training(cfg, rank, world, device, report, resume=resume)
 
@@ -82,7 +121,7 @@ def make_trainer(
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
-            num_workers=cfg.P, use_gpu=res.use_gpu, resources_per_worker=per_worker
+            num_workers=cfg.workers, use_gpu=res.use_gpu, resources_per_worker=per_worker
         ),
         run_config=ray.train.RunConfig(
             name=name,

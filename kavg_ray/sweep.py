@@ -244,13 +244,13 @@ def check_placement(points: list[RunConfig], total: dict[str, float] | None = No
         total = ray.cluster_resources()
     for cfg in points:
         res = cfg.resources
-        need_cpu = cfg.P * res.cpus_per_worker
+        need_cpu = cfg.workers * res.cpus_per_worker
         if need_cpu > total.get("CPU", 0) + 1e-9:
             raise SweepError(
-                f"trial {cfg.trial_name()} needs {need_cpu:g} CPUs (P={cfg.P} x "
+                f"trial {cfg.trial_name()} needs {need_cpu:g} CPUs ({cfg.workers} workers x "
                 f"{res.cpus_per_worker:g}) but the cluster has {total.get('CPU', 0):g}"
             )
-        need_gpu = cfg.P * res.gpus_per_worker if res.use_gpu else 0
+        need_gpu = cfg.workers * res.gpus_per_worker if res.use_gpu else 0
         if need_gpu > total.get("GPU", 0) + 1e-9:
             raise SweepError(
                 f"trial {cfg.trial_name()} needs {need_gpu:g} GPUs but the cluster has "
@@ -258,12 +258,28 @@ def check_placement(points: list[RunConfig], total: dict[str, float] | None = No
             )
 
 
+def check_simulated_memory(points: list[RunConfig]) -> None:
+    """Refuse, before starting, a simulated trial whose stacked learners cannot fit."""
+    sim = [p for p in points if p.backend == "simulated" and not p.resources.use_gpu]
+    if not sim:
+        return
+    import torch
+
+    from kavg_ray.simulated import check_memory
+
+    for cfg in sim:
+        try:
+            check_memory(cfg, torch.device("cpu"))
+        except ValueError as exc:
+            raise SweepError(f"trial {cfg.trial_name()}: {exc}") from None
+
+
 def default_concurrency(points: list[RunConfig]) -> int:
     """As many trials at once as the cluster's CPUs hold of the largest trial."""
     import ray
 
     cpus = ray.cluster_resources().get("CPU", 1)
-    largest = max(p.P * p.resources.cpus_per_worker for p in points)
+    largest = max(p.workers * p.resources.cpus_per_worker for p in points)
     return max(1, int(cpus // largest))
 
 
@@ -301,6 +317,7 @@ def run_sweep(
     todo_points = [by_id[t] for t in todo]
     if address is None and todo:
         check_placement(todo_points, local_resources(todo_points))
+    check_simulated_memory(todo_points)
     if resume:
         echo(f"[kavg] resume {sweep}: {len(by_id) - len(todo)} finished, {len(todo)} to run")
     if not todo:

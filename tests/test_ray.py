@@ -128,3 +128,35 @@ def test_sweep_tables_kopt_and_resume(tmp_path: Path) -> None:
     # Same seeds, same data order: the rerun trials reproduce their first results.
     merged = pd.merge(final, trials, on="trial_id", suffixes=("", "_first"))
     assert (merged["final_test_acc"] == merged["final_test_acc_first"]).all()
+
+
+def test_simulated_and_real_backends_in_one_sweep(tmp_path: Path) -> None:
+    """One grid point on both backends: same schema, same numbers, K_opt per backend."""
+    spec = {
+        "name": "mixed",
+        "workload": {**WORKLOAD, "epochs": 2},
+        "variants": [{"backend": "simulated"}, {"backend": "ray"}],
+        "grid": {"K": [4], "P": [2], "seed": [0]},
+        "resources": {"cpus_per_worker": 0.5},
+    }
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    out = kavg("sweep", "run", "spec.yaml", "--storage", "store", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    store = ResultsStore(tmp_path / "store")
+    trials = store.read_trials("mixed").set_index("trial_id")
+    assert sorted(trials.index) == ["K4-P2-s0", "K4-P2-s0-sim"]
+    sim, real = trials.loc["K4-P2-s0-sim"], trials.loc["K4-P2-s0"]
+    assert (sim["backend"], real["backend"]) == ("simulated", "ray")
+    assert sim["status"] == real["status"] == "completed"
+    # Same arithmetic: the stacked learners reproduce the real ones.
+    assert sim["final_test_acc"] == real["final_test_acc"]
+    assert abs(sim["final_test_loss"] - real["final_test_loss"]) < 1e-5
+    assert (sim["rounds"], sim["samples"]) == (real["rounds"], real["samples"])
+    assert sim["bytes_communicated"] == 0 and real["bytes_communicated"] > 0
+    history = store.read_history("mixed")
+    assert sorted(zip(history["trial_id"], history["epoch"], strict=True)) == [
+        ("K4-P2-s0", 1), ("K4-P2-s0", 2), ("K4-P2-s0-sim", 1), ("K4-P2-s0-sim", 2),
+    ]  # fmt: skip
+    kopt = kavg("results", "kopt", "mixed", "--storage", "store", "--format", "json", cwd=tmp_path)
+    rows = json.loads(kopt.stdout)
+    assert sorted(r["backend"] for r in rows) == ["ray", "simulated"]
