@@ -222,8 +222,16 @@ def connect(address: str | None) -> None:
     runtime_env = {"env_vars": env}
     if address:
         ray.init(address=address, runtime_env=runtime_env)
-    else:
-        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=runtime_env)
+        return
+    for attempt in range(3):
+        try:
+            ray.init(include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=runtime_env)
+            return
+        except Exception as exc:
+            # Ray gives a new local node 30 s to register; a loaded machine can miss that.
+            if "timed out during startup" not in str(exc) or attempt == 2:
+                raise
+            ray.shutdown()
 
 
 def local_resources(points: list[RunConfig]) -> dict[str, float]:
