@@ -249,6 +249,8 @@ class RunConfig(_Strict):
                 f"failure.inject: rank {inject.rank} must be below P={self.P} and epoch "
                 f"{inject.epoch} at most workload.epochs={self.workload.epochs}"
             )
+        if inject is not None and self.backend != "ray":
+            raise ValueError("failure.inject kills a Ray Train worker: it needs backend ray")
         if self.algorithm in ASGD_KEYS:
             return self._check_asgd()
         given = [k for keys in ASGD_KEYS.values() for k in keys if getattr(self, k) is not None]

@@ -1,0 +1,363 @@
+"""Failures survived with nothing lost (real Ray, through the CLI).
+
+- a learner killed by the config's fault injection (`failure.inject`) resumes from the
+  previous epoch's checkpoint and ends bit-identical to a run without a fault;
+- a learner's process SIGKILLed from outside (found through Ray's state API on a head
+  this test starts) is restarted the same way;
+- a sweep driver SIGKILLed mid-sweep leaves its finished trials, takes its local Ray
+  down with it, and `--resume` runs only the missing trials;
+- a 40-trial sweep (sweeps/load.yaml) completes with every row.
+
+Every Ray here runs under its own short RAY_TMPDIR, so its processes can be told apart
+from other Ray clusters on the machine (and nothing else is ever killed). The reference
+runs without a fault are the same worker loop on gloo in spawned processes (no Ray).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from kavg_ray.config import RunConfig
+from kavg_ray.results import ResultsStore
+from kavg_ray.worker import run_training
+
+from .distributed import run_distributed
+
+pytestmark = pytest.mark.ray
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKLOAD = {"dataset": "digits", "model": "mlp", "batch_size": 16, "lr": {"initial": 0.1}}
+# Every metric of a report that the trajectory determines (wall clock excluded).
+TRAJECTORY = ("epoch", "samples", "rounds", "train_loss", "test_loss", "test_acc")
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture
+def ray_tmp() -> Iterator[Path]:
+    """A short RAY_TMPDIR of this test's own (unix socket paths must stay short)."""
+    d = Path(tempfile.mkdtemp(prefix="kr", dir="/tmp"))
+    yield d
+    deadline = time.monotonic() + 60  # a driver's Ray takes a moment to wind down
+    while (leftovers := _ray_pids(d)) and time.monotonic() < deadline:
+        time.sleep(1)
+    for pid in leftovers:  # only processes of this test's own Ray
+        _kill(pid)
+    shutil.rmtree(d, ignore_errors=True)
+    assert not leftovers, f"processes of this test's Ray outlived it: {leftovers}"
+
+
+def _env(ray_tmp: Path, **extra: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "RAY_DEDUP_LOGS": "0",
+        "PYTHONUNBUFFERED": "1",
+        "RAY_TMPDIR": str(ray_tmp),
+        **extra,
+    }
+
+
+def _kavg(*args: str, cwd: Path, env: dict, **popen) -> subprocess.Popen:
+    """Start `kavg ARGS` with stdout and stderr going to files in cwd."""
+    with open(cwd / "stdout.txt", "a") as out, open(cwd / "stderr.txt", "a") as err:
+        return subprocess.Popen(
+            [sys.executable, "-m", "kavg_ray.cli", *args],
+            cwd=cwd, env=env, stdout=out, stderr=err, text=True, **popen,
+        )  # fmt: skip
+
+
+def _wait(proc: subprocess.Popen, cwd: Path, timeout: float = 600) -> tuple[int, str, str]:
+    rc = proc.wait(timeout=timeout)
+    return rc, (cwd / "stdout.txt").read_text(), (cwd / "stderr.txt").read_text()
+
+
+def _ray_pids(ray_tmp: Path) -> list[int]:
+    """PIDs of processes that belong to the Ray under ``ray_tmp`` (its path in their
+    command line or environment: Ray workers retitle themselves, but keep the env)."""
+    mark = str(ray_tmp).encode()
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            if (d / "stat").read_text().split(") ")[-1].startswith("Z"):
+                continue  # a zombie is dead already
+            if mark in (d / "cmdline").read_bytes() or mark in (d / "environ").read_bytes():
+                pids.append(int(d.name))
+        except OSError:  # gone, or not ours to read
+            continue
+    return pids
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _wait_until(predicate, timeout: float, what: str, poll: float = 0.5):  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _reference_rank(rank: int, world: int, doc: dict, out: str) -> None:
+    cfg = RunConfig.model_validate(doc)
+    reports: list[dict] = []
+    run_training(cfg, rank, world, torch.device("cpu"), lambda m, s: reports.append(m))
+    if rank == 0:
+        Path(out).write_text(json.dumps(reports))
+
+
+class Reference(threading.Thread):
+    """The run of ``doc`` without any fault: gloo, one torch thread per learner (as the
+    Ray workers), in the background while the Ray run goes on."""
+
+    def __init__(self, doc: dict, out: Path) -> None:
+        super().__init__(daemon=True)
+        doc = {k: v for k, v in doc.items() if k != "failure"}
+        self.doc, self.out, self.error = doc, out, None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            run_distributed(_reference_rank, self.doc["P"], self.doc, str(self.out))
+        except BaseException as exc:  # reported by reports()
+            self.error = exc
+
+    def reports(self) -> list[dict]:
+        self.join(timeout=600)
+        assert self.error is None, self.error
+        return json.loads(self.out.read_text())
+
+
+def _tune_results(storage: Path, sweep: str, trial: str) -> list[dict]:
+    """Every result Tune received for ``trial`` (its result.json, one line per report)."""
+    (path,) = (storage / sweep / "ray").glob(f"tune-*/{trial}/result.json")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _assert_same_trajectory(history, reference: list[dict]) -> None:  # noqa: ANN001
+    got = history[list(TRAJECTORY)].to_dict("records")
+    want = [{k: r[k] for k in TRAJECTORY} for r in reference]
+    # Resumed from every learner's own state (model, momentum, averager counters, RNG)
+    # with the same data order: the trajectory is the uninterrupted one, bit for bit.
+    assert got == want
+
+
+# ---------------------------------------------------------------------------- tests
+
+
+def test_injected_fault_resumes_from_checkpoint_exactly(tmp_path: Path, ray_tmp: Path) -> None:
+    config = {
+        "name": "fault",
+        "workload": {**WORKLOAD, "epochs": 4},
+        "K": 4,
+        "P": 2,
+        "resources": {"cpus_per_worker": 0.5},
+        "failure": {"max_failures": 1, "inject": {"rank": 1, "epoch": 2}},
+    }
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    proc = _kavg("train", "run.yaml", "--storage", "store", cwd=tmp_path, env=_env(ray_tmp))
+    reference = Reference(config, tmp_path / "reference.json")
+    rc, out, err = _wait(proc, tmp_path)
+    assert rc == 0, err[-3000:]
+
+    # Rank 1 died once (the marker stops the restarted group from dying again) ...
+    train_dir = tmp_path / "store" / "fault" / "ray" / "train" / "K4-P2-s0"
+    assert (train_dir / "fault-injected-rank1-epoch2").is_file()
+    assert "[FailurePolicy] RETRY" in err
+    # ... and the restarted group began at epoch 2 from the epoch-1 checkpoint: its first
+    # report carries the epochs before the checkpoint (history_before).
+    results = _tune_results(tmp_path / "store", "fault", "K4-P2-s0")
+    resumed = [r for r in results if r.get("history_before")]
+    assert [(r["epoch"], [h["epoch"] for h in r["history_before"]]) for r in resumed] == [(2, [1])]
+
+    store = ResultsStore(tmp_path / "store")
+    (row,) = store.read_trials("fault").to_dict("records")
+    assert row["status"] == "completed"
+    history = store.read_history("fault")
+    assert history["epoch"].tolist() == [1, 2, 3, 4]
+    ref = reference.reports()
+    _assert_same_trajectory(history, ref)
+    assert row["final_test_acc"] == ref[-1]["test_acc"]
+
+
+def test_learner_killed_from_outside_is_restarted(tmp_path: Path, ray_tmp: Path) -> None:
+    epochs = 60
+    config = {
+        "name": "killed",
+        "workload": {**WORKLOAD, "epochs": epochs},
+        "K": 4,
+        "P": 2,
+        "resources": {"cpus_per_worker": 0.5},
+        "failure": {"max_failures": 1},
+    }
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    port = _free_port()
+    ports = {
+        "--port": port, "--dashboard-port": _free_port(),
+        "--ray-client-server-port": _free_port(), "--dashboard-agent-listen-port": _free_port(),
+        "--runtime-env-agent-port": _free_port(), "--metrics-export-port": _free_port(),
+    }  # fmt: skip
+    env = _env(ray_tmp, RAY_AUTH_MODE="token")
+    head_log = tmp_path / "head.txt"
+    with head_log.open("w") as log:
+        head = subprocess.Popen(
+            [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
+             "--dashboard-host=127.0.0.1", "--num-cpus=2", f"--temp-dir={ray_tmp}",
+             *(f"{k}={v}" for k, v in ports.items())],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        _wait_until(
+            lambda: "Ray runtime started" in head_log.read_text() or head.poll() is not None,
+            180, "the Ray head",
+        )  # fmt: skip
+        assert head.poll() is None, head_log.read_text()[-3000:]
+        address = f"127.0.0.1:{port}"
+        proc = _kavg(
+            "train", "run.yaml", "--storage", "store", "--address", address,
+            cwd=tmp_path, env=env,
+        )  # fmt: skip
+        reference = Reference(config, tmp_path / "reference.json")
+        query = (
+            "import json, sys\n"
+            "from ray.util.state import list_actors\n"
+            "actors = list_actors(address=sys.argv[1], filters=[('class_name', '=', "
+            "'RayTrainWorker'), ('state', '=', 'ALIVE')], raise_on_missing_output=False)\n"
+            "print(json.dumps(sorted(a.pid for a in actors)))\n"
+        )
+
+        def learner_pids() -> list[int] | None:
+            if proc.poll() is not None:
+                raise AssertionError((tmp_path / "stderr.txt").read_text()[-3000:])
+            q = subprocess.run(
+                [sys.executable, "-c", query, address],
+                env=env, capture_output=True, text=True, timeout=120,
+            )  # fmt: skip
+            pids = json.loads(q.stdout.strip().splitlines()[-1]) if q.returncode == 0 else []
+            return pids if len(pids) == 2 else None
+
+        pids = _wait_until(learner_pids, 240, "two alive RayTrainWorker actors", poll=1)
+        stdout = tmp_path / "stdout.txt"
+        _wait_until(lambda: "epoch 1/" in stdout.read_text(), 240, "the first epoch", 0.1)
+        victim = pids[-1]
+        os.kill(victim, signal.SIGKILL)
+        seen = stdout.read_text()
+        assert f"epoch {epochs}/{epochs}" not in seen, "the run ended before the kill"
+        rc, out, err = _wait(proc, tmp_path)
+    finally:
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait(timeout=60)
+        # The head's processes and its workers go with its process group; whatever
+        # detached from it is found through this test's RAY_TMPDIR (the fixture).
+        _wait_until(lambda: not _ray_pids(ray_tmp), 60, "the head's processes to exit")
+    assert rc == 0, err[-3000:]
+    assert f"pid={victim}" in err and "[FailurePolicy] RETRY" in err
+
+    results = _tune_results(tmp_path / "store", "killed", "K4-P2-s0")
+    resumed = [r for r in results if r.get("history_before")]
+    assert len(resumed) == 1, "the killed run was not resumed from a checkpoint"
+    store = ResultsStore(tmp_path / "store")
+    (row,) = store.read_trials("killed").to_dict("records")
+    assert row["status"] == "completed"
+    history = store.read_history("killed")
+    assert history["epoch"].tolist() == list(range(1, epochs + 1))
+    _assert_same_trajectory(history, reference.reports())
+
+
+def test_driver_killed_mid_sweep_then_resume(tmp_path: Path, ray_tmp: Path) -> None:
+    spec = {
+        "name": "killdriver",
+        "workload": {**WORKLOAD, "epochs": 3},
+        "grid": {"K": [1, 16], "P": [1, 2], "seed": [0]},
+        "resources": {"cpus_per_worker": 0.5, "max_concurrent_trials": 2},
+    }
+    names = {f"K{k}-P{p}-s0" for k in (1, 16) for p in (1, 2)}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    args = ("sweep", "run", "spec.yaml", "--storage", "store")
+    driver = _kavg(*args, cwd=tmp_path, env=_env(ray_tmp), start_new_session=True)
+    trials_file = tmp_path / "store" / "killdriver" / "trials.parquet"
+    store = ResultsStore(tmp_path / "store")
+    try:
+        _wait_until(trials_file.exists, 400, "the first finished trial")
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=60)
+    # The local Ray that the driver started dies with it (Ray's kernel fate sharing,
+    # and the driver's process group): nothing of that session is left running.
+    _wait_until(lambda: not _ray_pids(ray_tmp), 60, "the driver's Ray to exit")
+    before = store.read_trials("killdriver")
+    done = set(before["trial_id"])
+    assert before["trial_id"].is_unique and 1 <= len(done) < len(names)
+
+    (tmp_path / "stdout.txt").unlink()
+    resumed = _kavg(*args, "--resume", cwd=tmp_path, env=_env(ray_tmp))
+    rc, out, err = _wait(resumed, tmp_path)
+    assert rc == 0, err[-3000:]
+    assert f"{len(done)} finished, {len(names) - len(done)} to run" in out
+    ran = [line.split(":")[0].removeprefix("[kavg] ") for line in out.splitlines()
+           if line.startswith("[kavg] K")]  # fmt: skip
+    assert sorted(ran) == sorted(names - done)
+
+    trials = store.read_trials("killdriver")
+    assert sorted(trials["trial_id"]) == sorted(names)
+    assert set(trials["status"]) == {"completed"}
+    # The rows of the first run are kept as they were.
+    first = before.set_index("trial_id").loc[sorted(done), "final_test_acc"].tolist()
+    assert trials.set_index("trial_id").loc[sorted(done), "final_test_acc"].tolist() == first
+    history = store.read_history("killdriver")
+    pairs = list(zip(history["trial_id"], history["epoch"], strict=True))
+    assert sorted(pairs) == sorted((t, e) for t in names for e in (1, 2, 3))
+
+
+def test_load_sweep_of_40_trials(tmp_path: Path, ray_tmp: Path) -> None:
+    spec = yaml.safe_load((ROOT / "sweeps" / "load.yaml").read_text())
+    grid = spec["grid"]
+    n = len(grid["K"]) * len(grid["P"]) * len(grid["seed"])
+    assert n >= 40
+    start = time.monotonic()
+    proc = _kavg(
+        "sweep", "run", str(ROOT / "sweeps" / "load.yaml"), "--storage", "store",
+        cwd=tmp_path, env=_env(ray_tmp),
+    )  # fmt: skip
+    rc, out, err = _wait(proc, tmp_path, timeout=1800)
+    wall = time.monotonic() - start
+    assert rc == 0, err[-3000:]
+    store = ResultsStore(tmp_path / "store")
+    trials = store.read_trials("load")
+    assert len(trials) == n and trials["trial_id"].is_unique
+    assert set(trials["status"]) == {"completed"}
+    history = store.read_history("load")
+    assert len(history) == n * spec["workload"]["epochs"]
+    conc = spec["resources"]["max_concurrent_trials"]
+    print(f"\nload: {n} trials in {wall:.0f} s = {60 * n / wall:.1f} trials/min "
+          f"at max_concurrent_trials {conc}, load average {os.getloadavg()[0]:.1f}")  # fmt: skip
