@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import fcntl
+import io
 import json
 import math
 import os
@@ -339,7 +340,12 @@ class ResultsStore:
         if not path.is_file():
             return _empty(columns)
         try:
-            df = pd.read_parquet(path, engine="pyarrow")
+            # One open, one read: a writer may rename a new file over this path at any
+            # moment, and a reader that opened it twice (footer, then pages) could mix
+            # the two versions.
+            with open(path, "rb") as fh:
+                data = fh.read()
+            df = pd.read_parquet(io.BytesIO(data), engine="pyarrow")
         except Exception as exc:  # pyarrow raises several types for corrupt files
             raise ResultsError(f"cannot read {path}: {_one_line(exc)}") from exc
         return _with_columns(df, columns)

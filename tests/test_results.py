@@ -606,3 +606,35 @@ def test_kopt_table_groups_by_a_swept_learning_rate() -> None:
     table = kopt_table(pd.DataFrame(rows))
     assert table[["lr", "K_opt"]].values.tolist() == [[0.1, 1], [0.5, 4]]
     assert table["n_seeds"].tolist() == [1, 1]
+
+
+def test_reader_during_writes_never_sees_a_partial_file(tmp_path) -> None:
+    """A reader polling while another process rewrites the tables sees whole tables only."""
+    import multiprocessing as mp
+
+    store = ResultsStore(tmp_path)
+    store.write_spec("live", {"grid": {}})
+    ctx = mp.get_context("spawn")
+    writer = ctx.Process(target=_write_many, args=(str(tmp_path), 60))
+    writer.start()
+    seen = set()
+    try:
+        while writer.is_alive() or not seen:
+            df = store.read_trials("live")  # raises ResultsError on a torn file
+            hist = store.read_history("live")
+            assert df["trial_id"].is_unique
+            seen.add(len(df))
+            # History is written before trials: every listed trial has its rows.
+            assert set(df["trial_id"]) <= set(hist["trial_id"])
+    finally:
+        writer.join(60)
+    assert writer.exitcode == 0
+    assert len(store.read_trials("live")) == 60
+    assert len(seen) > 1  # the reader really overlapped the writes
+
+
+def _write_many(storage: str, n: int) -> None:
+    store = ResultsStore(storage)
+    for i in range(n):
+        row = {"trial_id": f"t{i}", "K": 1, "P": 1, "status": "completed", "final_test_acc": 0.5}
+        store.upsert_trial("live", row, [{"epoch": 1, "test_acc": 0.5}])
