@@ -21,7 +21,7 @@ $(TEST_STAMP): $(STAMP)
 	touch $@
 
 demo: $(STAMP)
-	$(VENV)/bin/kavg sweep run sweeps/quickstart.yaml
+	$(VENV)/bin/kavg sweep run sweeps/quickstart.yaml --resume
 
 test: $(TEST_STAMP)
 	$(VENV)/bin/ruff check kavg_ray tests benchmarks
