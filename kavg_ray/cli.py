@@ -143,6 +143,127 @@ def sweep_run(
         sys.exit(1)
 
 
+def _job_errors(fn: Callable) -> Callable:
+    """kavg_ray.jobs errors: exit 2 for bad input, 1 for a cluster that fails; one line."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from kavg_ray.jobs import JobsError
+
+        try:
+            return fn(*args, **kwargs)
+        except JobsError as exc:
+            if exc.exit_code == 2:
+                raise BadInput(str(exc)) from None
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+
+    return wrapper
+
+
+@sweep.command("submit")
+@click.argument("spec", type=click.Path(dir_okay=True))
+@click.option("--address", default=None, help="the dashboard, http://HOST:8265 [$RAY_ADDRESS]")
+@click.option("--storage", default=None, help="results directory, as the head node sees it")
+@click.option("--name", default=None, help="sweep name (default: the spec's name)")
+@click.option("--resume", is_flag=True, help="run only the grid points with no finished row")
+@click.option("--ship-package", is_flag=True, help="upload the local kavg_ray (py_modules)")
+@click.option("--python", default="python", show_default=True, help="Python on the head node")
+@_user_errors
+@_job_errors
+def sweep_submit(
+    spec: str, address: str | None, storage: str | None, name: str | None, resume: bool,
+    ship_package: bool, python: str,
+) -> None:  # fmt: skip
+    """Submit a sweep to a Ray cluster as a Ray Job; prints the job id and its dashboard page."""
+    from kavg_ray import jobs
+    from kavg_ray.config import load_sweep
+
+    address = jobs.check_dashboard_address(address or os.environ.get("RAY_ADDRESS"))
+    points = load_sweep(spec).points()
+    sweep_name = _check_name(name or points[0].name)
+    storage = jobs.absolute_storage(_storage(storage))
+    if not resume and os.path.exists(os.path.join(storage, sweep_name, "trials.parquet")):
+        raise BadInput(
+            f"sweep '{sweep_name}' already has results under {storage}; "
+            "use --resume to finish it or --name for a new sweep"
+        )
+    job_id, link = jobs.submit(
+        spec, address, storage, sweep_name, len(points), resume=resume,
+        ship_package=ship_package, python=python,
+    )  # fmt: skip
+    click.echo(f"submitted sweep '{sweep_name}' ({len(points)} trials) as job {job_id}")
+    click.echo(f"dashboard: {link}")
+    click.echo(f"follow: kavg sweep status {job_id} --address {address}")
+    click.echo(f"results: {os.path.join(storage, sweep_name)}")
+
+
+@sweep.command("status")
+@click.argument("name_or_job")
+@click.option("--address", default=None, help="the dashboard, http://HOST:8265 [$RAY_ADDRESS]")
+@click.option("--storage", default=None, help="results directory [the job's, ./kavg_results]")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@_user_errors
+@_job_errors
+def sweep_status(name_or_job: str, address: str | None, storage: str | None, fmt: str) -> None:
+    """A sweep's progress: job state (for a job id), trials finished / total, best so far."""
+    import json
+
+    from kavg_ray import jobs
+
+    if jobs.is_job_id(name_or_job):
+        info = jobs.job_info(address, name_or_job)
+        meta = info["metadata"]
+        if "kavg_sweep" not in meta:
+            raise BadInput(f"job {name_or_job} is not a kavg sweep")
+        total = int(meta["kavg_trials"]) if meta.get("kavg_trials", "").isdigit() else None
+        st = jobs.sweep_progress(
+            meta["kavg_sweep"], storage or meta.get("kavg_storage") or _storage(None), total
+        )
+        status = {**{k: info[k] for k in ("job_id", "state", "message")}, **st}
+    else:
+        sweep_name = _check_name(name_or_job)
+        storage = _storage(storage)
+        if not os.path.isdir(os.path.join(storage, sweep_name)):
+            raise BadInput(f"unknown sweep '{sweep_name}' under {storage}")
+        status = jobs.sweep_progress(sweep_name, storage)
+    if fmt == "json":
+        click.echo(json.dumps(status, default=str))
+    else:
+        click.echo(jobs.format_status(status))
+
+
+@sweep.command("logs")
+@click.argument("job_id")
+@click.option("--address", default=None, help="the dashboard, http://HOST:8265 [$RAY_ADDRESS]")
+@click.option("--follow", "-f", is_flag=True, help="keep printing until the job ends")
+@_user_errors
+@_job_errors
+def sweep_logs(job_id: str, address: str | None, follow: bool) -> None:
+    """Print a submitted sweep's logs."""
+    from kavg_ray import jobs
+
+    if follow:
+        jobs.follow_logs(address, job_id, click.echo)
+    else:
+        click.echo(jobs.logs(address, job_id), nl=False)
+
+
+@sweep.command("stop")
+@click.argument("job_id")
+@click.option("--address", default=None, help="the dashboard, http://HOST:8265 [$RAY_ADDRESS]")
+@_user_errors
+@_job_errors
+def sweep_stop(job_id: str, address: str | None) -> None:
+    """Stop a submitted sweep; the trials finished so far stay in the results store."""
+    from kavg_ray import jobs
+
+    if jobs.stop(address, job_id):
+        click.echo(f"stopping job {job_id}; finished trials stay in the results store")
+    else:
+        click.echo(f"job {job_id} had already ended")
+
+
 @main.group("results")
 def results_group() -> None:
     """Query stored sweeps."""

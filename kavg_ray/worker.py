@@ -195,6 +195,10 @@ def run_training(
             "diverged": diverged,
             **_hier_metrics(avg),
         }
+        if rank == 0:
+            from kavg_ray.metrics import record_epoch
+
+            record_epoch(cfg, metrics)  # dashboard metrics; a no-op unless Ray runs here
         history.append(metrics)
         state = {
             "model": model.state_dict(),

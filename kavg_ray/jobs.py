@@ -1,0 +1,313 @@
+"""Sweeps as Ray Jobs: submit to a cluster's dashboard, follow, stop (`kavg sweep submit`...).
+
+A submitted sweep is one Ray Job whose entrypoint is `python -m kavg_ray.cli sweep run
+spec.yaml --address auto --storage DIR --name NAME`, run on the head node by the
+cluster. The spec travels as text in the job's environment (`KAVG_SWEEP_SPEC`), and
+`python -m kavg_ray.jobs` writes it to `spec.yaml` before running the sweep. (A
+`working_dir` holding the spec was tried first: on this stack the driver of such a job
+died importing torch, "Intel oneMKL FATAL ERROR: Cannot load libtorch_cpu.so".) The
+package itself must be installed on the cluster's nodes (the image), or shipped with
+`--ship-package` (`py_modules`, the local `kavg_ray` folder; its dependencies must
+still be on the nodes).
+
+Token authentication (on by default in Ray 2.60): the dashboard answers 401 without
+`Authorization: Bearer <token>`. Ray's own client adds that header only when
+`RAY_AUTH_MODE=token` is set in this process, so the header is added here from the
+first of `RAY_AUTH_TOKEN`, the file `RAY_AUTH_TOKEN_PATH`, `~/.ray/auth_token`.
+
+The storage directory must be one path that the head node (where the driver writes
+the results store) and this machine (for `kavg sweep status`) both see: the same
+folder on a local cluster, a shared mount on a real one. A relative `--storage` is
+made absolute here, on the submitting machine.
+
+Imports Ray only inside the functions that talk to a cluster.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shlex
+import tempfile
+from pathlib import Path
+from typing import Any
+
+JOB_ID_PREFIXES = ("raysubmit_",)
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+SPEC_NAME = "spec.yaml"
+SPEC_ENV = "KAVG_SWEEP_SPEC"  # the spec's text, in the job's environment
+MAX_SPEC_BYTES = 100_000  # one environment variable holds at most 128 KiB on Linux
+
+
+class JobsError(Exception):
+    """A job command that cannot go on; ``exit_code`` 2 for bad input, 1 otherwise."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(" ".join(str(message).split()))
+        self.exit_code = exit_code
+
+
+def auth_token() -> str | None:
+    """The cluster token: $RAY_AUTH_TOKEN, the file $RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token."""
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if token:
+        return token
+    paths = [os.environ.get("RAY_AUTH_TOKEN_PATH"), str(Path.home() / ".ray" / "auth_token")]
+    for path in paths:
+        if path and os.path.isfile(path):
+            try:
+                token = Path(path).read_text().strip()
+            except OSError:
+                continue
+            if token:
+                return token
+    return None
+
+
+def auth_headers() -> dict[str, str]:
+    token = auth_token()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def check_dashboard_address(address: str | None) -> str:
+    """The dashboard's HTTP address; Ray Jobs are submitted over HTTP, not GCS or ray://."""
+    if not address:
+        raise JobsError(
+            "give the cluster's dashboard address, e.g. --address http://127.0.0.1:8265 "
+            "(or set RAY_ADDRESS)",
+            2,
+        )
+    if not address.startswith(("http://", "https://")):
+        raise JobsError(
+            f"--address {address}: jobs go to the dashboard's HTTP address, "
+            "e.g. http://HOST:8265 (not a GCS address or ray://)",
+            2,
+        )
+    return address.rstrip("/")
+
+
+def client(address: str | None):  # noqa: ANN201 - ray's JobSubmissionClient
+    """A JobSubmissionClient for the dashboard at ``address``, with the token when known."""
+    address = check_dashboard_address(address or os.environ.get("RAY_ADDRESS"))
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address, headers=auth_headers())
+    except Exception as exc:  # connection refused, 401 ...
+        msg = _first_line(exc)
+        raise JobsError(f"cannot reach the Ray dashboard at {address}: {msg}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def is_job_id(text: str) -> bool:
+    return text.startswith(JOB_ID_PREFIXES)
+
+
+def dashboard_link(address: str, job_id: str) -> str:
+    return f"{address.rstrip('/')}/#/jobs/{job_id}"
+
+
+def absolute_storage(storage: str) -> str:
+    if "://" in storage:
+        return storage
+    return os.path.abspath(os.path.expanduser(storage))
+
+
+def entrypoint(sweep: str, storage: str, resume: bool = False, python: str = "python") -> str:
+    """The job's command: `python -m kavg_ray.jobs` writes the spec from the job's
+    environment to spec.yaml and runs `kavg sweep run spec.yaml --address auto ...`."""
+    args = [python, "-m", "kavg_ray.jobs", "--storage", storage, "--name", sweep]
+    if resume:
+        args.append("--resume")
+    return shlex.join(args)
+
+
+def submit(
+    spec_path: str,
+    address: str,
+    storage: str,
+    sweep: str,
+    n_trials: int,
+    *,
+    resume: bool = False,
+    ship_package: bool = False,
+    python: str = "python",
+) -> tuple[str, str]:
+    """Submit the (already validated) spec as a Ray Job; returns (job_id, dashboard link)."""
+    address = check_dashboard_address(address)
+    jc = client(address)
+    spec_text = Path(spec_path).read_text()
+    if len(spec_text.encode()) > MAX_SPEC_BYTES:
+        raise JobsError(f"{spec_path}: larger than {MAX_SPEC_BYTES} bytes, too big for a job", 2)
+    runtime_env: dict[str, Any] = {
+        # No key that sweep.connect sets in ray.init: Ray refuses to merge the two.
+        "env_vars": {SPEC_ENV: spec_text, "PYTHONUNBUFFERED": "1"},
+    }
+    if ship_package:
+        import kavg_ray
+
+        runtime_env["py_modules"] = [os.path.dirname(os.path.abspath(kavg_ray.__file__))]
+    try:
+        job_id = jc.submit_job(
+            entrypoint=entrypoint(sweep, storage, resume, python),
+            runtime_env=runtime_env,
+            metadata={"kavg_sweep": sweep, "kavg_storage": storage, "kavg_trials": str(n_trials)},
+        )
+    except Exception as exc:
+        raise JobsError(f"job submission to {address} failed: {_first_line(exc)}") from None
+    return job_id, dashboard_link(address, job_id)
+
+
+def job_info(address: str | None, job_id: str) -> dict[str, Any]:
+    """State, message and kavg metadata of one job."""
+    jc = client(address)
+    try:
+        info = jc.get_job_info(job_id)
+    except Exception as exc:
+        msg = _first_line(exc)
+        if "does not exist" in msg or "404" in msg:
+            raise JobsError(f"no job {job_id} on this cluster", 2) from None
+        raise JobsError(f"cannot read job {job_id}: {msg}") from None
+    return {
+        "job_id": job_id,
+        "state": str(getattr(info.status, "value", info.status)),
+        "message": info.message or "",
+        "metadata": dict(info.metadata or {}),
+        "start_time": info.start_time,
+        "end_time": info.end_time,
+    }
+
+
+def logs(address: str | None, job_id: str) -> str:
+    jc = client(address)
+    try:
+        return jc.get_job_logs(job_id)
+    except Exception as exc:
+        raise JobsError(f"cannot read the logs of job {job_id}: {_first_line(exc)}", 2) from None
+
+
+def follow_logs(address: str | None, job_id: str, echo) -> None:  # noqa: ANN001
+    """Print the job's logs as they come, until the job ends."""
+    import asyncio
+
+    jc = client(address)
+
+    async def tail() -> None:
+        async for chunk in jc.tail_job_logs(job_id):
+            echo(chunk, nl=False)
+
+    try:
+        asyncio.run(tail())
+    except Exception as exc:
+        raise JobsError(f"cannot follow the logs of job {job_id}: {_first_line(exc)}") from None
+
+
+def stop(address: str | None, job_id: str) -> bool:
+    """Ask the cluster to stop the job; False if it had already ended."""
+    info = job_info(address, job_id)
+    if info["state"] in TERMINAL:
+        return False
+    try:
+        return bool(client(address).stop_job(job_id))
+    except Exception as exc:
+        raise JobsError(f"cannot stop job {job_id}: {_first_line(exc)}") from None
+
+
+def total_trials(spec_doc: dict) -> int:
+    """Grid points of a stored spec (1 for a single run config)."""
+    from kavg_ray.config import parse_sweep
+
+    if "grid" not in spec_doc:
+        return 1
+    return len(parse_sweep(spec_doc).points())
+
+
+def sweep_progress(sweep: str, storage: str, total: int | None = None) -> dict[str, Any]:
+    """Trials finished / total and the best result so far, from the results store."""
+    from kavg_ray.results import ResultsStore
+
+    store = ResultsStore(storage)
+    d = store.sweep_dir(sweep)
+    out: dict[str, Any] = {"sweep": sweep, "storage": storage, "finished": 0,
+                           "total": total, "counts": {}, "best": None}  # fmt: skip
+    if not d.is_dir():
+        return out
+    if (d / "spec.json").exists():
+        try:
+            out["total"] = total_trials(store.read_spec(sweep))
+        except Exception:  # a spec this version cannot parse: keep the job's count
+            pass
+    trials = store.read_trials(sweep)
+    if len(trials):
+        out["finished"] = int(len(trials))
+        out["counts"] = {str(k): int(v) for k, v in trials["status"].value_counts().items()}
+        ok = trials[trials["status"] != "failed"]
+        ok = ok[ok["final_test_acc"].notna()]
+        if len(ok):
+            row = ok.sort_values(["final_test_acc", "K"], ascending=[False, True]).iloc[0]
+            out["best"] = {
+                "trial_id": str(row["trial_id"]),
+                "final_test_acc": float(row["final_test_acc"]),
+                "P": _num(row["P"]),
+                "K": _num(row["K"]),
+                "wall_time_s": _num(row["wall_time_s"]),
+            }
+    return out
+
+
+def _num(v: Any) -> Any:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    if not math.isfinite(f):
+        return None
+    return int(f) if f.is_integer() else f
+
+
+def format_status(status: dict[str, Any]) -> str:
+    lines = []
+    if "job_id" in status:
+        line = f"job {status['job_id']}: {status['state']}"
+        if status.get("message"):
+            line += f"  ({status['message']})"
+        lines.append(line)
+    total = status.get("total")
+    counts = ", ".join(f"{v} {k}" for k, v in sorted(status.get("counts", {}).items()))
+    lines.append(
+        f"sweep '{status['sweep']}': {status['finished']}/{total if total else '?'} trials "
+        f"finished{' (' + counts + ')' if counts else ''}"
+    )
+    best = status.get("best")
+    if best:
+        lines.append(
+            f"best so far: {best['trial_id']} final test accuracy {best['final_test_acc']:.4f} "
+            f"(P={best['P']}, K={best['K']})"
+        )
+    lines.append(f"results: {os.path.join(status['storage'], status['sweep'])}")
+    return "\n".join(lines)
+
+
+def _job_main(argv: list[str] | None = None) -> None:
+    """The job's entrypoint on the head node: spec from $KAVG_SWEEP_SPEC, then `sweep run`."""
+    import sys
+
+    from kavg_ray.cli import main
+
+    argv = sys.argv[1:] if argv is None else argv
+    text = os.environ.get(SPEC_ENV)
+    if not text:
+        print(f"error: ${SPEC_ENV} is empty: submit with 'kavg sweep submit'", file=sys.stderr)
+        sys.exit(2)
+    folder = tempfile.mkdtemp(prefix="kavg-job-")
+    path = os.path.join(folder, SPEC_NAME)
+    Path(path).write_text(text)
+    main(["sweep", "run", path, "--address", "auto", *argv])
+
+
+if __name__ == "__main__":
+    _job_main()
