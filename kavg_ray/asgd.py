@@ -59,7 +59,14 @@ from kavg_ray.averaging import FlatModel
 from kavg_ray.config import RunConfig
 from kavg_ray.data import augment_generator, epoch_indices, load_dataset, steps_per_epoch
 from kavg_ray.models import build_model
-from kavg_ray.worker import Learner, ReportFn, evaluate, loss_fn
+from kavg_ray.worker import (
+    Learner,
+    ReportFn,
+    evaluate,
+    loss_fn,
+    replay_finished_run,
+    report_epoch,
+)
 
 ASGD_ALGORITHMS = ("downpour", "eamsgd")
 
@@ -307,9 +314,9 @@ def _run(
     if world_size > 1:
         dist.barrier()  # rank 0 has restored the server before anyone talks to it
     replay = list(history)
-    if replay and (c["epoch"] >= wl.epochs or replay[-1].get("diverged")):
-        report({**replay[-1], "history_before": replay[:-1]}, None)
-        return replay[-1]
+    finished = replay_finished_run(report, replay, c["epoch"] >= wl.epochs)
+    if finished is not None:
+        return finished
 
     def call(method: str, *args: Any) -> Any:
         t0 = time.perf_counter()
@@ -464,11 +471,7 @@ def _run(
                 "params": np.array(snap["params"], dtype=np.float32),
                 **{k: snap[k] for k in ("version", "pushes", "applied")},
             }
-        if replay:
-            report({**metrics, "history_before": replay}, state)
-            replay = []
-        else:
-            report(metrics, state)
+        replay = report_epoch(report, metrics, state, replay)
         if diverged:
             break
     return metrics

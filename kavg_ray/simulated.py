@@ -38,7 +38,7 @@ from torch.func import functional_call, grad, vmap
 from kavg_ray.config import RunConfig
 from kavg_ray.data import Dataset, augment_generator, epoch_indices, load_dataset, steps_per_epoch
 from kavg_ray.models import build_model
-from kavg_ray.worker import EVAL_BATCH, ReportFn, loss_fn
+from kavg_ray.worker import EVAL_BATCH, ReportFn, loss_fn, replay_finished_run, report_epoch
 
 ModelBuilder = Callable[[tuple[int, ...], int], nn.Module]
 GIB = 1024**3
@@ -386,9 +386,9 @@ def _run(
         global_count = int(resume["comm"]["global"]["count"])
         history = list(resume["history"])
     replay = list(history)
-    if replay and (c["epoch"] >= wl.epochs or replay[-1].get("diverged")):
-        report({**replay[-1], "history_before": replay[:-1]}, None)
-        return replay[-1]
+    finished = replay_finished_run(report, replay, c["epoch"] >= wl.epochs)
+    if finished is not None:
+        return finished
     period = cfg.K2 if hier else cfg.K
     metrics: dict = {}
     start = time.perf_counter() - c["wall_time_s"]
@@ -468,11 +468,7 @@ def _run(
             "comm": comm,
             "history": list(history),
         }
-        if replay:
-            report({**metrics, "history_before": replay}, state)
-            replay = []
-        else:
-            report(metrics, state)
+        replay = report_epoch(report, metrics, state, replay)
         if diverged:
             break
     return metrics

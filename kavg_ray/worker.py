@@ -126,9 +126,9 @@ def run_training(
     # A resumed run hands the epochs before its checkpoint to its first report, so
     # whoever collects the reports ends with every epoch exactly once.
     replay = list(history)
-    if replay and (c["epoch"] >= wl.epochs or replay[-1].get("diverged")):
-        report({**replay[-1], "history_before": replay[:-1]}, None)
-        return replay[-1]
+    finished = replay_finished_run(report, replay, c["epoch"] >= wl.epochs)
+    if finished is not None:
+        return finished
     metrics: dict = {}
     start = time.perf_counter() - c["wall_time_s"]
 
@@ -209,14 +209,31 @@ def run_training(
             "comm": _save_stats(avg),
             "history": list(history),
         }
-        if replay:
-            report({**metrics, "history_before": replay}, state)
-            replay = []
-        else:
-            report(metrics, state)
+        replay = report_epoch(report, metrics, state, replay)
         if diverged:
             break
     return metrics
+
+
+def replay_finished_run(report: ReportFn, history: list[dict], done: bool) -> dict | None:
+    """A resumed run that had already ended reports its last epoch once, carrying the rest.
+
+    Returns that last epoch's metrics, or None when there is training left to do.
+    """
+    if history and (done or history[-1].get("diverged")):
+        report({**history[-1], "history_before": history[:-1]}, None)
+        return history[-1]
+    return None
+
+
+def report_epoch(report: ReportFn, metrics: dict, state: dict, replay: list[dict]) -> list[dict]:
+    """Report one epoch; the first report after a resume carries the epochs before it.
+
+    Returns the replay still pending (always empty afterwards), so whoever collects the
+    reports ends with every epoch exactly once.
+    """
+    report({**metrics, "history_before": replay} if replay else metrics, state)
+    return []
 
 
 def _hier_metrics(avg: KAvgAverager | HierAvgAverager) -> dict:
