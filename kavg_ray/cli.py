@@ -169,17 +169,25 @@ def _job_errors(fn: Callable) -> Callable:
 @click.option("--resume", is_flag=True, help="run only the grid points with no finished row")
 @click.option("--ship-package", is_flag=True, help="upload the local kavg_ray (py_modules)")
 @click.option("--python", default="python", show_default=True, help="Python on the head node")
+@click.option(
+    "--env",
+    "env",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="an environment variable for the job and its workers (repeatable)",
+)
 @_user_errors
 @_job_errors
 def sweep_submit(
     spec: str, address: str | None, storage: str | None, name: str | None, resume: bool,
-    ship_package: bool, python: str,
+    ship_package: bool, python: str, env: tuple[str, ...],
 ) -> None:  # fmt: skip
     """Submit a sweep to a Ray cluster as a Ray Job; prints the job id and its dashboard page."""
     from kavg_ray import jobs
     from kavg_ray.config import load_sweep
 
     address = jobs.check_dashboard_address(address or os.environ.get("RAY_ADDRESS"))
+    env_vars = jobs.parse_env(env)
     points = load_sweep(spec).points()
     sweep_name = _check_name(name or points[0].name)
     storage = jobs.absolute_storage(_storage(storage))
@@ -190,7 +198,7 @@ def sweep_submit(
         )
     job_id, link = jobs.submit(
         spec, address, storage, sweep_name, len(points), resume=resume,
-        ship_package=ship_package, python=python,
+        ship_package=ship_package, python=python, env_vars=env_vars,
     )  # fmt: skip
     click.echo(f"submitted sweep '{sweep_name}' ({len(points)} trials) as job {job_id}")
     click.echo(f"dashboard: {link}")

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shlex
 import tempfile
 from pathlib import Path
@@ -117,6 +118,24 @@ def absolute_storage(storage: str) -> str:
     return os.path.abspath(os.path.expanduser(storage))
 
 
+ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def parse_env(pairs: tuple[str, ...] | list[str]) -> dict[str, str]:
+    """`--env KEY=VALUE` options as a dict; a malformed pair or a reserved key is bad input."""
+    env: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not ENV_KEY.fullmatch(key):
+            raise JobsError(f"--env {pair!r}: expected KEY=VALUE with a shell variable name", 2)
+        if key == SPEC_ENV:
+            raise JobsError(f"--env {key}: reserved for the spec that kavg sends", 2)
+        if key in env:
+            raise JobsError(f"--env {key}: given twice", 2)
+        env[key] = value
+    return env
+
+
 def entrypoint(sweep: str, storage: str, resume: bool = False, python: str = "python") -> str:
     """The job's command: `python -m kavg_ray.jobs` writes the spec from the job's
     environment to spec.yaml and runs `kavg sweep run spec.yaml --address auto ...`."""
@@ -136,16 +155,20 @@ def submit(
     resume: bool = False,
     ship_package: bool = False,
     python: str = "python",
+    env_vars: dict[str, str] | None = None,
 ) -> tuple[str, str]:
-    """Submit the (already validated) spec as a Ray Job; returns (job_id, dashboard link)."""
+    """Submit the (already validated) spec as a Ray Job; returns (job_id, dashboard link).
+
+    ``env_vars`` reach the job's driver and every worker (the job's runtime_env).
+    """
     address = check_dashboard_address(address)
     jc = client(address)
     spec_text = Path(spec_path).read_text()
     if len(spec_text.encode()) > MAX_SPEC_BYTES:
         raise JobsError(f"{spec_path}: larger than {MAX_SPEC_BYTES} bytes, too big for a job", 2)
     runtime_env: dict[str, Any] = {
-        # No key that sweep.connect sets in ray.init: Ray refuses to merge the two.
-        "env_vars": {SPEC_ENV: spec_text, "PYTHONUNBUFFERED": "1"},
+        # sweep.connect leaves out of its ray.init any key set here: Ray refuses both.
+        "env_vars": {**(env_vars or {}), SPEC_ENV: spec_text, "PYTHONUNBUFFERED": "1"},
     }
     if ship_package:
         import kavg_ray

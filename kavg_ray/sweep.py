@@ -204,6 +204,18 @@ def _make_callback(
     return ResultsCallback()
 
 
+def job_env_vars() -> dict[str, str]:
+    """The env_vars of the Ray job this driver runs in ({} outside a submitted job)."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return {}
+    try:
+        env = json.loads(raw).get("runtime_env", {}).get("env_vars") or {}
+    except (ValueError, AttributeError):
+        return {}
+    return {str(k): str(v) for k, v in env.items()}
+
+
 def connect(address: str | None) -> None:
     """Connect to a running Ray cluster, or start a local one (dashboard on 127.0.0.1)."""
     import ray
@@ -218,6 +230,9 @@ def connect(address: str | None) -> None:
             "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"
         ),
     }
+    # Inside a submitted Ray job the job's runtime_env already reaches every worker, and
+    # Ray refuses a ray.init runtime_env that sets one of its keys again: its value wins.
+    env = {k: v for k, v in env.items() if k not in job_env_vars()}
     os.environ.update(env)
     runtime_env = {"env_vars": env}
     if address:

@@ -73,6 +73,7 @@ ALIAS_BOMB = "\n".join(
 )
 TRAIN = ("train", "bad.yaml")
 SWEEP = ("sweep", "run", "bad.yaml")
+SUBMIT = ("sweep", "submit", "bad.yaml", "--address", "http://127.0.0.1:1")
 
 # (id, argv, content of bad.yaml (None: no file), a fragment the error line must hold)
 CASES = [
@@ -141,6 +142,15 @@ CASES = [
      "name '../x' may only hold letters"),
     ("sweep-alias-bomb", SWEEP, ALIAS_BOMB, "YAML aliases are not allowed"),
     ("sweep-missing-file", ("sweep", "run", "nosuch.yaml"), None, "nosuch.yaml: no such file"),
+    # --- kavg sweep submit (nothing is contacted: the address is checked, not dialled)
+    ("submit-env-no-equals", (*SUBMIT, "--env", "NCCL_DEBUG"), sweep_doc({"K": [1]}),
+     "--env 'NCCL_DEBUG': expected KEY=VALUE"),
+    ("submit-env-bad-key", (*SUBMIT, "--env", "1X=2"), sweep_doc({"K": [1]}),
+     "--env '1X=2': expected KEY=VALUE"),
+    ("submit-env-twice", (*SUBMIT, "--env", "A=1", "--env", "A=2"), sweep_doc({"K": [1]}),
+     "--env A: given twice"),
+    ("submit-env-reserved", (*SUBMIT, "--env", "KAVG_SWEEP_SPEC=x"), sweep_doc({"K": [1]}),
+     "--env KAVG_SWEEP_SPEC: reserved"),
     # --- kavg results
     ("results-show-dotdot", ("results", "show", "../x"), None, "name '../x' may only hold"),
     ("results-kopt-dotdot", ("results", "kopt", "../x"), None, "name '../x' may only hold"),

@@ -197,8 +197,10 @@ SPEC = {
 def test_submit_status_logs_kopt(cluster: Cluster, tmp_path: Path) -> None:
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(SPEC))
     t0 = time.monotonic()
+    # A key that kavg also sets for its Ray session: the job's value must win, not clash.
     out = cluster.kavg("sweep", "submit", "spec.yaml", "--address", cluster.address,
-                       "--storage", "store", cwd=tmp_path)  # fmt: skip
+                       "--storage", "store", "--env", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.3",
+                       cwd=tmp_path)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     job = re.search(r"as job (\S+)", out.stdout).group(1)
     assert f"{cluster.address}/#/jobs/{job}" in out.stdout
@@ -300,6 +302,32 @@ def test_connect_passes_addresses_unchanged(monkeypatch: pytest.MonkeyPatch) -> 
     for address in ("auto", "ray://head:10001", "head:6379", "10.0.0.5:6379"):
         sweep.connect(address)
     assert seen == ["auto", "ray://head:10001", "head:6379", "10.0.0.5:6379"]
+
+
+def test_connect_inside_a_job_leaves_the_jobs_env_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job whose runtime_env sets a key that connect() also sets: Ray must merge them."""
+    import ray
+    from ray.runtime_env.runtime_env import _merge_runtime_env
+
+    from kavg_ray import sweep
+
+    job_env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "NCCL_DEBUG": "INFO"}
+    monkeypatch.setenv(
+        "RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"env_vars": job_env}})
+    )
+    for key in ("RAY_TRAIN_V2_ENABLED", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"):
+        monkeypatch.setenv(key, os.environ.get(key, "1"))
+    seen = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda address=None, **kw: seen.append(kw["runtime_env"]))
+    sweep.connect("auto")
+    (runtime_env,) = seen
+    assert runtime_env == {"env_vars": {"RAY_TRAIN_V2_ENABLED": "1"}}
+    merged = _merge_runtime_env({"env_vars": job_env}, runtime_env)
+    assert merged is not None and merged["env_vars"] == {**job_env, "RAY_TRAIN_V2_ENABLED": "1"}
+    # Without the job's keys left out, Ray refuses the pair (the bug this guards against).
+    both = {"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}}
+    assert _merge_runtime_env({"env_vars": job_env}, both) is None
 
 
 def test_cluster_configs_parse() -> None:

@@ -1,4 +1,6 @@
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -41,6 +43,26 @@ def test_digits_split_sizes_and_content():
     assert float(ds.train_x.min()) == 0.0 and float(ds.train_x.max()) == 1.0
     # prepare() leaves float data alone.
     assert ds.prepare(ds.test_x) is ds.test_x
+
+
+def test_digits_read_without_importing_sklearn():
+    """Every learner loads the digits: the bundled file is read without sklearn's import."""
+    code = (
+        "import sys; from kavg_ray.data import load_dataset; ds = load_dataset('digits'); "
+        "print(ds.n_train, int(ds.train_y.sum()), 'sklearn' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    ds = load_dataset("digits")
+    assert out.stdout.split() == ["1437", str(int(ds.train_y.sum())), "False"]
+
+
+def test_digits_fallback_through_sklearn(monkeypatch):
+    import kavg_ray.data as data
+
+    expected = load_dataset("digits")
+    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
+    ds = load_dataset("digits")
+    assert torch.equal(ds.train_x, expected.train_x) and torch.equal(ds.test_y, expected.test_y)
 
 
 def test_digits_split_does_not_depend_on_seed():
