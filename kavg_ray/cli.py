@@ -141,6 +141,19 @@ def sweep_run(
     if any(s == "failed" for s in statuses.values()):
         click.echo("error: some trials failed; see 'kavg results show'", err=True)
         sys.exit(1)
+    finished = results.ResultsStore(storage).finished_trial_ids(sweep_name)
+    missing = [p.trial_name() for p in points if p.trial_name() not in finished]
+    if missing:
+        # Interrupted (Ctrl-C, a stopped cluster): what finished is kept, the rest resumes.
+        click.echo(
+            f"error: {len(missing)} of {len(points)} grid points did not finish "
+            f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); "
+            f"finish them with: kavg sweep run {spec} --resume"
+            + (f" --name {sweep_name}" if name else "")
+            + (f" --storage {storage}" if storage != _storage(None) else ""),
+            err=True,
+        )
+        sys.exit(1)
 
 
 def _job_errors(fn: Callable) -> Callable:

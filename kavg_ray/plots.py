@@ -36,7 +36,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
-from kavg_ray.results import _mean_std, kopt_table
+from kavg_ray.results import VARYING_GROUP_KEYS, _mean_std, kopt_table
 
 __all__ = [
     "PLOT_FILES",
@@ -113,14 +113,29 @@ def _completed(df: pd.DataFrame, metric: str) -> pd.Series:
 
 
 def _facets(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
-    """(title, rows) per workload (algorithm, dataset, model), sorted."""
-    keys = [k for k in _WORKLOAD_KEYS if k in df.columns]
+    """(title, rows) per workload (algorithm, dataset, model), sorted.
+
+    A setting that varies in the frame (lr, batch size, backend... as in
+    :data:`~kavg_ray.results.VARYING_GROUP_KEYS`, except the Hier-AVG knobs drawn as
+    lines) splits the workload further: two learning rates are two experiments, never
+    seeds of one.
+    """
+    varying = [
+        k
+        for k in VARYING_GROUP_KEYS
+        if k not in _EXTRA_LINE_KEYS and k in df.columns and df[k].dropna().nunique() > 1
+    ]
+    keys = [k for k in _WORKLOAD_KEYS if k in df.columns] + varying
     if not keys:
         return [("", df)]
     out = []
     for key, g in df.groupby(keys, sort=True, dropna=False):
         parts = key if isinstance(key, tuple) else (key,)
-        out.append((" · ".join(_fmt_num(p) if p == p else "?" for p in parts), g))
+        names = [
+            (f"{k}=" if k in varying else "") + (_fmt_num(p) if p == p else "?")
+            for k, p in zip(keys, parts, strict=True)
+        ]
+        out.append((" · ".join(names), g))
     return out
 
 
@@ -545,8 +560,15 @@ def speedup_vs_p(trials: pd.DataFrame, metric: str = "auto") -> Figure:
     is ``time_to_target_s`` if any completed trial reached the target (``metric="auto"``)
     and ``wall_time_s`` otherwise (or the column named by ``metric``). When P=1 was not
     run at some K, the mean over all P=1 trials is that K's baseline. Dashed: ideal
-    linear speedup. PlotDataError (a ValueError) if there are no P=1 trials.
+    linear speedup. Simulated-backend rows are left out (their P learners share one
+    process). PlotDataError (a ValueError) if there are no P=1 trials.
     """
+    if "backend" in trials.columns:
+        # Simulated learners share one process: their wall time says nothing of speedup.
+        simulated = trials["backend"] == "simulated"
+        if simulated.all():
+            raise PlotDataError("speedup_vs_p: simulated trials have no meaningful wall time")
+        trials = trials[~simulated]
     metric = _time_metric(trials, metric)
     facets = _vs_baseline(trials, metric, lambda b, m: b / m, "speedup_vs_p")
     unit = "time to target (s)" if metric == "time_to_target_s" else "wall time (s)"
@@ -587,7 +609,7 @@ def _pow2_ticks(values: Iterable[float]) -> list[float]:
 
 
 def gap_vs_sequential(trials: pd.DataFrame) -> Figure:
-    """Accuracy gap of K-AVG to sequential SGD against P, one line per K (Figure 7).
+    """Accuracy gap of P learners to sequential SGD against P, one line per K (Figure 7).
 
     gap(P, K) = mean final_test_acc(P, K) - mean final_test_acc(P=1, K), completed trials
     only, plotted for P > 1 (when P=1 was not run at some K, the mean over all P=1 trials
@@ -615,7 +637,7 @@ def gap_vs_sequential(trials: pd.DataFrame) -> Figure:
             ax,
             f"{title}\n{note}" if title else note,
             "number of learners P (log2)",
-            "test accuracy gap (K-AVG − SGD)",
+            "test accuracy gap (P learners − P=1)",
         )
         _log2_axis(ax, "x", ps)
         _legend(ax, "averaging period")

@@ -174,6 +174,54 @@ def test_accuracy_vs_k_one_subplot_per_workload():
     assert cnn_y == [mean(completed_acc(1, k)) / 2 for k in (1, 2, 4)]
 
 
+def _two_lrs() -> pd.DataFrame:
+    """The hand sweep at lr 0.1, and again at lr 0.5 with accuracies halved."""
+    a, b = hand_trials(), hand_trials()
+    a["lr"], b["lr"] = 0.1, 0.5
+    b["final_test_acc"] = b["final_test_acc"] / 2
+    b["trial_id"] = "lr0.5-" + b["trial_id"]
+    return pd.concat([a, b], ignore_index=True)
+
+
+def test_a_swept_lr_is_its_own_subplot_not_extra_seeds():
+    fig = plots.accuracy_vs_k(_two_lrs())
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    titles = [ax.get_title() for ax in axes]
+    assert titles == ["kavg · digits · mlp · lr=0.1", "kavg · digits · mlp · lr=0.5"]
+    for ax, scale in zip(axes, (1, 2), strict=True):
+        ys = list(errorbars(ax)["P=1"].lines[0].get_ydata())
+        assert ys == [mean(completed_acc(1, k)) / scale for k in (1, 2, 4)]
+
+
+def test_kopt_vs_p_and_gap_split_by_lr():
+    t = _two_lrs()
+    axes = [ax for ax in plots.kopt_vs_p(t).axes if ax.get_visible()]
+    assert [ax.get_title() for ax in axes] == [
+        "kavg · digits · mlp · lr=0.1", "kavg · digits · mlp · lr=0.5"
+    ]  # fmt: skip
+    for ax in axes:
+        (cont,) = errorbars(ax).values()
+        assert [float(y) for y in cont.lines[0].get_ydata()] == [1.0, 2.0]
+    gap_axes = [ax for ax in plots.gap_vs_sequential(t).axes if ax.get_visible()]
+    # Each lr's P=4 is compared with the P=1 of that same lr.
+    k2 = [lines_by_label(ax)["K=2"][1] for ax in gap_axes]
+    assert k2 == [[0.78125 - 0.75], [(0.78125 - 0.75) / 2]]
+    assert gap_axes[0].get_ylabel() == "test accuracy gap (P learners − P=1)"
+
+
+def test_speedup_leaves_out_simulated_rows():
+    real = hand_trials()
+    real["backend"] = "ray"
+    sim = hand_trials()
+    sim["backend"] = "simulated"
+    sim["wall_time_s"] = 1.0  # would make every speedup 1
+    sim["trial_id"] = "sim-" + sim["trial_id"]
+    ax = only_axes(plots.speedup_vs_p(pd.concat([real, sim], ignore_index=True)))
+    assert lines_by_label(ax)["K=2"] == ([1.0, 4.0], [1.0, 4.0])
+    with pytest.raises(ValueError, match="simulated trials have no meaningful wall time"):
+        plots.speedup_vs_p(sim)
+
+
 def test_accuracy_vs_k_without_completed_trials_raises():
     t = hand_trials()
     t["status"] = "failed"

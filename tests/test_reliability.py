@@ -339,6 +339,34 @@ def test_driver_killed_mid_sweep_then_resume(tmp_path: Path, ray_tmp: Path) -> N
     assert sorted(pairs) == sorted((t, e) for t in names for e in (1, 2, 3))
 
 
+def test_ctrl_c_keeps_finished_rows_and_says_how_to_resume(tmp_path: Path, ray_tmp: Path) -> None:
+    """Ctrl-C (SIGINT to the terminal's process group) mid-sweep: exit 1, rows kept."""
+    spec = {
+        "name": "interrupted",
+        "workload": {**WORKLOAD, "epochs": 3},
+        "grid": {"K": [1, 2, 4], "P": [1], "seed": [0]},
+        "resources": {"cpus_per_worker": 0.5, "max_concurrent_trials": 1},
+    }
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    driver = _kavg("sweep", "run", "spec.yaml", "--storage", "store", cwd=tmp_path,
+                   env=_env(ray_tmp), start_new_session=True)  # fmt: skip
+    trials_file = tmp_path / "store" / "interrupted" / "trials.parquet"
+    try:
+        _wait_until(trials_file.exists, 400, "the first finished trial")
+        os.killpg(driver.pid, signal.SIGINT)
+        rc, out, err = _wait(driver, tmp_path, timeout=180)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    _wait_until(lambda: not _ray_pids(ray_tmp), 60, "the driver's Ray to exit")
+    done = set(ResultsStore(tmp_path / "store").read_trials("interrupted")["trial_id"])
+    assert 1 <= len(done) < 3
+    assert rc == 1, (rc, out[-2000:], err[-2000:])
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"error: {3 - len(done)} of 3 grid points did not finish"), last
+    assert last.endswith("finish them with: kavg sweep run spec.yaml --resume --storage store")
+
+
 def test_load_sweep_of_40_trials(tmp_path: Path, ray_tmp: Path) -> None:
     spec = yaml.safe_load((ROOT / "sweeps" / "load.yaml").read_text())
     grid = spec["grid"]
