@@ -1,10 +1,12 @@
 """Fixed per-trial overhead of a kavg trial beside a trivial TorchTrainer.fit().
 
-Both run in one Ray session, alternating, P workers each:
+All run in one Ray session, in turn, P workers each:
 - trivial: a TorchTrainer whose workers report one empty metric and return;
-- kavg: `kavg_ray.ray_train.make_trainer` for one epoch of digits/mlp; its overhead is
-  the fit's wall time minus the time the worker loop itself measured (training,
-  averaging and evaluation of that epoch).
+- kavg: `kavg_ray.ray_train.make_trainer` for one epoch of digits/mlp, whose one report
+  carries the learners' checkpoint; its overhead is the fit's wall time minus the time
+  the worker loop itself measured (training, averaging and evaluation of that epoch);
+- kavg, no checkpoint: the same with `failure.checkpoint_every_epochs: 0`, which splits
+  the checkpoint's cost from the rest of the start-up.
 
     python benchmarks/sweep.py [--reps 3] [--P 2]
 """
@@ -41,13 +43,14 @@ def trivial_fit(P: int, storage: str, name: str) -> float:
     return time.perf_counter() - start
 
 
-def kavg_fit(P: int, storage: str, name: str) -> tuple[float, float]:
+def kavg_fit(P: int, storage: str, name: str, checkpoint: bool = True) -> tuple[float, float]:
     cfg = RunConfig.model_validate(
         {
             "workload": {"dataset": "digits", "model": "mlp", "epochs": 1, "batch_size": 16},
             "K": 4,
             "P": P,
             "resources": {"cpus_per_worker": 0.5},
+            "failure": {"checkpoint_every_epochs": 1 if checkpoint else 0},
         }
     )
     trainer = make_trainer(cfg, storage, name)
@@ -63,7 +66,7 @@ def main() -> None:
     parser.add_argument("--P", type=int, default=2)
     args = parser.parse_args()
     connect(None)
-    trivial, kavg, loop = [], [], []
+    trivial, kavg, bare, loop = [], [], [], []
     with tempfile.TemporaryDirectory() as storage:
         trivial_fit(args.P, storage, "warmup")  # first fit pays for worker imports
         for i in range(args.reps):
@@ -71,16 +74,21 @@ def main() -> None:
             total, inner = kavg_fit(args.P, storage, f"kavg-{i}")
             kavg.append(total - inner)
             loop.append(inner)
+            total_bare, inner_bare = kavg_fit(args.P, storage, f"bare-{i}", checkpoint=False)
+            bare.append(total_bare - inner_bare)
             print(
                 f"rep {i}: trivial fit {trivial[-1]:.2f}s  kavg fit {total:.2f}s "
-                f"(worker loop {inner:.2f}s, overhead {kavg[-1]:.2f}s)",
+                f"(worker loop {inner:.2f}s, overhead {kavg[-1]:.2f}s)  "
+                f"no-checkpoint overhead {bare[-1]:.2f}s",
                 flush=True,
             )
-    t, k = statistics.median(trivial), statistics.median(kavg)
+    t, k, b = (statistics.median(x) for x in (trivial, kavg, bare))
     print(f"\nP={args.P}, median of {args.reps}:")
-    print(f"{'trivial TorchTrainer.fit()':32s} {t:7.2f} s")
-    print(f"{'kavg trial overhead':32s} {k:7.2f} s   (worker loop {statistics.median(loop):.2f} s)")
-    print(f"{'ratio kavg / trivial':32s} {k / t:7.2f}   (target <= 1.25)")
+    print(f"{'trivial TorchTrainer.fit()':34s} {t:7.2f} s")
+    print(f"{'kavg trial overhead':34s} {k:7.2f} s   (worker loop {statistics.median(loop):.2f} s)")
+    print(f"{'kavg overhead, no checkpoint':34s} {b:7.2f} s")
+    print(f"{'ratio kavg / trivial':34s} {k / t:7.2f}   (target <= 1.25)")
+    print(f"{'ratio no-checkpoint / trivial':34s} {b / t:7.2f}")
 
 
 if __name__ == "__main__":

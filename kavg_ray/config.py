@@ -197,6 +197,12 @@ class FailureConfig(_Strict):
     """
 
     max_failures: Int = Field(default=0, ge=-1, description="worker-group restarts; -1: forever")
+    checkpoint_every_epochs: Int = Field(
+        default=1,
+        ge=0,
+        description="checkpoint every N epochs and after the last; 0: never (a restart "
+        "begins again from epoch 1)",
+    )
     inject: FaultInjection | None = Field(
         default=None, description="test only: kill one learner once, e.g. {rank: 1, epoch: 2}"
     )

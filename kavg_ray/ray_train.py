@@ -55,6 +55,16 @@ def _inject_fault(cfg: RunConfig, rank: int, epoch: int) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def checkpoint_due(cfg: RunConfig, epoch: int) -> bool:
+    """Whether the report of ``epoch`` carries a checkpoint (``failure.checkpoint_every_epochs``).
+
+    The last epoch always does when checkpoints are on, so that a run whose driver dies
+    after training has ended is replayed, not retrained.
+    """
+    every = cfg.failure.checkpoint_every_epochs
+    return every > 0 and (epoch % every == 0 or epoch == cfg.workload.epochs)
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Entry point of every Ray Train worker."""
     cfg = RunConfig.model_validate(config["run"])
@@ -72,7 +82,7 @@ def train_loop_per_worker(config: dict) -> None:
     def report(metrics: dict, state: dict | None) -> None:
         if state is not None:  # a trained epoch (None: a replay of finished ones)
             _inject_fault(cfg, rank, metrics["epoch"])
-        if state is None:
+        if state is None or not checkpoint_due(cfg, metrics["epoch"]):
             ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory() as d:

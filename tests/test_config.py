@@ -449,3 +449,22 @@ def test_theory_estimate_key() -> None:
     assert cfg.theory == "estimate"
     with pytest.raises(ConfigError, match="theory"):
         parse_run({"K": 2, "theory": "guess"})
+
+
+def test_checkpoint_schedule_exact():
+    from kavg_ray.ray_train import checkpoint_due
+
+    def due(every: int, epochs: int) -> list[int]:
+        cfg = RunConfig.model_validate(
+            {"K": 2, "P": 2, "workload": {"epochs": epochs},
+             "failure": {"checkpoint_every_epochs": every}}
+        )
+        return [e for e in range(1, epochs + 1) if checkpoint_due(cfg, e)]
+
+    assert due(1, 4) == [1, 2, 3, 4]
+    assert due(2, 5) == [2, 4, 5]
+    assert due(3, 7) == [3, 6, 7]
+    assert due(10, 4) == [4]
+    assert due(0, 4) == []
+    with pytest.raises(ValueError, match="checkpoint_every_epochs"):
+        RunConfig.model_validate({"K": 2, "P": 2, "failure": {"checkpoint_every_epochs": -1}})

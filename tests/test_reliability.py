@@ -178,11 +178,16 @@ def _assert_same_trajectory(history, reference: list[dict]) -> None:  # noqa: AN
 def test_injected_fault_resumes_from_checkpoint_exactly(tmp_path: Path, ray_tmp: Path) -> None:
     config = {
         "name": "fault",
-        "workload": {**WORKLOAD, "epochs": 4},
+        "workload": {**WORKLOAD, "epochs": 5},
         "K": 4,
         "P": 2,
         "resources": {"cpus_per_worker": 0.5},
-        "failure": {"max_failures": 1, "inject": {"rank": 1, "epoch": 2}},
+        # Checkpoints after epochs 2, 4 and 5: the fault at epoch 4 rolls back to epoch 2.
+        "failure": {
+            "max_failures": 1,
+            "checkpoint_every_epochs": 2,
+            "inject": {"rank": 1, "epoch": 4},
+        },
     }
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
     proc = _kavg("train", "run.yaml", "--storage", "store", cwd=tmp_path, env=_env(ray_tmp))
@@ -192,19 +197,21 @@ def test_injected_fault_resumes_from_checkpoint_exactly(tmp_path: Path, ray_tmp:
 
     # Rank 1 died once (the marker stops the restarted group from dying again) ...
     train_dir = tmp_path / "store" / "fault" / "ray" / "train" / "K4-P2-s0"
-    assert (train_dir / "fault-injected-rank1-epoch2").is_file()
+    assert (train_dir / "fault-injected-rank1-epoch4").is_file()
     assert "[FailurePolicy] RETRY" in err
-    # ... and the restarted group began at epoch 2 from the epoch-1 checkpoint: its first
-    # report carries the epochs before the checkpoint (history_before).
+    # ... and the restarted group began at epoch 3 from the epoch-2 checkpoint (epoch 3
+    # had none): its first report carries the epochs before the checkpoint.
     results = _tune_results(tmp_path / "store", "fault", "K4-P2-s0")
     resumed = [r for r in results if r.get("history_before")]
-    assert [(r["epoch"], [h["epoch"] for h in r["history_before"]]) for r in resumed] == [(2, [1])]
+    assert [(r["epoch"], [h["epoch"] for h in r["history_before"]]) for r in resumed] == [
+        (3, [1, 2])
+    ]
 
     store = ResultsStore(tmp_path / "store")
     (row,) = store.read_trials("fault").to_dict("records")
     assert row["status"] == "completed"
     history = store.read_history("fault")
-    assert history["epoch"].tolist() == [1, 2, 3, 4]
+    assert history["epoch"].tolist() == [1, 2, 3, 4, 5]
     ref = reference.reports()
     _assert_same_trajectory(history, ref)
     assert row["final_test_acc"] == ref[-1]["test_acc"]
