@@ -145,12 +145,15 @@ def sweep_run(
     missing = [p.trial_name() for p in points if p.trial_name() not in finished]
     if missing:
         # Interrupted (Ctrl-C, a stopped cluster): what finished is kept, the rest resumes.
+        command = os.environ.get("KAVG_RESUME_COMMAND") or (
+            f"kavg sweep run {spec} --resume"
+            + (f" --name {sweep_name}" if name else "")
+            + (f" --storage {storage}" if storage != _storage(None) else "")
+        )
         click.echo(
             f"error: {len(missing)} of {len(points)} grid points did not finish "
             f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); "
-            f"finish them with: kavg sweep run {spec} --resume"
-            + (f" --name {sweep_name}" if name else "")
-            + (f" --storage {storage}" if storage != _storage(None) else ""),
+            f"finish them with: {command}",
             err=True,
         )
         sys.exit(1)

@@ -36,6 +36,7 @@ from typing import Any
 JOB_ID_PREFIXES = ("raysubmit_",)
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 SPEC_NAME = "spec.yaml"
+RESUME_ENV = "KAVG_RESUME_COMMAND"  # inside a job: how to finish the sweep, for messages
 SPEC_ENV = "KAVG_SWEEP_SPEC"  # the spec's text, in the job's environment
 MAX_SPEC_BYTES = 100_000  # one environment variable holds at most 128 KiB on Linux
 
@@ -326,10 +327,13 @@ def _job_main(argv: list[str] | None = None) -> None:
     if not text:
         print(f"error: ${SPEC_ENV} is empty: submit with 'kavg sweep submit'", file=sys.stderr)
         sys.exit(2)
-    folder = tempfile.mkdtemp(prefix="kavg-job-")
-    path = os.path.join(folder, SPEC_NAME)
-    Path(path).write_text(text)
-    main(["sweep", "run", path, "--address", "auto", *argv])
+    with tempfile.TemporaryDirectory(prefix="kavg-job-") as folder:
+        path = os.path.join(folder, SPEC_NAME)
+        Path(path).write_text(text)
+        # What the user runs to finish this sweep if the job ends early: a new job.
+        rest = shlex.join(a for a in argv if a != "--resume")
+        os.environ[RESUME_ENV] = f"kavg sweep submit SPEC.yaml --address DASHBOARD --resume {rest}"
+        main(["sweep", "run", path, "--address", "auto", *argv])
 
 
 if __name__ == "__main__":

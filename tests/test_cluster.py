@@ -187,11 +187,25 @@ SPEC = {
     "name": "tiny",
     "workload": {"dataset": "digits", "model": "mlp", "epochs": 2, "batch_size": 16,
                  "lr": {"initial": 0.1}},
-    "grid": {"K": [1, 2], "P": [1]},
-    # One trial at a time: with two at once, a submitted sweep twice hung here with the
-    # second trial's Tune function blocked in Queue.put after its Train run had ended.
-    "resources": {"cpus_per_worker": 0.5, "max_concurrent_trials": 1},
+    "grid": {"K": [1, 2], "P": [1, 2]},
+    # Each node offers 1 CPU: a P=2 trial (2 x 0.75 CPU) must put its learners on both
+    # nodes, and two P=1 trials may run at once, one per node.
+    "resources": {"cpus_per_worker": 0.75, "max_concurrent_trials": 2},
 }  # fmt: skip
+TRIALS = {f"K{k}-P{p}-s0" for k in (1, 2) for p in (1, 2)}
+
+
+def _train_workers(cluster: Cluster) -> list[dict]:
+    """Every RayTrainWorker actor the cluster has had (the state API keeps dead ones)."""
+    out = subprocess.run(
+        [str(Path(BIN, "ray")), "list", "actors", "--address", cluster.address,
+         "--filter", "class_name=RayTrainWorker", "--detail", "--format", "json",
+         "--limit", "1000"],
+        env={**cluster.env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout)
 
 
 def test_submit_status_logs_kopt(cluster: Cluster, tmp_path: Path) -> None:
@@ -224,21 +238,28 @@ def test_submit_status_logs_kopt(cluster: Cluster, tmp_path: Path) -> None:
     assert logs.returncode == 0 and "K_opt by accuracy" in logs.stdout
     assert status["sweep"] == "tiny"
     assert Path(status["storage"]).resolve() == (tmp_path / "store").resolve()
-    assert (status["finished"], status["total"]) == (2, 2)
-    assert status["counts"] == {"completed": 2}
-    assert status["best"]["trial_id"] in ("K1-P1-s0", "K2-P1-s0")
+    assert (status["finished"], status["total"]) == (4, 4)
+    assert status["counts"] == {"completed": 4}
+    assert status["best"]["trial_id"] in TRIALS
     assert status["best"]["final_test_acc"] > 0.5
 
     by_name = cluster.kavg("sweep", "status", "tiny", "--storage", "store", cwd=tmp_path)
     assert by_name.returncode == 0, by_name.stderr
-    assert "2/2 trials finished (2 completed)" in by_name.stdout
+    assert "4/4 trials finished (4 completed)" in by_name.stdout
     assert "best so far:" in by_name.stdout
 
     kopt = cluster.kavg("results", "kopt", "tiny", "--storage", "store", "--format", "json",
                         cwd=tmp_path)  # fmt: skip
     assert kopt.returncode == 0, kopt.stderr
-    (row,) = json.loads(kopt.stdout)
-    assert row["P"] == 1 and row["K_opt"] in (1, 2)
+    rows = json.loads(kopt.stdout)
+    assert [r["P"] for r in rows] == [1, 2] and all(r["K_opt"] in (1, 2) for r in rows)
+
+    # The sweep ran across both nodes: each P=2 trial's two learners (one placement
+    # group) sat on two different nodes, joined by one gloo group.
+    groups: dict[str, set[str]] = {}
+    for actor in _train_workers(cluster):
+        groups.setdefault(actor["placement_group_id"], set()).add(actor["node_id"])
+    assert sorted(len(nodes) for nodes in groups.values()) == [1, 1, 2, 2], groups
 
     stop = cluster.kavg("sweep", "stop", job, "--address", cluster.address, cwd=tmp_path)
     assert stop.returncode == 0 and "already ended" in stop.stdout
@@ -273,9 +294,7 @@ def test_trial_metrics_reach_prometheus(cluster: Cluster) -> None:
     assert not missing, f"missing {missing}; seen:\n{text[-3000:]}"
     acc = [line for line in text.splitlines() if line.startswith("ray_kavg_test_accuracy{")]
     assert all('sweep="tiny"' in line for line in acc)
-    assert {re.search(r'trial="([^"]+)"', line).group(1) for line in acc} <= {
-        "K1-P1-s0", "K2-P1-s0",
-    }  # fmt: skip
+    assert {re.search(r'trial="([^"]+)"', line).group(1) for line in acc} <= TRIALS
     assert all(0.0 < float(line.rsplit(" ", 1)[1]) <= 1.0 for line in acc)
 
 
