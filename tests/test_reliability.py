@@ -1,11 +1,14 @@
 """Failures survived with nothing lost (real Ray, through the CLI).
 
 - a learner killed by the config's fault injection (`failure.inject`) resumes from the
-  previous epoch's checkpoint and ends bit-identical to a run without a fault;
+  last checkpoint (`failure.checkpoint_every_epochs: 2`, so two epochs back) and ends
+  bit-identical to a run without a fault;
 - a learner's process SIGKILLed from outside (found through Ray's state API on a head
   this test starts) is restarted the same way;
 - a sweep driver SIGKILLed mid-sweep leaves its finished trials, takes its local Ray
   down with it, and `--resume` runs only the missing trials;
+- Ctrl-C (SIGINT to the process group) mid-sweep keeps the finished rows, exits 1 and
+  prints the command that finishes the sweep;
 - a 40-trial sweep (sweeps/load.yaml) completes with every row.
 
 Every Ray here runs under its own short RAY_TMPDIR, so its processes can be told apart
