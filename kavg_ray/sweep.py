@@ -232,7 +232,8 @@ def connect(address: str | None) -> None:
     }
     # Inside a submitted Ray job the job's runtime_env already reaches every worker, and
     # Ray refuses a ray.init runtime_env that sets one of its keys again: its value wins.
-    env = {k: v for k, v in env.items() if k not in job_env_vars()}
+    job_env = job_env_vars()
+    env = {k: v for k, v in env.items() if k not in job_env}
     os.environ.update(env)
     runtime_env = {"env_vars": env}
     if address:
