@@ -216,12 +216,15 @@ def job_env_vars() -> dict[str, str]:
     return {str(k): str(v) for k, v in env.items()}
 
 
-def connect(address: str | None) -> None:
-    """Connect to a running Ray cluster, or start a local one (dashboard on 127.0.0.1)."""
+def connect(address: str | None) -> bool:
+    """Connect to a running Ray cluster, or start a local one (dashboard on 127.0.0.1).
+
+    Returns False when this process was connected already (nothing was done).
+    """
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     env = {
         "RAY_TRAIN_V2_ENABLED": "1",
         # A worker's report blocks until the Train controller polls it, every 2 s by
@@ -238,11 +241,11 @@ def connect(address: str | None) -> None:
     runtime_env = {"env_vars": env}
     if address:
         ray.init(address=address, runtime_env=runtime_env)
-        return
+        return True
     for attempt in range(3):
         try:
             ray.init(include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=runtime_env)
-            return
+            return True
         except Exception as exc:
             # Ray gives a new local node 30 s to register; a loaded machine can miss that.
             if "timed out during startup" not in str(exc) or attempt == 2:
@@ -346,7 +349,7 @@ def run_sweep(
         echo(f"[kavg] resume {sweep}: {len(by_id) - len(todo)} finished, {len(todo)} to run")
     if not todo:
         return {}
-    connect(address)
+    connected_here = connect(address)
     check_placement(todo_points)
     store.write_spec(sweep, spec_doc)
     if todo_points[0].theory == "estimate" and (
@@ -384,5 +387,12 @@ def run_sweep(
             verbose=1,
         ),
     )
-    tuner.fit()
+    try:
+        tuner.fit()
+    finally:
+        if connected_here:
+            import ray
+
+            # Ends Ray's forwarding of worker logs, so the caller's table prints last.
+            ray.shutdown()
     return callback.statuses
