@@ -8,6 +8,7 @@ fraction of a second and launches nothing. Exit codes: 0 success, 2 bad input,
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -129,7 +130,7 @@ def sweep_run(
     from kavg_ray import results
     from kavg_ray.sweep import run_sweep
 
-    statuses = run_sweep(
+    run_sweep(
         sweep_name, points, read_yaml(spec), storage, address=address, resume=resume,
         echo=click.echo,
     )  # fmt: skip
@@ -138,22 +139,23 @@ def sweep_run(
     click.echo(f"\nK_opt by {by} for sweep '{sweep_name}' ({len(trials)} trials):")
     click.echo(results.format_frame(results.kopt_table(trials, by=by), "table"))
     click.echo(f"results: {os.path.join(storage, sweep_name)}")
-    if any(s == "failed" for s in statuses.values()):
-        click.echo("error: some trials failed; see 'kavg results show'", err=True)
-        sys.exit(1)
+    # Failed trials have no finished row either: both kinds are what --resume reruns.
     finished = results.ResultsStore(storage).finished_trial_ids(sweep_name)
     missing = [p.trial_name() for p in points if p.trial_name() not in finished]
     if missing:
-        # Interrupted (Ctrl-C, a stopped cluster): what finished is kept, the rest resumes.
-        command = os.environ.get("KAVG_RESUME_COMMAND") or (
-            f"kavg sweep run {spec} --resume"
-            + (f" --name {sweep_name}" if name else "")
-            + (f" --storage {storage}" if storage != _storage(None) else "")
+        failed = set(trials.loc[trials["status"] == "failed", "trial_id"]) if len(trials) else set()
+        n_failed = sum(1 for t in missing if t in failed)
+        command = os.environ.get("KAVG_RESUME_COMMAND") or shlex.join(
+            ["kavg", "sweep", "run", spec, "--resume"]
+            + (["--name", sweep_name] if name else [])
+            + (["--storage", storage] if storage != _storage(None) else [])
+            + (["--address", address] if address else [])
         )
         click.echo(
             f"error: {len(missing)} of {len(points)} grid points did not finish "
-            f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); "
-            f"finish them with: {command}",
+            f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}"
+            + (f"; {n_failed} failed, see 'kavg results show'" if n_failed else "")
+            + f"); finish them with: {command}",
             err=True,
         )
         sys.exit(1)

@@ -331,7 +331,14 @@ def _job_main(argv: list[str] | None = None) -> None:
         path = os.path.join(folder, SPEC_NAME)
         Path(path).write_text(text)
         # What the user runs to finish this sweep if the job ends early: a new job.
-        rest = shlex.join(a for a in argv if a != "--resume")
+        from kavg_ray.sweep import job_env_vars
+
+        env = [
+            f"--env={k}={v}"
+            for k, v in job_env_vars().items()
+            if k not in (SPEC_ENV, "PYTHONUNBUFFERED")
+        ]
+        rest = shlex.join([a for a in argv if a != "--resume"] + env)
         os.environ[RESUME_ENV] = f"kavg sweep submit SPEC.yaml --address DASHBOARD --resume {rest}"
         main(["sweep", "run", path, "--address", "auto", *argv])
 

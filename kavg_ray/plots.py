@@ -348,9 +348,11 @@ def _join_history(history: pd.DataFrame, trials: pd.DataFrame) -> pd.DataFrame:
             keys = ["sweep", "trial_id"]
     t_cols = [
         c
-        for c in (*_WORKLOAD_KEYS, "P", "K", *_EXTRA_LINE_KEYS, "seed", "status")
+        for c in dict.fromkeys(
+            (*_WORKLOAD_KEYS, "P", "K", *_EXTRA_LINE_KEYS, *VARYING_GROUP_KEYS, "seed", "status")
+        )
         if c in trials.columns
-    ]
+    ]  # the trial's settings (history's own lr is the schedule's value at each epoch)
     t = trials[keys + t_cols].copy()
     h = history[keys + ["epoch", "test_acc"]].copy()
     for df in (t, h):

@@ -82,7 +82,11 @@ def train_loop_per_worker(config: dict) -> None:
     def report(metrics: dict, state: dict | None) -> None:
         if state is not None:  # a trained epoch (None: a replay of finished ones)
             _inject_fault(cfg, rank, metrics["epoch"])
-        if state is None or not checkpoint_due(cfg, metrics["epoch"]):
+        # A diverged run stops here: its last epoch is checkpointed like a final one.
+        due = checkpoint_due(cfg, metrics["epoch"]) or (
+            metrics.get("diverged") and cfg.failure.checkpoint_every_epochs > 0
+        )
+        if state is None or not due:
             ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory() as d:

@@ -350,44 +350,45 @@ def run_sweep(
     if not todo:
         return {}
     connected_here = connect(address)
-    check_placement(todo_points)
-    store.write_spec(sweep, spec_doc)
-    if todo_points[0].theory == "estimate" and (
-        resume is False or store.read_theory(sweep) is None
-    ):
-        store.write_theory(sweep, estimate_theory(points, echo))
-    sweep_root = Path(storage, sweep).resolve()
-    if not resume:
-        # Ray Train resumes a run of the same name from its checkpoints: a fresh
-        # sweep must not pick up an older run's.
-        for tid in todo:
-            shutil.rmtree(sweep_root / "ray" / "train" / tid, ignore_errors=True)
-
-    from ray import tune
-
-    max_conc = todo_points[0].resources.max_concurrent_trials or default_concurrency(todo_points)
-    space = [
-        {"trial_id": t, "run": by_id[t].model_dump(mode="json"),
-         "train_storage": str(sweep_root / "ray" / "train")}
-        for t in todo
-    ]  # fmt: skip
-    callback = _make_callback(store, sweep, by_id, echo, progress)
-    tuner = tune.Tuner(
-        tune.with_resources(_trial_fn, {"CPU": 0, "memory": 2**20}),
-        param_space={"trial": tune.grid_search(space)},
-        tune_config=tune.TuneConfig(
-            max_concurrent_trials=max_conc,
-            trial_name_creator=lambda t: t.config["trial"]["trial_id"],
-            trial_dirname_creator=lambda t: t.config["trial"]["trial_id"],
-        ),
-        run_config=tune.RunConfig(
-            name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}",
-            storage_path=str(sweep_root / "ray"),
-            callbacks=[callback],
-            verbose=1,
-        ),
-    )
     try:
+        check_placement(todo_points)
+        store.write_spec(sweep, spec_doc)
+        if todo_points[0].theory == "estimate" and (
+            resume is False or store.read_theory(sweep) is None
+        ):
+            store.write_theory(sweep, estimate_theory(points, echo))
+        sweep_root = Path(storage, sweep).resolve()
+        if not resume:
+            # Ray Train resumes a run of the same name from its checkpoints: a fresh
+            # sweep must not pick up an older run's.
+            for tid in todo:
+                shutil.rmtree(sweep_root / "ray" / "train" / tid, ignore_errors=True)
+
+        from ray import tune
+
+        res = todo_points[0].resources
+        max_conc = res.max_concurrent_trials or default_concurrency(todo_points)
+        space = [
+            {"trial_id": t, "run": by_id[t].model_dump(mode="json"),
+             "train_storage": str(sweep_root / "ray" / "train")}
+            for t in todo
+        ]  # fmt: skip
+        callback = _make_callback(store, sweep, by_id, echo, progress)
+        tuner = tune.Tuner(
+            tune.with_resources(_trial_fn, {"CPU": 0, "memory": 2**20}),
+            param_space={"trial": tune.grid_search(space)},
+            tune_config=tune.TuneConfig(
+                max_concurrent_trials=max_conc,
+                trial_name_creator=lambda t: t.config["trial"]["trial_id"],
+                trial_dirname_creator=lambda t: t.config["trial"]["trial_id"],
+            ),
+            run_config=tune.RunConfig(
+                name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}",
+                storage_path=str(sweep_root / "ray"),
+                callbacks=[callback],
+                verbose=1,
+            ),
+        )
         tuner.fit()
     finally:
         if connected_here:

@@ -193,6 +193,20 @@ def test_a_swept_lr_is_its_own_subplot_not_extra_seeds():
         assert ys == [mean(completed_acc(1, k)) / scale for k in (1, 2, 4)]
 
 
+def test_accuracy_vs_epoch_splits_by_lr():
+    t = _two_lrs()
+    h = hand_history(t)
+    h["lr"] = 0.05  # the history's own lr column (the schedule) must not be the one used
+    axes = [ax for ax in plots.accuracy_vs_epoch(h, t).axes if ax.get_visible()]
+    assert [ax.get_title() for ax in axes] == [
+        "kavg · digits · mlp · lr=0.1 · P=1", "kavg · digits · mlp · lr=0.1 · P=4",
+        "kavg · digits · mlp · lr=0.5 · P=1", "kavg · digits · mlp · lr=0.5 · P=4",
+    ]  # fmt: skip
+    lr01, lr05 = lines_by_label(axes[1])["K=4"][1], lines_by_label(axes[3])["K=4"][1]
+    assert lr01 == [0.6875 * e / 4 for e in (1, 2, 3)]
+    assert lr05 == [0.6875 / 2 * e / 4 for e in (1, 2, 3)]
+
+
 def test_kopt_vs_p_and_gap_split_by_lr():
     t = _two_lrs()
     axes = [ax for ax in plots.kopt_vs_p(t).axes if ax.get_visible()]

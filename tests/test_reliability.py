@@ -369,8 +369,8 @@ def test_ctrl_c_keeps_finished_rows_and_says_how_to_resume(tmp_path: Path, ray_t
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
     _wait_until(lambda: not _ray_pids(ray_tmp), 60, "the driver's Ray to exit")
-    done = set(ResultsStore(tmp_path / "store").read_trials("interrupted")["trial_id"])
-    assert 1 <= len(done) < 3
+    done = ResultsStore(tmp_path / "store").finished_trial_ids("interrupted")
+    assert 1 <= len(done) < 3, done
     assert rc == 1, (rc, out[-2000:], err[-2000:])
     last = err.strip().splitlines()[-1]
     assert last.startswith(f"error: {3 - len(done)} of 3 grid points did not finish"), last
