@@ -337,21 +337,16 @@ def results_kopt(sweep_name: str, by: str, storage: str | None, fmt: str) -> Non
     from kavg_ray import results
 
     storage = _storage(storage)
-    table = results.kopt_table(results.load_trials(_check_name(sweep_name), storage), by=by)
-    predicted = _predicted(sweep_name, storage)
-    if predicted:
-        table["predicted_kopt"] = table["P"].map(predicted).astype("Int64")
-    click.echo(results.format_frame(table, fmt))
+    trials = _trials_with_predictions(_check_name(sweep_name), storage)
+    click.echo(results.format_frame(results.kopt_table(trials, by=by), fmt))
 
 
-def _predicted(sweep_name: str, storage: str) -> dict[int, int] | None:
-    """P -> predicted K_opt, when the sweep ran the theory probe (`theory: estimate`)."""
-    from kavg_ray.results import ResultsStore
+def _trials_with_predictions(sweep_name: str, storage: str):  # noqa: ANN202
+    """The trials, with `predicted_kopt` when the sweep ran the probe (`theory: estimate`)."""
+    from kavg_ray.results import ResultsStore, attach_predictions
 
-    doc = ResultsStore(storage).read_theory(sweep_name)
-    if not doc:
-        return None
-    return {int(row["P"]): int(row["predicted_kopt"]) for row in doc["predictions"]}
+    store = ResultsStore(storage)
+    return attach_predictions(store.read_trials(sweep_name), store.read_theory(sweep_name))
 
 
 @results_group.command("plot")
@@ -364,11 +359,9 @@ def results_plot(sweep_name: str, out: str, storage: str | None) -> None:
     from kavg_ray import plots, results
 
     storage = _storage(storage)
-    trials = results.load_trials(_check_name(sweep_name), storage)
+    trials = _trials_with_predictions(_check_name(sweep_name), storage)
     history = results.load_history(sweep_name, storage)
-    written, skipped = plots.save_all_detailed(
-        trials, history, out, predicted=_predicted(sweep_name, storage)
-    )
+    written, skipped = plots.save_all_detailed(trials, history, out)
     for path in written:
         click.echo(str(path))
     for name, why in skipped.items():
@@ -385,9 +378,7 @@ def results_report(sweep_name: str, out: str, storage: str | None) -> None:
     from kavg_ray.report import write_report
 
     storage = _storage(storage)
-    path = write_report(
-        _check_name(sweep_name), storage, out, predicted=_predicted(sweep_name, storage)
-    )
+    path = write_report(_check_name(sweep_name), storage, out)
     click.echo(str(path))
 
 

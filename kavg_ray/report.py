@@ -17,7 +17,13 @@ from typing import Any
 import pandas as pd
 
 from kavg_ray.plots import PLOT_FILES, save_all_detailed
-from kavg_ray.results import ResultsError, ResultsStore, _mean_std, kopt_table
+from kavg_ray.results import (
+    ResultsError,
+    ResultsStore,
+    _mean_std,
+    attach_predictions,
+    kopt_table,
+)
 
 __all__ = ["REPORT_FILE", "TRIAL_REPORT_COLUMNS", "markdown_table", "write_report"]
 
@@ -181,6 +187,8 @@ def write_report(
     """
     store = ResultsStore(storage)
     trials = store.read_trials(sweep)  # ResultsError if the sweep does not exist
+    if predicted is None:  # the probe's predictions (`theory: estimate`), per lr and P
+        trials = attach_predictions(trials, store.read_theory(sweep))
     history = store.read_history(sweep)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -460,6 +460,42 @@ def load_history(sweep: str, storage: str | os.PathLike[str] | None = None) -> p
     return ResultsStore(storage).read_history(sweep)
 
 
+def attach_predictions(trials: pd.DataFrame, theory: dict[str, Any] | None) -> pd.DataFrame:
+    """``trials`` with ``predicted_kopt`` from a sweep's theory.json (``theory: estimate``).
+
+    A prediction belongs to the K-AVG rows with its P and with the dataset, model, lr and
+    batch size it names (older theory.json files name only lr and batch size), so a
+    sweep over lr gets one prediction per lr. Other algorithms get none: the bound is
+    K-AVG's. Without predictions the frame is returned unchanged.
+    """
+    preds = (theory or {}).get("predictions") or []
+    if not preds or trials.empty or "P" not in trials.columns:
+        return trials
+    pred = pd.DataFrame(preds)
+    keys = [
+        k for k in ("dataset", "model", "lr", "batch_size", "P")
+        if k in pred.columns and k in trials.columns
+    ]  # fmt: skip
+    pred = pred[keys + ["predicted_kopt"]].drop_duplicates(keys, keep="last")
+
+    def comparable(df: pd.DataFrame) -> pd.DataFrame:
+        # parquet and JSON may disagree on int against float: compare numbers as floats.
+        return pd.DataFrame({
+            k: pd.to_numeric(df[k], errors="coerce").astype(float)
+            if k in ("lr", "batch_size", "P") else df[k].astype(str)
+            for k in keys
+        })  # fmt: skip
+
+    right = comparable(pred).assign(predicted_kopt=pred["predicted_kopt"].to_numpy())
+    merged = comparable(trials).merge(right, on=keys, how="left")
+    out = trials.drop(columns=["predicted_kopt"], errors="ignore").copy()
+    out["predicted_kopt"] = pd.array(merged["predicted_kopt"].to_numpy(), dtype="Float64")
+    if "algorithm" in out.columns:
+        out.loc[out["algorithm"] != "kavg", "predicted_kopt"] = pd.NA
+    out["predicted_kopt"] = out["predicted_kopt"].round().astype("Int64")
+    return out
+
+
 # --------------------------------------------------------------------------- K_opt
 
 

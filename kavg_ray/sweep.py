@@ -99,9 +99,11 @@ def estimate_theory(points: list[RunConfig], echo=print) -> dict:
         est = estimate_constants(cfg)
         estimates.append({"workload": cfg.workload.model_dump(mode="json"), **est.to_dict()})
         for row in predict_for_config(cfg, est, sorted({p.P for p in group})):
+            wl = cfg.workload
             predictions.append(
-                {"lr": cfg.workload.lr.initial, "batch_size": cfg.workload.batch_size, **row}
-            )
+                {"dataset": wl.dataset, "model": wl.model, "lr": wl.lr.initial,
+                 "batch_size": wl.batch_size, **row}
+            )  # fmt: skip
             echo(f"[kavg] theory: P={row['P']} predicted K_opt {row['predicted_kopt']}")
     return {"estimates": estimates, "predictions": predictions}
 

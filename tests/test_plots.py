@@ -209,7 +209,11 @@ def test_accuracy_vs_epoch_splits_by_lr():
 
 def test_kopt_vs_p_and_gap_split_by_lr():
     t = _two_lrs()
+    t["predicted_kopt"] = np.where(t["lr"] == 0.1, 2, 1)  # one prediction per lr
     axes = [ax for ax in plots.kopt_vs_p(t).axes if ax.get_visible()]
+    assert [lines_by_label(ax)["predicted K_opt"] for ax in axes] == [
+        ([1.0, 4.0], [2.0, 2.0]), ([1.0, 4.0], [1.0, 1.0])
+    ]  # fmt: skip
     assert [ax.get_title() for ax in axes] == [
         "kavg · digits · mlp · lr=0.1", "kavg · digits · mlp · lr=0.5"
     ]  # fmt: skip

@@ -18,6 +18,7 @@ from kavg_ray.results import (
     TRIAL_COLUMNS,
     ResultsError,
     ResultsStore,
+    attach_predictions,
     format_frame,
     kopt_table,
     validate_name,
@@ -211,6 +212,39 @@ def test_kopt_no_completed_trial_in_group():
 def test_kopt_unknown_by():
     with pytest.raises(ValueError, match="by="):
         kopt_table(frame(trial(1, 0.9)), by="speed")
+
+
+def test_predictions_attach_per_lr_and_p_to_kavg_rows_only():
+    trials = frame(
+        trial(1, 0.90, P=2, lr=0.1, batch_size=16),
+        trial(4, 0.95, P=2, lr=0.1, batch_size=16),
+        trial(1, 0.80, P=2, lr=0.5, batch_size=16),
+        trial(4, 0.70, P=2, lr=0.5, batch_size=16),
+        trial(8, 0.60, P=4, lr=0.5, batch_size=16),
+        trial(8, 0.99, P=2, lr=0.1, batch_size=16, algorithm="downpour"),
+    )
+    theory = {"predictions": [  # JSON numbers: P and batch size as ints, lr as float
+        {"dataset": "digits", "model": "mlp", "lr": 0.1, "batch_size": 16, "P": 2,
+         "predicted_kopt": 3},
+        {"dataset": "digits", "model": "mlp", "lr": 0.5, "batch_size": 16, "P": 2,
+         "predicted_kopt": 1},
+        {"dataset": "digits", "model": "cnn", "lr": 0.5, "batch_size": 16, "P": 2,
+         "predicted_kopt": 64},
+    ]}  # fmt: skip
+    out = attach_predictions(trials, theory)
+    assert out["predicted_kopt"].tolist() == [3, 3, 1, 1, pd.NA, pd.NA]
+    assert str(out["predicted_kopt"].dtype) == "Int64"
+    assert out.drop(columns="predicted_kopt").equals(trials)  # nothing else changes
+    table = kopt_table(out)
+    table = table[table["algorithm"] == "kavg"].set_index(["lr", "P"])
+    assert table.loc[(0.1, 2), "K_opt"] == 4 and table.loc[(0.1, 2), "predicted_kopt"] == 3
+    assert table.loc[(0.5, 2), "K_opt"] == 1 and table.loc[(0.5, 2), "predicted_kopt"] == 1
+    assert pd.isna(table.loc[(0.5, 4), "predicted_kopt"])
+    # Older theory.json (no dataset/model keys) still matches on lr, batch size and P.
+    old = {"predictions": [{k: v for k, v in theory["predictions"][0].items()
+                            if k not in ("dataset", "model")}]}  # fmt: skip
+    assert attach_predictions(trials, old)["predicted_kopt"].tolist()[:3] == [3, 3, pd.NA]
+    assert attach_predictions(trials, None) is trials
 
 
 def test_kopt_predicted_passthrough():
