@@ -140,11 +140,14 @@ def sweep_run(
     click.echo(results.format_frame(results.kopt_table(trials, by=by), "table"))
     click.echo(f"results: {os.path.join(storage, sweep_name)}")
     # Failed trials have no finished row either: both kinds are what --resume reruns.
-    finished = results.ResultsStore(storage).finished_trial_ids(sweep_name)
-    missing = [p.trial_name() for p in points if p.trial_name() not in finished]
+    status = dict(zip(trials["trial_id"], trials["status"], strict=True))
+    missing = [
+        p.trial_name()
+        for p in points
+        if status.get(p.trial_name()) not in results.FINISHED_STATUSES
+    ]
     if missing:
-        failed = set(trials.loc[trials["status"] == "failed", "trial_id"]) if len(trials) else set()
-        n_failed = sum(1 for t in missing if t in failed)
+        n_failed = sum(1 for t in missing if status.get(t) == "failed")
         command = os.environ.get("KAVG_RESUME_COMMAND") or shlex.join(
             ["kavg", "sweep", "run", spec, "--resume"]
             + (["--name", sweep_name] if name else [])

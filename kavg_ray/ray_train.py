@@ -55,14 +55,15 @@ def _inject_fault(cfg: RunConfig, rank: int, epoch: int) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def checkpoint_due(cfg: RunConfig, epoch: int) -> bool:
+def checkpoint_due(cfg: RunConfig, epoch: int, diverged: bool = False) -> bool:
     """Whether the report of ``epoch`` carries a checkpoint (``failure.checkpoint_every_epochs``).
 
-    The last epoch always does when checkpoints are on, so that a run whose driver dies
-    after training has ended is replayed, not retrained.
+    The last epoch always does when checkpoints are on, and so does an epoch that
+    diverged (the run stops there), so that a run whose driver dies after training has
+    ended is replayed, not retrained.
     """
     every = cfg.failure.checkpoint_every_epochs
-    return every > 0 and (epoch % every == 0 or epoch == cfg.workload.epochs)
+    return every > 0 and (diverged or epoch % every == 0 or epoch == cfg.workload.epochs)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -82,11 +83,9 @@ def train_loop_per_worker(config: dict) -> None:
     def report(metrics: dict, state: dict | None) -> None:
         if state is not None:  # a trained epoch (None: a replay of finished ones)
             _inject_fault(cfg, rank, metrics["epoch"])
-        # A diverged run stops here: its last epoch is checkpointed like a final one.
-        due = checkpoint_due(cfg, metrics["epoch"]) or (
-            metrics.get("diverged") and cfg.failure.checkpoint_every_epochs > 0
-        )
-        if state is None or not due:
+        if state is None or not checkpoint_due(
+            cfg, metrics["epoch"], bool(metrics.get("diverged"))
+        ):
             ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory() as d:

@@ -26,6 +26,8 @@ from kavg_ray.data import epoch_indices, load_dataset
 from kavg_ray.models import build_model
 from kavg_ray.results import ResultsStore
 
+from .workloads import diverging_least_squares
+
 CPU = torch.device("cpu")
 DIGITS = {
     "dataset": "digits",
@@ -226,14 +228,7 @@ def test_resume_matches_an_uninterrupted_run(doc: dict) -> None:
 
 
 def test_divergence_is_reported_and_stops() -> None:
-    workload = {
-        "dataset": "synthetic",
-        "synthetic": {"task": "least_squares"},
-        "model": "linear",
-        "epochs": 4,
-        "batch_size": 16,
-        "lr": {"initial": 50.0},
-    }
+    workload = diverging_least_squares(epochs=4)
     for doc in (DOWNPOUR, EAMSGD):
         _, reports = _run(_cfg(workload, **doc))
         assert len(reports) == 1 and reports[0][0]["diverged"] is True, doc

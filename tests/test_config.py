@@ -468,3 +468,17 @@ def test_checkpoint_schedule_exact():
     assert due(0, 4) == []
     with pytest.raises(ValueError, match="checkpoint_every_epochs"):
         RunConfig.model_validate({"K": 2, "P": 2, "failure": {"checkpoint_every_epochs": -1}})
+
+
+def test_a_diverged_epoch_is_checkpointed_when_checkpoints_are_on():
+    from kavg_ray.ray_train import checkpoint_due
+
+    def cfg(every: int) -> RunConfig:
+        return RunConfig.model_validate(
+            {"K": 2, "P": 2, "workload": {"epochs": 9},
+             "failure": {"checkpoint_every_epochs": every}}
+        )  # fmt: skip
+
+    assert checkpoint_due(cfg(4), 3, diverged=True)
+    assert not checkpoint_due(cfg(4), 3, diverged=False)
+    assert not checkpoint_due(cfg(0), 3, diverged=True)

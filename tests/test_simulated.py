@@ -29,6 +29,7 @@ from kavg_ray.simulated import estimate_memory_bytes, input_spec, run_simulated
 from . import test_worker
 from .distributed import run_distributed
 from .test_worker import _config, sequential_reference
+from .workloads import diverging_least_squares
 
 CPU = torch.device("cpu")
 METRIC_KEYS = {
@@ -260,14 +261,7 @@ def test_resume_equals_uninterrupted_run() -> None:
 
 
 def test_divergence_is_reported_and_stops() -> None:
-    workload = {
-        "dataset": "synthetic",
-        "synthetic": {"task": "least_squares"},
-        "model": "linear",
-        "epochs": 4,
-        "batch_size": 16,
-        "lr": {"initial": 50.0},
-    }
+    workload = diverging_least_squares(epochs=4)
     cfg = RunConfig.model_validate({"workload": workload, "K": 2, "P": 2})
     metrics, _ = _simulate(cfg)
     assert len(metrics) == 1 and metrics[0]["diverged"] is True

@@ -14,6 +14,7 @@ from kavg_ray.models import build_model
 from kavg_ray.worker import run_training
 
 from .distributed import run_distributed
+from .workloads import diverging_least_squares
 
 
 def _config(**overrides) -> RunConfig:
@@ -140,14 +141,7 @@ def test_resume_from_checkpoint_state_matches_uninterrupted_run() -> None:
 
 def test_divergence_is_reported_and_stops() -> None:
     """Least squares with a step far beyond 2/L blows up: reported as diverged, then stop."""
-    workload = {
-        "dataset": "synthetic",
-        "synthetic": {"task": "least_squares"},
-        "model": "linear",
-        "epochs": 5,
-        "batch_size": 16,
-        "lr": {"initial": 50.0},
-    }
+    workload = diverging_least_squares(epochs=5)
     cfg = RunConfig.model_validate({"workload": workload, "K": 2, "P": 1})
     reports = []
     metrics = run_training(cfg, 0, 1, torch.device("cpu"), lambda m, s: reports.append(m))
