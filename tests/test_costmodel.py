@@ -1,0 +1,317 @@
+"""The communication cost model (kavg_ray.costmodel, DESIGN.md section 10)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from kavg_ray import costmodel as cm
+from kavg_ray.cli import main
+from kavg_ray.errors import BadInputError
+from kavg_ray.results import ResultsStore
+
+KAVG = Path(sys.executable).with_name("kavg")
+
+
+# --------------------------------------------------------------------------- formulas
+
+
+@pytest.mark.parametrize(
+    ("P", "nbytes", "alpha", "beta", "expected"),
+    [
+        (1, 1e9, 1e-3, 1e6, 0.0),  # one learner never communicates
+        (2, 1e6, 1e-5, 1e9, 2e-5 + 1e-3),  # 2*1*a + 2*1/2 * n/b
+        (4, 8e6, 5e-6, 25e9, 6 * 5e-6 + 1.5 * 8e6 / 25e9),
+        (8, 0.0, 1e-6, 1e9, 14e-6),  # latency only
+        (16, 1e8, 0.0, 1e10, 2 * 15 / 16 * 1e-2),  # bandwidth only
+    ],
+)
+def test_allreduce_time_table(P, nbytes, alpha, beta, expected) -> None:
+    assert cm.allreduce_time(P, nbytes, cm.Link(alpha, beta)) == pytest.approx(expected, rel=1e-12)
+
+
+def test_server_time_counts_learner_and_server_link() -> None:
+    learner, server = cm.server_time(4, 10, 6, 1e6, cm.Link(1e-5, 1e9))
+    assert learner == pytest.approx(16 * (1e-5 + 1e-3), rel=1e-12)
+    assert server == pytest.approx(4 * 10 * 1e-3, rel=1e-12)  # max(pushes, pulls) = 10
+
+
+def test_presets_carry_their_line_rates() -> None:
+    assert cm.PRESETS["eth1g"].inter.beta == pytest.approx(0.125e9)
+    assert cm.PRESETS["eth10g"].inter.beta == pytest.approx(1.25e9)
+    assert cm.PRESETS["eth100g"].inter.beta == pytest.approx(12.5e9)
+    assert cm.PRESETS["ib200"].inter.beta == pytest.approx(25e9)
+    assert cm.PRESETS["ib400"].inter.beta == pytest.approx(50e9)
+    assert cm.PRESETS["nvlink"].inter.beta == pytest.approx(300e9)
+    assert cm.PRESETS["eth10g"].inter.alpha == pytest.approx(30e-6)
+
+
+def test_parse_network_forms(tmp_path: Path) -> None:
+    net = cm.parse_network("alpha=2e-5,bandwidth=3")
+    assert (net.inter.alpha, net.inter.beta, net.intra) == (2e-5, 3e9, None)
+    both = cm.parse_network("inter=eth10g,intra=nvlink")
+    assert both.inter == cm.PRESETS["eth10g"].inter
+    assert both.local_link == cm.PRESETS["nvlink"].inter
+    assert cm.parse_network("IB200") is cm.PRESETS["ib200"]
+    path = cm.write_profile(tmp_path / "p.yaml", net)
+    back = cm.parse_network(str(path))
+    assert (back.inter.alpha, back.inter.beta) == (2e-5, pytest.approx(3e9))
+
+
+@pytest.mark.parametrize(
+    "spec",
+    ["alpha=-1,bandwidth=1", "alpha=0,bandwidth=0", "alpha=1e-5", "ethernet", "alpha=x,bandwidth=1",
+     "inter=warp,intra=nvlink", "missing.json"],
+)  # fmt: skip
+def test_parse_network_rejects(spec: str) -> None:
+    with pytest.raises(BadInputError):
+        cm.parse_network(spec)
+
+
+# --------------------------------------------------------------------------- fit
+
+
+def test_fit_recovers_alpha_and_beta() -> None:
+    alpha, beta = 2.5e-5, 3e9
+    link = cm.Link(alpha, beta)
+    sizes = [1e3, 1e4, 1e5, 1e6, 1e7, 1e8]
+    samples = [(P, n, cm.allreduce_time(P, n, link)) for P in (2, 4) for n in sizes]
+    fit = cm.fit_alpha_beta(samples)
+    assert fit.alpha == pytest.approx(alpha, rel=1e-9)
+    assert fit.beta == pytest.approx(beta, rel=1e-9)
+    assert fit.rms_rel_error < 1e-9
+    assert list(fit.residuals.columns) == ["P", "nbytes", "measured_s", "predicted_s", "rel_error"]
+
+
+def test_fit_with_noise_is_close_and_clamps_negative_latency() -> None:
+    rng = np.random.default_rng(0)
+    link = cm.Link(1e-4, 1e9)
+    samples = [
+        (2, n, cm.allreduce_time(2, n, link) * (1 + 0.02 * rng.standard_normal()))
+        for n in np.geomspace(1e3, 1e8, 12)
+    ]
+    fit = cm.fit_alpha_beta(samples)
+    assert fit.alpha == pytest.approx(1e-4, rel=0.1)
+    assert fit.beta == pytest.approx(1e9, rel=0.1)
+    # Pure bandwidth timings minus a little: the free fit would want alpha < 0.
+    bw_only = [(2, n, n / 1e9 - 1e-7) for n in (1e6, 1e7, 1e8)]
+    clamped = cm.fit_alpha_beta(bw_only)
+    assert clamped.alpha == 0.0
+    assert clamped.beta == pytest.approx(1e9, rel=0.05)
+
+
+def test_fit_needs_two_sizes() -> None:
+    with pytest.raises(BadInputError):
+        cm.fit_alpha_beta([(2, 1e6, 1e-3), (2, 1e6, 1.1e-3)])
+
+
+# --------------------------------------------------------------------------- trials
+
+N = 1e8  # bytes per average in the hand-made sweep
+STEPS_PER_EPOCH = 100  # per learner: 4000 samples / (P=4 x B=10)
+ACC = {1: [0.9, 0.95, 0.97], 4: [0.8, 0.9, 0.95], 16: [0.7, 0.85, 0.9]}
+
+
+def _hand_sweep() -> tuple[pd.DataFrame, pd.DataFrame]:
+    """P=4, B=10, K in {1, 4, 16}: K=1 reaches 0.9 at epoch 1, K=4 at 2, K=16 at 3."""
+    trials, hist = [], []
+    for K, accs in ACC.items():
+        tid = f"K{K}-P4-s0"
+        trials.append(
+            {"trial_id": tid, "algorithm": "kavg", "model": "mlp", "dataset": "digits",
+             "backend": "ray", "P": 4, "K": K, "seed": 0, "batch_size": 10, "epochs": 3,
+             "status": "completed", "final_test_acc": accs[-1],
+             "bytes_communicated": (3 * STEPS_PER_EPOCH // K) * N,
+             "rounds": 3 * STEPS_PER_EPOCH // K}
+        )  # fmt: skip
+        for e, acc in enumerate(accs, start=1):
+            rounds = e * STEPS_PER_EPOCH // K
+            hist.append(
+                {"trial_id": tid, "epoch": e, "samples": 4000 * e, "rounds": rounds,
+                 "test_acc": acc, "compute_time_s": 0.02 * STEPS_PER_EPOCH * e,
+                 "comm_time_s": 0.0, "bytes_communicated": rounds * N,
+                 "wall_time_s": 5.0 * e}
+            )  # fmt: skip
+    return pd.DataFrame(trials), pd.DataFrame(hist)
+
+
+def test_time_to_target_of_a_hand_made_history() -> None:
+    trials, hist = _hand_sweep()
+    net = cm.parse_network("alpha=1e-5,bandwidth=2")
+    pred = cm.predict_trials(trials, hist, net, step_time=0.01, target=0.9).set_index("K")
+    per_avg = 2 * 3 * 1e-5 + 1.5 * N / 2e9  # 0.07506 s
+    # K=16 reaches 0.9 at epoch 3: 300 local steps, 18 averages.
+    assert pred.loc[16, "local_steps_to_target"] == 300
+    assert pred.loc[16, "averages_to_target"] == 18
+    assert pred.loc[16, "predicted_time_to_target_s"] == pytest.approx(3.0 + 18 * per_avg)
+    assert pred.loc[4, "predicted_time_to_target_s"] == pytest.approx(2.0 + 50 * per_avg)
+    assert pred.loc[1, "predicted_time_to_target_s"] == pytest.approx(1.0 + 100 * per_avg)
+    assert pred.loc[4, "model_bytes"] == N  # bytes_communicated / rounds
+    assert pred.loc[4, "measured_time_to_target_s"] == 10.0  # wall time at epoch 2
+    # End of the budget (epoch 3) and its communication alone.
+    assert pred.loc[1, "predicted_time_s"] == pytest.approx(3.0 + 300 * per_avg)
+    assert pred.loc[1, "predicted_comm_time_s"] == pytest.approx(300 * per_avg)
+    # Measured step time: compute_time_s / local steps = 0.02 s.
+    measured = cm.predict_trials(trials, hist, net, target=0.9).set_index("K")
+    assert measured.loc[4, "step_time_s"] == pytest.approx(0.02)
+    assert measured.loc[4, "step_time_source"] == "measured"
+    # A target nobody reaches: NaN, not a candidate.
+    never = cm.predict_trials(trials, hist, net, step_time=0.01, target=0.99)
+    assert never["predicted_time_to_target_s"].isna().all()
+
+
+@pytest.mark.parametrize(("bandwidth", "kopt"), [(1000.0, 1), (5.0, 4), (1.0, 16)])
+def test_kopt_by_time_grows_as_bandwidth_falls(bandwidth: float, kopt: int) -> None:
+    trials, hist = _hand_sweep()
+    net = cm.parse_network(f"alpha=0,bandwidth={bandwidth}")
+    pred = cm.predict_trials(trials, hist, net, step_time=0.01, target=0.9)
+    table = cm.kopt_by_predicted_time(pred)
+    assert list(table["K_opt"]) == [kopt]
+    per_avg = 1.5 * N / (bandwidth * 1e9)
+    steps, avgs = {1: (100, 100), 4: (200, 50), 16: (300, 18)}[kopt]
+    assert table["predicted_time_s"].iloc[0] == pytest.approx(0.01 * steps + avgs * per_avg)
+    assert table["measured_time_s"].iloc[0] == 5.0 * steps / 100
+    assert list(table["measured_K_opt"]) == [1]  # wall time here is 5 s per epoch
+
+
+def test_hier_avg_uses_both_links() -> None:
+    trial = {
+        "trial_id": "h", "algorithm": "hier_avg", "model": "mlp", "dataset": "digits",
+        "backend": "ray", "P": 8, "S": 4, "K": 8, "batch_size": 5, "status": "completed",
+    }  # fmt: skip
+    hist = pd.DataFrame(
+        [{"trial_id": "h", "epoch": 1, "samples": 8 * 5 * 64, "rounds": 8, "test_acc": 0.95,
+          "global_reductions": 8, "local_reductions": 24, "compute_time_s": 1.0,
+          "bytes_communicated": 32 * 1e6, "wall_time_s": 2.0}]
+    )  # fmt: skip
+    net = cm.parse_network("alpha=1e-5,bandwidth=1,intra_alpha=1e-6,intra_bandwidth=100")
+    pred = cm.predict_trials(pd.DataFrame([trial]), hist, net, step_time=0.001, target=0.9)
+    g = 8 * (14 * 1e-5 + 2 * 7 / 8 * 1e6 / 1e9)
+    loc = 24 * (6 * 1e-6 + 2 * 3 / 4 * 1e6 / 100e9)
+    assert pred["model_bytes"].iloc[0] == 1e6  # 32 MB over 8 + 24 reductions
+    assert pred["predicted_time_to_target_s"].iloc[0] == pytest.approx(64 * 0.001 + g + loc)
+
+
+def test_parameter_server_and_speedup() -> None:
+    rows, hist = [], []
+    for algo, rounds, sent, acc in (("kavg", 4, 4 * 1e6, 0.9), ("downpour", 128, 128e6, 0.9)):
+        rows.append({"trial_id": algo, "algorithm": algo, "model": "mlp", "dataset": "digits",
+                     "backend": "ray", "P": 2, "K": 16 if algo == "kavg" else 1,
+                     "batch_size": 4, "status": "completed"})  # fmt: skip
+        hist.append({"trial_id": algo, "epoch": 1, "samples": 2 * 4 * 64, "rounds": rounds,
+                     "test_acc": acc, "compute_time_s": 0.64, "bytes_communicated": sent,
+                     "wall_time_s": 1.0})  # fmt: skip
+    net = cm.parse_network("alpha=1e-4,bandwidth=1")
+    pred = cm.predict_trials(
+        pd.DataFrame(rows), pd.DataFrame(hist), net, target=0.9, sizer=lambda m, d: 1e6
+    ).set_index("algorithm")
+    # Downpour: 64 pushes and 64 pulls per learner of 1 MB each.
+    learner = 64 * 0.01 + 128 * (1e-4 + 1e-3)
+    server = 2 * 64 * 1e-3
+    assert pred.loc["downpour", "predicted_time_s"] == pytest.approx(max(learner, server))
+    kavg = 64 * 0.01 + 4 * (2e-4 + 1e-3)
+    assert pred.loc["kavg", "predicted_time_s"] == pytest.approx(kavg)
+    speed = cm.asgd_speedup_table(pred.reset_index())
+    assert speed["speedup_over_downpour"].iloc[0] == pytest.approx(max(learner, server) / kavg)
+
+
+def test_simulated_step_time_is_shared_by_the_stacked_learners() -> None:
+    trials, hist = _hand_sweep()
+    trials["backend"] = "simulated"
+    pred = cm.predict_trials(trials, hist, cm.PRESETS["nvlink"], target=0.9)
+    assert pred["step_time_s"].iloc[0] == pytest.approx(0.02 / 4)
+    assert pred["step_time_source"].iloc[0] == "measured/P (simulated)"
+
+
+def test_model_bytes_from_the_model() -> None:
+    # mlp on digits: 64*128 + 128 + 128*10 + 10 parameters (kavg_ray.models), float32.
+    from kavg_ray.models import build_model
+
+    m = build_model("mlp", (1, 8, 8), 10)
+    assert cm.model_bytes("mlp", "digits") == 4 * sum(p.numel() for p in m.parameters())
+    with pytest.raises(BadInputError):
+        cm.model_bytes("mlp", "imagenet")
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _store_hand_sweep(root: Path, target: float | None = 0.9) -> None:
+    store = ResultsStore(root)
+    trials, hist = _hand_sweep()
+    for row in trials.to_dict("records"):
+        h = hist[hist["trial_id"] == row["trial_id"]].to_dict("records")
+        store.upsert_trial("hand", row, h)
+    spec = {"name": "hand", "workload": {"dataset": "digits", "model": "mlp"}}
+    store.write_spec("hand", {**spec, "target_accuracy": target} if target else spec)
+
+
+def test_cli_kopt_by_time_on_a_network(tmp_path: Path) -> None:
+    _store_hand_sweep(tmp_path)
+    runner = CliRunner()
+    args = ["results", "kopt", "hand", "--storage", str(tmp_path), "--by", "time"]
+    out = {}
+    for net in ("alpha=0,bandwidth=1000", "alpha=0,bandwidth=1"):
+        res = runner.invoke(
+            main, [*args, "--network", net, "--step-time", "0.01", "--format", "json"]
+        )
+        assert res.exit_code == 0, res.output
+        out[net] = json.loads(res.stdout)[0]
+    assert out["alpha=0,bandwidth=1000"]["K_opt"] == 1
+    assert out["alpha=0,bandwidth=1"]["K_opt"] == 16
+    assert out["alpha=0,bandwidth=1"]["predicted_time_s"] == pytest.approx(3 + 18 * 0.15)
+    assert out["alpha=0,bandwidth=1"]["measured_time_s"] == 15.0
+    csv = runner.invoke(main, [*args, "--network", "eth10g", "--format", "csv"])
+    assert csv.exit_code == 0 and "predicted_time_s" in csv.stdout.splitlines()[0]
+    table = runner.invoke(main, [*args, "--network", "eth10g"])
+    assert table.stdout.startswith("network assumed: eth10g")
+
+
+def test_cli_plot_and_report_with_a_network(tmp_path: Path) -> None:
+    _store_hand_sweep(tmp_path)
+    runner = CliRunner()
+    base = ["--storage", str(tmp_path), "--out", str(tmp_path / "out"), "--network", "eth1g"]
+    res = runner.invoke(main, ["results", "plot", "hand", *base])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "out" / "predicted_time_vs_k.png").stat().st_size > 0
+    res = runner.invoke(main, ["results", "report", "hand", *base])
+    assert res.exit_code == 0, res.output
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "Network assumed: eth1g: alpha 50 us, 0.125 GB/s" in text
+
+
+def test_cli_needs_a_target(tmp_path: Path) -> None:
+    _store_hand_sweep(tmp_path, target=None)
+    args = ["results", "kopt", "hand", "--storage", str(tmp_path), "--by", "time"]
+    res = CliRunner().invoke(main, [*args, "--network", "eth10g"])
+    assert res.exit_code == 2 and "--target" in res.stderr
+    res = CliRunner().invoke(main, [*args, "--network", "eth10g", "--target", "0.9"])
+    assert res.exit_code == 0
+
+
+@pytest.mark.parametrize(
+    ("network", "needle"),
+    [("alpha=-1,bandwidth=10", "alpha"), ("warp9", "unknown network"), ("BAD", "profile")],
+)
+def test_cli_bad_network_exits_2_with_one_line(tmp_path: Path, network: str, needle: str) -> None:
+    _store_hand_sweep(tmp_path)
+    if network == "BAD":
+        (tmp_path / "bad.json").write_text("{not json")
+        network = str(tmp_path / "bad.json")
+    proc = subprocess.run(
+        [str(KAVG), "results", "kopt", "hand", "--storage", str(tmp_path), "--by", "time",
+         "--network", network],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], proc.stderr
+    assert proc.stdout == ""
+    assert "Traceback" not in proc.stderr
