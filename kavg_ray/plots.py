@@ -698,3 +698,41 @@ def save_all(
     no history, no P=1 baseline...) is skipped, not an error. Returns the paths written.
     """
     return save_all_detailed(trials, history, out_dir, predicted)[0]
+
+
+# --------------------------------------------------------------------------- predicted time
+
+PREDICTED_TIME_FILE = "predicted_time_vs_k.png"
+
+
+def predicted_time_vs_k(predicted: pd.DataFrame, network: str = "") -> Figure:
+    """Predicted time to target on a network against K, one line per P (log2 K, log time).
+
+    ``predicted``: the frame of :func:`kavg_ray.costmodel.predict_trials`. Points: mean of
+    ``predicted_time_to_target_s`` over completed trials that reached the target; a star
+    marks the K with the least mean (K_opt by time on that network).
+    """
+    metric = "predicted_time_to_target_s"
+    _require(predicted, ("P", "K", metric), "predicted_time_vs_k")
+    df = _numeric(predicted, ("P", "K", metric, *_EXTRA_LINE_KEYS))
+    ok = _completed(df, metric)
+    if not ok.any():
+        raise PlotDataError("predicted_time_vs_k: no completed trial reached the target")
+    facets = [(t, g) for t, g in _facets(df) if ok[g.index].any()]
+    fig, axes = _new_figure(len(facets))
+    fig.suptitle(f"Predicted time to target vs K on {network or 'the network'}", fontsize="large")
+    for ax, (title, g) in zip(axes, facets, strict=True):
+        lines = _line_groups(g[ok[g.index]], "P")
+        for (label, _p, lg), color in zip(lines, _colors(len(lines), "plasma"), strict=True):
+            st = _stats(lg[metric], lg["K"])
+            ax.plot(st["x"], st["mean"], marker="o", color=color, label=label)
+            best = st.loc[st["mean"].idxmin()]
+            ax.plot(
+                [best["x"]], [best["mean"]], marker="*", markersize=15, color=color,
+                markeredgecolor="black", linestyle="none", label="_nolegend_", zorder=5,
+            )  # fmt: skip
+        ax.set_yscale("log")
+        _style(ax, title, "averaging period K (log2)", "predicted time to target (s, log)")
+        _log2_axis(ax, "x", g["K"].dropna())
+        _legend(ax, "learners (star: K_opt)")
+    return fig

@@ -177,6 +177,7 @@ def write_report(
     storage: str | os.PathLike[str] | None,
     out_dir: str | os.PathLike[str],
     predicted: dict[int, int] | None = None,
+    network: tuple | None = None,
 ) -> Path:
     """Write ``<out_dir>/report.md`` (and the plots beside it) for ``sweep``; its path.
 
@@ -222,9 +223,13 @@ def write_report(
         if ttt.notna().any():
             parts += [
                 "## K_opt by time to target\n",
-                "K with the least mean wall-clock time to reach the target accuracy.\n",
+                "K with the least mean wall-clock time to reach the target accuracy, as "
+                "measured on the machine that ran the sweep (no network model assumed).\n",
                 markdown_table(kopt_table(trials, by="time")),
             ]
+
+    if network is not None:
+        parts += _network_section(sweep, storage, trials, out, network)
 
     written, skipped = save_all_detailed(trials, history, out, predicted)
     parts.append("## Plots\n")
@@ -246,3 +251,31 @@ def write_report(
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
     return path
+
+
+def _network_section(
+    sweep: str, storage: Any, trials: pd.DataFrame, out: Path, network: tuple
+) -> list[str]:
+    """K_opt by predicted time on ``network`` = (costmodel.Network, step time, target)."""
+    from kavg_ray import costmodel
+    from kavg_ray.plots import PREDICTED_TIME_FILE, PlotDataError, predicted_time_vs_k
+
+    net, step_time, target = network
+    pred = costmodel.predict_sweep(
+        sweep, storage, net, trials=trials, step_time=step_time, target=target
+    )
+    step = f"{step_time:g} s (given)" if step_time is not None else "measured per trial"
+    parts = [
+        "## K_opt by predicted time on a network\n",
+        f"Network assumed: {net.describe()}. Step time: {step}. Target accuracy: "
+        f"{pred['target_accuracy'].iloc[0] if len(pred) else '?'}. Model: kavg_ray.costmodel "
+        "(no overlap, contention or stragglers).\n",
+        markdown_table(costmodel.kopt_by_predicted_time(pred)),
+    ]
+    try:
+        predicted_time_vs_k(pred, net.name).savefig(out / PREDICTED_TIME_FILE, format="png")
+    except PlotDataError as exc:
+        parts.append(f"Not drawn: {exc}\n")
+    else:
+        parts.append(f"![predicted_time_vs_k]({PREDICTED_TIME_FILE})\n")
+    return parts
