@@ -243,3 +243,33 @@ def test_cli_uncertainty_bad_n_boot_exits_2(tmp_path):
         cli.main, ["results", "kopt", "unc", "--storage", storage, "--uncertainty", "--n-boot", "0"]
     )
     assert res.exit_code == 2
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def test_bootstrap_plot_bars_are_the_frequencies():
+    from kavg_ray import plots
+
+    fig = plots.kopt_bootstrap(table_frame(), n_boot=500, seed=7)
+    ax = next(a for a in fig.axes if a.get_visible())
+    want = bootstrap_kopt(table_frame(), n_boot=500, seed=7)
+    heights = [patch.get_height() for patch in ax.patches]
+    assert heights == pytest.approx(freqs(want, 2) + freqs(want, 4), abs=1e-12)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "2", "4"]
+    one_seed = table_frame({2: {1: [0.5], 2: [0.6]}})
+    with pytest.raises(plots.PlotDataError, match="one seed per K"):
+        plots.kopt_bootstrap(one_seed)
+
+
+def test_kopt_vs_p_draws_the_fitted_curve():
+    from kavg_ray import plots
+
+    table = {2: {1: [0.7], 2: [0.9], 4: [0.8]}, 4: {2: [0.7], 4: [0.9], 8: [0.8]},
+             8: {4: [0.7], 8: [0.9], 16: [0.8]}}  # fmt: skip
+    ax = next(a for a in plots.kopt_vs_p(table_frame(table)).axes if a.get_visible())
+    fit = next(ln for ln in ax.get_lines() if ln.get_label().startswith("fit K ="))
+    x, y = fit.get_xdata(), fit.get_ydata()
+    assert x[0] == pytest.approx(2.0) and x[-1] == pytest.approx(8.0)
+    assert list(y) == pytest.approx(list(x))  # K_opt = P: a = 1, b = 1
+    assert fit.get_label() == "fit K = 1·P^1 (R² = 1.000)"
