@@ -1,0 +1,163 @@
+"""Validation and a worked example of the communication cost model (kavg_ray.costmodel).
+
+``validate``: real K-AVG averages in P spawned processes joined by a gloo group on
+127.0.0.1 (as tests/distributed.py does; no Ray), each learner taking SGD steps on random
+data with the project's KAvgAverager, for an mlp-sized (digits) and a resnet18-sized
+(CIFAR-10) model, P in {2, 4} and several K. Each trial's measured ``comm_time_s``
+(KAvgAverager.stats.seconds, rank 0) is compared with rounds x the ring all-reduce cost
+of a network profile written by ``kavg calibrate``.
+
+``twin``: runs a sweep spec of simulated-backend points in this process, one after the
+other (``kavg_ray.train.run.train``, no Ray), and writes them to a results store, so that
+``kavg results kopt --by time --network`` can be asked about them.
+
+Usage:
+  python benchmarks/costmodel.py validate --profile PROFILE.json [--out FILE.json]
+  python benchmarks/costmodel.py twin SPEC.yaml --storage DIR [--epochs N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kavg_ray import costmodel  # noqa: E402
+
+MODELS = {"mlp": ((1, 8, 8), 10), "resnet18": ((3, 32, 32), 10)}
+PLAN = [  # (model, P, K values, local steps, batch size)
+    ("mlp", 2, (1, 4, 16), 256, 16),
+    ("mlp", 4, (1, 4, 16), 256, 16),
+    ("resnet18", 2, (1, 4, 16), 48, 8),
+    ("resnet18", 4, (1, 4, 16), 48, 8),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _learner(rank: int, world: int, port: int, model: str, K: int, steps: int, B: int,
+             out: str) -> None:  # fmt: skip
+    import torch
+    import torch.distributed as dist
+
+    from kavg_ray.averaging import KAvgAverager
+    from kavg_ray.models import build_model
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(rank)
+    shape, classes = MODELS[model]
+    net = build_model(model, shape, classes)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    avg = KAvgAverager(net, period=K)
+    x, y = torch.randn(B, *shape), torch.randint(0, classes, (B,))
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        avg.step()
+    wall = time.perf_counter() - start
+    if rank == 0:
+        row = {"model": model, "P": world, "K": K, "steps": steps, "batch_size": B,
+               "rounds": avg.stats.count, "model_bytes": avg.flat.nbytes,
+               "comm_time_s": avg.stats.seconds, "wall_time_s": wall}  # fmt: skip
+        Path(out).write_text(json.dumps(row))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run_trial(model: str, P: int, K: int, steps: int, B: int) -> dict:
+    """One K-AVG trial in P spawned gloo processes; rank 0's measured row."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "row.json")
+        mp.spawn(_learner, args=(P, _free_port(), model, K, steps, B, out), nprocs=P, join=True)
+        return json.loads(Path(out).read_text())
+
+
+def validate(profile: str, out: str | None) -> list[dict]:
+    """Every trial of PLAN: measured comm_time_s against rounds x all-reduce cost."""
+    net = costmodel.parse_network(profile)
+    rows = []
+    for model, P, ks, steps, B in PLAN:
+        for K in ks:
+            row = run_trial(model, P, K, steps, B)
+            per_avg = costmodel.allreduce_time(P, row["model_bytes"], net.inter)
+            row["predicted_comm_s"] = row["rounds"] * per_avg
+            row["ratio"] = row["predicted_comm_s"] / row["comm_time_s"]
+            rows.append(row)
+            print(
+                f"{model:9s} P={P} K={K:2d} rounds={row['rounds']:3d} n={row['model_bytes']:>9d} B "
+                f"measured {row['comm_time_s']:.4f}s predicted {row['predicted_comm_s']:.4f}s "
+                f"ratio {row['ratio']:.2f}",
+                flush=True,
+            )
+    if out:
+        doc = {"profile": net.to_dict(), "trials": rows, "load_avg": os.getloadavg()}
+        Path(out).write_text(json.dumps(doc, indent=2) + "\n")
+    return rows
+
+
+def twin(spec: str, storage: str, epochs: int | None) -> None:
+    """Run a sweep spec's simulated points in this process into ``storage``."""
+    import yaml
+
+    from kavg_ray.config import load_sweep
+    from kavg_ray.launch.sweep import trial_row
+    from kavg_ray.results import ResultsStore
+    from kavg_ray.train.run import train
+
+    sweep = load_sweep(spec)
+    store = ResultsStore(storage)
+    points = sweep.points()
+    name = points[0].name
+    store.write_spec(name, yaml.safe_load(Path(spec).read_text()))
+    for cfg in points:
+        if epochs is not None:
+            cfg = cfg.model_copy(update={"workload": cfg.workload.model_copy(
+                update={"epochs": epochs})})  # fmt: skip
+        history: list[dict] = []
+        t0 = time.perf_counter()
+        train(cfg, lambda m, _s, h=history: h.extend([*m.get("history_before", []), m]))
+        hist = [{k: v for k, v in h.items() if k != "history_before"} for h in history]
+        status = "diverged" if hist and hist[-1].get("diverged") else "completed"
+        tid = cfg.trial_name()
+        store.upsert_trial(name, trial_row(name, tid, cfg, hist, status), hist)
+        print(f"{tid}: {status} acc {hist[-1]['test_acc']:.4f} in {time.perf_counter() - t0:.1f}s",
+              flush=True)  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    v = sub.add_parser("validate")
+    v.add_argument("--profile", required=True)
+    v.add_argument("--out", default=None)
+    t = sub.add_parser("twin")
+    t.add_argument("spec")
+    t.add_argument("--storage", required=True)
+    t.add_argument("--epochs", type=int, default=None)
+    args = parser.parse_args()
+    if args.cmd == "validate":
+        validate(args.profile, args.out)
+    else:
+        twin(args.spec, args.storage, args.epochs)
+
+
+if __name__ == "__main__":
+    main()

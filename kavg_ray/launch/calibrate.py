@@ -1,0 +1,226 @@
+"""`kavg calibrate`: time averages over N Ray Train workers and fit a network profile.
+
+The workers are a Ray Train ``TorchTrainer`` with N workers, the backend a training run
+would use (gloo on CPU, NCCL on GPU). Every worker times the operation K-AVG's averager
+performs for one average (kavg_ray.averaging: one all-reduce of a flat float32 buffer,
+plus one in-place division by N on gloo, which has no average operation) for each size,
+``repeats`` times after a warm-up; a repeat's time is the slowest worker's (an average
+ends when the last learner has it), and a size's time is the median repeat. The driver
+fits alpha and beta of the ring all-reduce cost (kavg_ray.costmodel.fit_alpha_beta) to
+those times over every N given, and writes the profile ``--network FILE`` reads.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import re
+import tempfile
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from kavg_ray.costmodel import Fit, Link, Network, fit_alpha_beta, write_profile
+from kavg_ray.errors import BadInputError, KavgError
+
+DEFAULT_SIZES = "4k,64k,1M,8M,32M"
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]?)b?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}
+
+
+def parse_sizes(text: str) -> list[int]:
+    """Byte sizes from ``4k,64k,1M`` (decimal k, M, G; an optional trailing B), each a
+    positive multiple of 4 bytes after rounding (float32 elements), sorted, unique."""
+    sizes: set[int] = set()
+    for part in (text or "").split(","):
+        m = _SIZE_RE.match(part)
+        if not m:
+            raise BadInputError(f"bad size {part.strip()!r} in --sizes: use e.g. 4k,64k,1M,32M")
+        n = int(float(m.group(1)) * _UNITS[m.group(2).lower()]) // 4 * 4
+        if not 4 <= n <= 4 * 10**9:
+            raise BadInputError(f"size {part.strip()!r} in --sizes must be 4 B to 4 GB")
+        sizes.add(n)
+    if len(sizes) < 2:
+        raise BadInputError("--sizes needs at least two different sizes to fit alpha and beta")
+    return sorted(sizes)
+
+
+def time_averages(sizes: Sequence[int], repeats: int, warmup: int = 2) -> list[float]:
+    """Median seconds of one average of each size over the default process group.
+
+    Call on every rank of an initialised torch.distributed group; every rank returns
+    the same list (per repeat, the slowest rank's time).
+    """
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    nccl = dist.get_backend() == dist.Backend.NCCL
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    medians = []
+    for n in sizes:
+        buf = torch.ones(n // 4, dtype=torch.float32, device=device)
+        times = torch.zeros(repeats, dtype=torch.float64)
+        for i in range(warmup + repeats):
+            dist.barrier()
+            start = time.perf_counter()
+            if nccl:
+                dist.all_reduce(buf, op=dist.ReduceOp.AVG)
+                torch.cuda.synchronize(device)
+            else:
+                dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+                buf.div_(world)
+            if i >= warmup:
+                times[i - warmup] = time.perf_counter() - start
+        slowest = times.to(device)
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+        medians.append(float(slowest.cpu().median()))
+    return medians
+
+
+def _worker_loop(config: dict) -> None:
+    """Ray Train worker: time the averages; rank 0 hands them to the driver's collector."""
+    import ray
+    import ray.train
+    import torch
+
+    torch.set_num_threads(max(1, int(config["threads"])))
+    times = time_averages(config["sizes"], config["repeats"])
+    if ray.train.get_context().get_world_rank() == 0:
+        ray.get(config["collector"].put.remote(times))
+
+
+def _connect(address: str | None) -> bool:
+    """Connect to ``address`` with the sweep's connect(), or start a local Ray on 127.0.0.1.
+
+    Returns whether this call started or joined Ray (and so must shut it down).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address:
+        try:
+            from kavg_ray.launch.sweep import connect
+        except ImportError:  # the layout before kavg_ray.launch
+            from kavg_ray.sweep import connect  # type: ignore[no-redef]
+        return connect(address)
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    ray.init(
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        runtime_env={"env_vars": {"RAY_TRAIN_V2_ENABLED": "1"}},
+    )
+    return True
+
+
+def _measure(P: int, sizes: list[int], repeats: int, use_gpu: bool, cpus: float) -> list[float]:
+    """Times of one average per size over ``P`` Ray Train workers (one TorchTrainer run)."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    @ray.remote(num_cpus=0)
+    class Collector:
+        def __init__(self) -> None:
+            self.times: list[float] | None = None
+
+        def put(self, times: list[float]) -> None:
+            self.times = times
+
+        def get(self) -> list[float] | None:
+            return self.times
+
+    collector = Collector.remote()
+    per_worker = {"CPU": cpus, **({"GPU": 1.0} if use_gpu else {})}
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    with tempfile.TemporaryDirectory(prefix="kavg-calibrate-") as storage:
+        trainer = TorchTrainer(
+            _worker_loop,
+            train_loop_config={
+                "sizes": sizes,
+                "repeats": repeats,
+                "collector": collector,
+                "threads": cpus,
+            },  # fmt: skip
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            scaling_config=ScalingConfig(
+                num_workers=P, use_gpu=use_gpu, resources_per_worker=per_worker
+            ),
+            run_config=RunConfig(name=f"calibrate-P{P}-{stamp}", storage_path=storage),
+        )
+        trainer.fit()
+    times = ray.get(collector.get.remote())
+    if times is None:
+        raise KavgError(f"calibration over P={P} workers ended without timings")
+    return times
+
+
+def calibrate(
+    P_values: Sequence[int],
+    sizes: Sequence[int],
+    *,
+    address: str | None = None,
+    repeats: int = 10,
+    use_gpu: bool = False,
+    cpus_per_worker: float | None = None,
+    echo: Callable[[str], Any] = print,
+) -> tuple[Fit, dict[str, Any]]:
+    """Time averages over each P in ``P_values`` and fit alpha and beta; (fit, details)."""
+    import ray
+
+    connected_here = _connect(address)
+    samples: list[tuple[int, float, float]] = []
+    try:
+        total_cpu = float(ray.cluster_resources().get("CPU", 1.0))
+        for P in P_values:
+            cpus = cpus_per_worker or min(1.0, total_cpu / P)
+            echo(f"[kavg] calibrate: P={P}, {len(sizes)} sizes x {repeats} repeats, "
+                 f"{'nccl' if use_gpu else 'gloo'}, {cpus:g} CPU per worker")  # fmt: skip
+            times = _measure(P, list(sizes), repeats, use_gpu, cpus)
+            samples += [(P, float(n), t) for n, t in zip(sizes, times, strict=True)]
+    except KavgError:
+        raise
+    except Exception as exc:
+        raise KavgError(f"calibration failed: {type(exc).__name__}: {exc}") from exc
+    finally:
+        if connected_here:
+            ray.shutdown()
+    details = {
+        "address": address or "local (127.0.0.1)",
+        "backend": "nccl" if use_gpu else "gloo",
+        "P": list(P_values),
+        "repeats": repeats,
+        "measurements": [{"P": p, "nbytes": int(n), "seconds": t} for p, n, t in samples],
+    }
+    return fit_alpha_beta(samples), details
+
+
+def profile_of(fit: Fit, details: dict[str, Any], name: str) -> Network:
+    """The network profile of a calibration (fit, its residuals and the raw timings)."""
+    created = _dt.datetime.now(tz=_dt.timezone.utc).isoformat(timespec="seconds")
+    extra = {"calibration": {**details, "created": created, "rms_rel_error": fit.rms_rel_error}}
+    source = f"kavg calibrate, {details['backend']} over P={details['P']}, {details['address']}"
+    return Network(name, Link(fit.alpha, fit.beta), None, source, extra)
+
+
+def format_fit(fit: Fit) -> str:
+    """The fit and its residuals, as lines of text."""
+    lines = [
+        f"alpha = {fit.alpha * 1e6:.4g} us   beta = {fit.beta / 1e9:.4g} GB/s   "
+        f"rms relative residual = {fit.rms_rel_error:.3f}",
+        f"{'P':>3} {'bytes':>12} {'measured s':>12} {'fit s':>12} {'residual':>9}",
+    ]
+    for r in fit.residuals.to_dict("records"):
+        lines.append(
+            f"{r['P']:>3} {int(r['nbytes']):>12,} {r['measured_s']:>12.6f} "
+            f"{r['predicted_s']:>12.6f} {r['rel_error']:>+9.1%}"
+        )
+    return "\n".join(lines)
+
+
+def write_calibration(path: str, fit: Fit, details: dict[str, Any], name: str | None) -> str:
+    """Write the profile file of a calibration; its path."""
+    stem = os.path.splitext(os.path.basename(path))[0] or "calibrated"
+    return str(write_profile(path, profile_of(fit, details, name or stem)))
