@@ -1,7 +1,8 @@
 """Parameter-server throughput and staleness against the number of concurrent pushers.
 
-The :class:`kavg_ray.asgd.ParameterServer` runs as a real Ray actor, created as
-:func:`kavg_ray.asgd.start_server` creates it (``num_cpus=0``, one method at a time), holding
+The :class:`kavg_ray.train.parameter_server.ParameterServer` runs as a real Ray actor, created as
+:func:`kavg_ray.launch.ray_train.start_server` creates it (``num_cpus=0``, one method at a
+time), holding
 the flat float32 model (parameters + floating buffers) of ``build_model``:
 
   mlp       digits-sized: input (1, 8, 8), 10 classes (9,610 values, 38 KB)
@@ -47,9 +48,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kavg_ray.asgd import ParameterServer  # noqa: E402
 from kavg_ray.averaging import FlatModel  # noqa: E402
 from kavg_ray.models import build_model  # noqa: E402
+from kavg_ray.train.parameter_server import ParameterServer  # noqa: E402
 
 SEED = 0
 MODELS = {"mlp": (1, 8, 8), "resnet18": (3, 32, 32)}

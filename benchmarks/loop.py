@@ -1,6 +1,6 @@
-"""Training throughput of the worker loop against a bare hand-written torch loop (P = 1).
+"""Training throughput of the epoch loop against a bare hand-written torch loop (P = 1).
 
-``ours`` calls ``kavg_ray.worker.run_training`` in-process (P = 1, K = 4, no
+``ours`` calls ``kavg_ray.train.train`` (the epoch loop) in-process (P = 1, K = 4, no
 torch.distributed) and reads the ``compute_time_s`` it reports: the time inside the
 per-epoch batch loops only (no model build, no data loading, no per-epoch evaluation).
 ``bare`` is the loop a user would write by hand on the same model (same seed), the same
@@ -15,7 +15,7 @@ Workloads:
   fake32-cnn  the CNN on a synthetic CIFAR-shaped set (uint8 3x32x32, CIFAR normalization and
               random crop + flip, as CIFAR-10 is served), batch 32: the image path. The bare
               loop does the same prepare + augment per batch. Supplied by monkeypatching
-              ``kavg_ray.worker.load_dataset``.
+              ``kavg_ray.train.workload.load_dataset``.
 
 Usage: python benchmarks/loop.py [--reps 5] [--workloads digits-mlp,digits-cnn,fake32-cnn]
        [--threads 1] [--clock cpu|wall]
@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import kavg_ray.worker as worker  # noqa: E402
+import kavg_ray.train.loop as loop  # noqa: E402
 from kavg_ray.config import RunConfig  # noqa: E402
 from kavg_ray.data import (  # noqa: E402
     CIFAR10_MEAN,
@@ -54,6 +54,7 @@ from kavg_ray.data import (  # noqa: E402
     steps_per_epoch,
 )
 from kavg_ray.models import build_model  # noqa: E402
+from kavg_ray.train import train  # noqa: E402
 
 SEED = 0
 K = 4
@@ -63,7 +64,7 @@ clock = time.perf_counter  # set by main()
 
 
 class _ClockShim:
-    """Stands in for the ``time`` module inside kavg_ray.worker during a ``--clock cpu`` run."""
+    """Stands in for the ``time`` module inside kavg_ray.train.loop during a ``--clock cpu`` run."""
 
     def __init__(self) -> None:
         self.calls = 0
@@ -145,19 +146,19 @@ def run_ours(wl: Workload) -> tuple[float, float]:
         workload.update(dataset="cifar10", data_dir=_empty_cifar_dir())
     doc = {"name": "bench", "workload": workload, "K": K, "P": 1, "seed": SEED}
     cfg = RunConfig.model_validate(doc)
-    original = worker.load_dataset
+    original = workload.load_dataset
     if wl.dataset == "fake32":
-        worker.load_dataset = lambda *a, **k: fake32()
-    # run_training times its batch loops with time.perf_counter(); route that to our clock.
-    shim, real_time = _ClockShim(), worker.time
-    worker.time = shim
+        workload.load_dataset = lambda *a, **k: fake32()
+    # run_epochs times its batch loops with time.perf_counter(); route that to our clock.
+    shim, real_time = _ClockShim(), loop.time
+    loop.time = shim
     try:
-        metrics = worker.run_training(cfg, 0, 1, torch.device("cpu"), lambda m, s: None)
+        metrics = train(cfg, lambda m, s: None)
     finally:
-        worker.load_dataset = original
-        worker.time = real_time
+        workload.load_dataset = original
+        loop.time = real_time
     if shim.calls == 0:
-        raise RuntimeError("kavg_ray.worker no longer calls time.perf_counter(); fix the shim")
+        raise RuntimeError("kavg_ray.train.loop no longer calls time.perf_counter(); fix the shim")
     return metrics["compute_time_s"], float(metrics["samples"])
 
 

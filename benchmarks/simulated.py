@@ -1,9 +1,11 @@
 """Throughput of the simulated backend beside P real gloo processes running the same loop.
 
-``simulated``: ``kavg_ray.simulated.run_simulated``: all P learners stacked in this process
+``simulated``: the stacked engine (``kavg_ray.train.stacked``, via ``kavg_ray.train.train``):
+all P learners stacked in this process
 (``--sim-threads`` intra-op threads each run; default 1 and 2).
 ``gloo``: P spawned processes joined by a gloo group on 127.0.0.1, each calling
-``kavg_ray.worker.run_training`` with one thread (as ``tests/distributed.py`` does).
+the process-group engine (``kavg_ray.train.train``) with one thread (as
+``tests/distributed.py`` does).
 
 Both run the same config (K-AVG, K = 4, batch 16 per learner, the same epochs, seeds and
 mini-batches). samples/s is ``samples / wall_time_s`` of the last report: the training loop
@@ -35,8 +37,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kavg_ray.config import RunConfig  # noqa: E402
-from kavg_ray.simulated import run_simulated  # noqa: E402
-from kavg_ray.worker import run_training  # noqa: E402
+from kavg_ray.train import train  # noqa: E402
 
 K = 4
 BATCH = 16
@@ -68,7 +69,7 @@ def run_sim(cfg: RunConfig, threads: int) -> dict:
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return run_simulated(cfg, torch.device("cpu"), lambda m, s: None)
+        return train(cfg.model_copy(update={"backend": "simulated"}), lambda m, s: None)
     finally:
         torch.set_num_threads(before)
 
@@ -83,8 +84,8 @@ def _rank_entry(rank: int, world: int, port: int, doc: dict, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    metrics = run_training(
-        RunConfig.model_validate(doc), rank, world, torch.device("cpu"), lambda m, s: None
+    metrics = train(
+        RunConfig.model_validate(doc), lambda m, s: None, rank=rank, world_size=world
     )
     if rank == 0:
         Path(out).write_text(json.dumps(metrics))

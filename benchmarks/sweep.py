@@ -2,7 +2,7 @@
 
 All run in one Ray session, in turn, P workers each:
 - trivial: a TorchTrainer whose workers report one empty metric and return;
-- kavg: `kavg_ray.ray_train.make_trainer` for one epoch of digits/mlp, whose one report
+- kavg: `kavg_ray.launch.ray_train.make_trainer` for one epoch of digits/mlp, whose one report
   carries the learners' checkpoint; its overhead is the fit's wall time minus the time
   the worker loop itself measured (training, averaging and evaluation of that epoch);
 - kavg, no checkpoint: the same with `failure.checkpoint_every_epochs: 0`, which splits
@@ -27,8 +27,8 @@ from ray.train import ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from kavg_ray.config import RunConfig
-from kavg_ray.ray_train import make_trainer
-from kavg_ray.sweep import connect
+from kavg_ray.launch.ray_train import make_trainer
+from kavg_ray.launch.sweep import connect
 
 
 def _trivial_loop(config: dict) -> None:

@@ -86,6 +86,33 @@ class FlatModel:
         return all(start <= p.data_ptr() < end for p in self.model.parameters())
 
 
+class AveragingSchedule:
+    """Which optimizer steps end with an average, and over whom.
+
+    Steps are counted from 1. After step s: a global average (all learners) when s is a
+    multiple of ``global_period``; otherwise a local one (inside each group) when
+    ``local_period`` is set and divides s; otherwise none. K-AVG is ``global_period=K``;
+    Hier-AVG is ``global_period=K2, local_period=K1``. The real averagers and the stacked
+    (simulated) engine both follow it.
+    """
+
+    def __init__(self, global_period: int, local_period: int | None = None) -> None:
+        self.global_period = global_period
+        self.local_period = local_period
+
+    def action(self, step: int) -> str | None:
+        """"global", "local" or None: what follows optimizer step ``step``."""
+        if step % self.global_period == 0:
+            return "global"
+        if self.local_period is not None and step % self.local_period == 0:
+            return "local"
+        return None
+
+    def in_sync(self, step: int) -> bool:
+        """True when every learner holds the same model after step ``step``."""
+        return step % self.global_period == 0
+
+
 def _group_size(group: dist.ProcessGroup | None) -> int:
     if not dist.is_available() or not dist.is_initialized():
         return 1
@@ -173,11 +200,12 @@ class KAvgAverager(_Averager):
         self.process_group = process_group
         self.world_size = _group_size(process_group)
         self.stats = CommStats()
+        self.schedule = AveragingSchedule(period)
 
     def step(self) -> bool:
         """Count one optimizer step; average if it is a multiple of K. Returns whether it did."""
         self.step_count += 1
-        if self.step_count % self.period == 0:
+        if self.schedule.action(self.step_count) == "global":
             self.average()
             return True
         return False
@@ -189,7 +217,7 @@ class KAvgAverager(_Averager):
     @property
     def in_sync(self) -> bool:
         """True when the last step was an averaging step (all models equal)."""
-        return self.step_count % self.period == 0
+        return self.schedule.in_sync(self.step_count)
 
 
 class HierAvgAverager(_Averager):
@@ -239,17 +267,17 @@ class HierAvgAverager(_Averager):
                     self.local_group = group
         self.local_stats = CommStats()
         self.global_stats = CommStats()
+        self.schedule = AveragingSchedule(global_period, local_period)
 
     def step(self) -> str | None:
         """Count one optimizer step; returns "global", "local" or None for what it did."""
         self.step_count += 1
-        if self.step_count % self.global_period == 0:
+        action = self.schedule.action(self.step_count)
+        if action == "global":
             self.average()
-            return "global"
-        if self.step_count % self.local_period == 0:
+        elif action == "local":
             self.average_local()
-            return "local"
-        return None
+        return action
 
     def average(self) -> None:
         """Average over all P learners, now."""
@@ -266,7 +294,7 @@ class HierAvgAverager(_Averager):
 
     @property
     def in_sync(self) -> bool:
-        return self.step_count % self.global_period == 0
+        return self.schedule.in_sync(self.step_count)
 
     @property
     def stats(self) -> CommStats:

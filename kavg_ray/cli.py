@@ -28,29 +28,20 @@ class BadInput(click.ClickException):
         click.echo(f"error: {self.format_message()}", err=True)
 
 
-def _input_error_types() -> tuple[type[Exception], ...]:
-    """The project's bad-input errors, from the modules loaded so far (no new imports)."""
-    from kavg_ray.config import ConfigError
-
-    errors: tuple[type[Exception], ...] = (ConfigError,)
-    if "kavg_ray.results" in sys.modules:
-        errors += (sys.modules["kavg_ray.results"].ResultsError,)
-    if "kavg_ray.sweep" in sys.modules:
-        errors += (sys.modules["kavg_ray.sweep"].SweepError,)
-    return errors
-
-
 def _user_errors(fn: Callable) -> Callable:
-    """Turn the project's input errors into exit code 2 with one line."""
+    """The project's errors (kavg_ray.errors) end the command: one line, their exit code."""
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from kavg_ray.errors import KavgError
+
         try:
             return fn(*args, **kwargs)
-        except Exception as exc:
-            if isinstance(exc, _input_error_types()):
+        except KavgError as exc:
+            if exc.exit_code == 2:
                 raise BadInput(str(exc)) from None
-            raise
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
 
     return wrapper
 
@@ -83,7 +74,7 @@ def train(config: str, address: str | None, storage: str | None) -> None:
 
     cfg = load_run(config)
     storage = _storage(storage)
-    from kavg_ray.sweep import run_sweep
+    from kavg_ray.launch.sweep import run_sweep
 
     tid = cfg.trial_name()
     statuses = run_sweep(
@@ -128,7 +119,7 @@ def sweep_run(
     sweep_name = _check_name(name or points[0].name)
     storage = _storage(storage)
     from kavg_ray import results
-    from kavg_ray.sweep import run_sweep
+    from kavg_ray.launch.sweep import run_sweep
 
     run_sweep(
         sweep_name, points, read_yaml(spec), storage, address=address, resume=resume,
@@ -164,24 +155,6 @@ def sweep_run(
         sys.exit(1)
 
 
-def _job_errors(fn: Callable) -> Callable:
-    """kavg_ray.jobs errors: exit 2 for bad input, 1 for a cluster that fails; one line."""
-
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from kavg_ray.jobs import JobsError
-
-        try:
-            return fn(*args, **kwargs)
-        except JobsError as exc:
-            if exc.exit_code == 2:
-                raise BadInput(str(exc)) from None
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(exc.exit_code)
-
-    return wrapper
-
-
 @sweep.command("submit")
 @click.argument("spec", type=click.Path(dir_okay=True))
 @click.option("--address", default=None, help="the dashboard, http://HOST:8265 [$RAY_ADDRESS]")
@@ -198,14 +171,13 @@ def _job_errors(fn: Callable) -> Callable:
     help="an environment variable for the job and its workers (repeatable)",
 )
 @_user_errors
-@_job_errors
 def sweep_submit(
     spec: str, address: str | None, storage: str | None, name: str | None, resume: bool,
     ship_package: bool, python: str, env: tuple[str, ...],
 ) -> None:  # fmt: skip
     """Submit a sweep to a Ray cluster as a Ray Job; prints the job id and its dashboard page."""
-    from kavg_ray import jobs
     from kavg_ray.config import load_sweep
+    from kavg_ray.launch import jobs
 
     address = jobs.check_dashboard_address(address or os.environ.get("RAY_ADDRESS"))
     env_vars = jobs.parse_env(env)
@@ -233,12 +205,11 @@ def sweep_submit(
 @click.option("--storage", default=None, help="results directory [the job's, ./kavg_results]")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
 @_user_errors
-@_job_errors
 def sweep_status(name_or_job: str, address: str | None, storage: str | None, fmt: str) -> None:
     """A sweep's progress: job state (for a job id), trials finished / total, best so far."""
     import json
 
-    from kavg_ray import jobs
+    from kavg_ray.launch import jobs
 
     if jobs.is_job_id(name_or_job):
         info = jobs.job_info(address, name_or_job)
@@ -267,10 +238,9 @@ def sweep_status(name_or_job: str, address: str | None, storage: str | None, fmt
 @click.option("--address", default=None, help="the dashboard, http://HOST:8265 [$RAY_ADDRESS]")
 @click.option("--follow", "-f", is_flag=True, help="keep printing until the job ends")
 @_user_errors
-@_job_errors
 def sweep_logs(job_id: str, address: str | None, follow: bool) -> None:
     """Print a submitted sweep's logs."""
-    from kavg_ray import jobs
+    from kavg_ray.launch import jobs
 
     if follow:
         jobs.follow_logs(address, job_id, click.echo)
@@ -282,10 +252,9 @@ def sweep_logs(job_id: str, address: str | None, follow: bool) -> None:
 @click.argument("job_id")
 @click.option("--address", default=None, help="the dashboard, http://HOST:8265 [$RAY_ADDRESS]")
 @_user_errors
-@_job_errors
 def sweep_stop(job_id: str, address: str | None) -> None:
     """Stop a submitted sweep; the trials finished so far stay in the results store."""
-    from kavg_ray import jobs
+    from kavg_ray.launch import jobs
 
     if jobs.stop(address, job_id):
         click.echo(f"stopping job {job_id}; finished trials stay in the results store")
@@ -329,18 +298,86 @@ def results_show(sweep_name: str, storage: str | None, fmt: str) -> None:
     click.echo(results.format_frame(df, fmt))
 
 
+_NETWORK_HELP = "a preset (nvlink, ib200, ib400, eth1g, eth10g, eth100g), alpha=S,bandwidth=GB/s"
+
+
+def _network_options(fn: Callable) -> Callable:
+    """--network, --step-time and --target (DESIGN.md section 10), passed as `net`, a tuple
+    (costmodel.Network or None, step time or None, target or None), checked before use."""
+
+    @wraps(fn)
+    def wrapper(
+        *args: Any, network: str | None, step_time: float | None, target: float | None, **kw: Any
+    ) -> Any:
+        if network is None:
+            if step_time is not None or target is not None:
+                raise BadInput("--step-time and --target need --network")
+            return fn(*args, net=None, **kw)
+        from kavg_ray.costmodel import parse_network
+
+        return fn(*args, net=(parse_network(network), step_time, target), **kw)
+
+    for opt in (
+        click.option("--target", type=float, default=None,
+                     help="target accuracy for --network [the sweep's target_accuracy]"),
+        click.option("--step-time", type=float, default=None,
+                     help="seconds per local step on the target hardware [measured]"),
+        click.option("--network", default=None,
+                     help=f"predict time on {_NETWORK_HELP} or a profile FILE"),
+    ):  # fmt: skip
+        wrapper = opt(wrapper)
+    return wrapper
+
+
+def _kopt_on_network(sweep_name: str, storage: str, fmt: str, by: str, net: tuple) -> None:
+    """`results kopt --by time --network ...`: K_opt by predicted time on that network."""
+    from kavg_ray import costmodel, results
+
+    if by != "time":
+        raise BadInput("--network predicts time: use it with --by time")
+    network, step_time, target = net
+    trials = _trials_with_predictions(_check_name(sweep_name), storage)
+    pred = costmodel.predict_sweep(
+        sweep_name, storage, network, trials=trials, step_time=step_time, target=target
+    )
+    if fmt == "table":
+        click.echo(f"network assumed: {network.describe()}")
+    click.echo(results.format_frame(costmodel.kopt_by_predicted_time(pred), fmt))
+
+
 @results_group.command("kopt")
 @click.argument("sweep_name")
 @click.option("--by", type=click.Choice(["accuracy", "time"]), default="accuracy")
 @click.option("--storage", default=None, help="results directory [./kavg_results, $KAVG_STORAGE]")
 @click.option("--format", "fmt", type=FORMATS, default="table")
+@click.option("--uncertainty", is_flag=True, help="bootstrap over seeds and a K_opt(P) fit")
+@click.option("--n-boot", type=click.IntRange(1, 1_000_000), default=1000, show_default=True)
+@click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="bootstrap seed")
 @_user_errors
-def results_kopt(sweep_name: str, by: str, storage: str | None, fmt: str) -> None:
-    """The best K per P (by final accuracy, or by time to the target accuracy)."""
+@_network_options
+def results_kopt(
+    sweep_name: str, by: str, storage: str | None, fmt: str,
+    uncertainty: bool = False, n_boot: int = 1000, seed: int = 0, net: tuple | None = None,
+) -> None:  # fmt: skip
+    """The best K per P (by final accuracy, or by time to the target accuracy).
+
+    With --uncertainty: how often each K is best over bootstrap resamples of the seeds,
+    and K_opt(P) = a * P^b fitted across P, with predictions at P not run.
+    """
     from kavg_ray import results
 
     storage = _storage(storage)
+    if net is not None:
+        if uncertainty:
+            raise BadInput("--uncertainty does not combine with --network")
+        return _kopt_on_network(sweep_name, storage, fmt, by, net)
     trials = _trials_with_predictions(_check_name(sweep_name), storage)
+    if uncertainty:
+        from kavg_ray import uncertainty as unc
+
+        frames = unc.uncertainty_report(trials, by=by, n_boot=n_boot, seed=seed)
+        click.echo(unc.format_uncertainty(frames, fmt, n_boot, seed), nl=False)
+        return
     click.echo(results.format_frame(results.kopt_table(trials, by=by), fmt))
 
 
@@ -357,14 +394,30 @@ def _trials_with_predictions(sweep_name: str, storage: str):  # noqa: ANN202
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="folder for PNGs")
 @click.option("--storage", default=None, help="results directory [./kavg_results, $KAVG_STORAGE]")
 @_user_errors
-def results_plot(sweep_name: str, out: str, storage: str | None) -> None:
-    """Plot accuracy against K per P, accuracy per epoch, K_opt, speedup and gap (PNG)."""
+@_network_options
+def results_plot(sweep_name: str, out: str, storage: str | None, net: tuple | None = None) -> None:
+    """Plot accuracy against K per P, accuracy per epoch, K_opt, speedup and gap (PNG);
+    with --network, also the predicted time to target against K on that network."""
     from kavg_ray import plots, results
 
     storage = _storage(storage)
     trials = _trials_with_predictions(_check_name(sweep_name), storage)
     history = results.load_history(sweep_name, storage)
     written, skipped = plots.save_all_detailed(trials, history, out)
+    if net is not None:
+        from kavg_ray import costmodel
+
+        network, step_time, target = net
+        pred = costmodel.predict_sweep(
+            sweep_name, storage, network, trials=trials, step_time=step_time, target=target
+        )
+        try:
+            fig = plots.predicted_time_vs_k(pred, network.name)
+        except plots.PlotDataError as exc:
+            skipped["predicted_time_vs_k"] = str(exc)
+        else:
+            written.append(os.path.join(out, plots.PREDICTED_TIME_FILE))
+            fig.savefig(written[-1], dpi=plots.DPI, format="png")
     for path in written:
         click.echo(str(path))
     for name, why in skipped.items():
@@ -376,13 +429,52 @@ def results_plot(sweep_name: str, out: str, storage: str | None) -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="output folder")
 @click.option("--storage", default=None, help="results directory [./kavg_results, $KAVG_STORAGE]")
 @_user_errors
-def results_report(sweep_name: str, out: str, storage: str | None) -> None:
-    """One Markdown page: spec, tables, K_opt per P and the plots."""
+@_network_options
+def results_report(
+    sweep_name: str, out: str, storage: str | None, net: tuple | None = None
+) -> None:
+    """One Markdown page: spec, tables, K_opt per P and the plots (and, with --network,
+    K_opt by predicted time on that network)."""
     from kavg_ray.report import write_report
 
     storage = _storage(storage)
-    path = write_report(_check_name(sweep_name), storage, out)
+    path = write_report(_check_name(sweep_name), storage, out, network=net)
     click.echo(str(path))
+
+
+@main.command()
+@click.option("--address", default=None, help="Ray cluster address [a local Ray on 127.0.0.1]")
+@click.option("--P", "P", type=click.IntRange(2), multiple=True, required=True,
+              help="workers to average over (repeatable: one fit over all)")
+@click.option("--sizes", default="4k,64k,1M,8M,32M", show_default=True,
+              help="bytes per average, comma-separated (decimal k, M, G)")
+@click.option("--repeats", type=click.IntRange(1, 10_000), default=10, show_default=True)
+@click.option("--gpu", is_flag=True, help="one GPU per worker and NCCL (default: CPU and gloo)")
+@click.option("--cpus-per-worker", type=click.FloatRange(0, min_open=True), default=None,
+              help="CPUs per worker [1, less if the cluster has fewer than P]")
+@click.option("--out", default="network-profile.json", show_default=True,
+              help="profile file to write (.json, or .yaml/.yml)")
+@click.option("--name", default=None, help="the profile's name [the file's stem]")
+@_user_errors
+def calibrate(
+    address: str | None, P: tuple[int, ...], sizes: str, repeats: int, gpu: bool,
+    cpus_per_worker: float | None, out: str, name: str | None,
+) -> None:  # fmt: skip
+    """Time averages of several sizes over P Ray workers, fit alpha and beta by least
+    squares, print the fit and its residuals, and write a profile for --network FILE."""
+    from kavg_ray.launch.calibrate import parse_sizes
+
+    size_list = parse_sizes(sizes)
+    if not out.lower().endswith((".json", ".yaml", ".yml")):
+        raise BadInput(f"--out {out!r} must end in .json, .yaml or .yml")
+    from kavg_ray.launch import calibrate as cal
+
+    fit, details = cal.calibrate(
+        sorted(set(P)), size_list, address=address, repeats=repeats, use_gpu=gpu,
+        cpus_per_worker=cpus_per_worker, echo=lambda m: click.echo(m, err=True),
+    )  # fmt: skip
+    click.echo(cal.format_fit(fit))
+    click.echo(f"profile: {cal.write_calibration(out, fit, details, name)}")
 
 
 @main.group()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -24,11 +25,37 @@ from pydantic import (
     model_validator,
 )
 
-DATASETS = ("digits", "synthetic", "cifar10")
-MODELS = ("linear", "mlp", "cnn", "vgg16", "nin", "resnet18")
-ALGORITHMS = ("kavg", "hier_avg", "downpour", "eamsgd")
-# The asynchronous parameter-server baselines (kavg_ray.asgd) and their own keys.
-ASGD_KEYS = {"downpour": ("fetch_period", "push_period"), "eamsgd": ("tau", "beta")}
+from kavg_ray.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """One row of the algorithm table: what a name means to validation, engines and rows."""
+
+    name: str
+    keys: tuple[str, ...]  # its own config keys, all required
+    period_key: str  # the key reported as K in trial rows (the steps between updates)
+    trial_head: str  # trial-name head, formatted with the config's keys and P
+    needs_server: bool  # runs against a parameter server (kavg_ray.train.parameter_server)
+    backends: tuple[str, ...]  # the backends it runs on
+
+
+ALGORITHMS: dict[str, Algorithm] = {
+    a.name: a
+    for a in (
+        Algorithm("kavg", ("K",), "K", "K{K}-P{P}", False, ("ray", "simulated")),
+        Algorithm(
+            "hier_avg", ("S", "K1", "K2"), "K2", "S{S}-K1_{K1}-K2_{K2}-P{P}", False,
+            ("ray", "simulated"),
+        ),  # fmt: skip
+        Algorithm(
+            "downpour", ("fetch_period", "push_period"), "push_period",
+            "downpour-f{fetch_period}-p{push_period}-P{P}", True, ("ray",),
+        ),  # fmt: skip
+        Algorithm("eamsgd", ("tau", "beta"), "tau", "eamsgd-t{tau}-b{beta}-P{P}", True, ("ray",)),
+    )
+}
+ALGORITHM_KEYS = tuple(dict.fromkeys(k for a in ALGORITHMS.values() for k in a.keys))
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 # Keys a sweep's grid may vary, and where each lives in a run config.
 GRID_KEYS = {
@@ -49,32 +76,14 @@ GRID_KEYS = {
 }
 # Swept keys that the trial name ``K4-P2-s0`` does not already show; a grid over them
 # appends ``-lr0.05``, ``-batch_size32`` ... so that every grid point has its own name.
-CORE_KEYS = ("K", "P", "seed", "S", "K1", "K2", "fetch_period", "push_period", "tau", "beta")
+CORE_KEYS = ("P", "seed", *ALGORITHM_KEYS)
 MAX_GRID_POINTS = 10_000
 MAX_FILE_BYTES = 1_000_000
-MAX_MESSAGE_CHARS = 1_000
 # The side of the images of each data set (None: flat vectors), and the smallest image
 # side each convolutional model accepts (see kavg_ray.models); checked here so that a
 # mismatch is refused before Ray starts rather than inside a worker.
 _IMAGE_SIDE = {"digits": 8, "cifar10": 32, "synthetic": None}
 _MIN_IMAGE_SIDE = {"cnn": 2, "vgg16": 32, "nin": 4, "resnet18": 8}
-
-
-def _one_line(text: str) -> str:
-    """``text`` with line breaks and other control characters escaped, and capped in length."""
-    out = "".join(
-        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text
-    )
-    if len(out) > MAX_MESSAGE_CHARS:
-        out = out[: MAX_MESSAGE_CHARS - 3] + "..."
-    return out
-
-
-class ConfigError(Exception):
-    """A config or spec that cannot be run; the message is one line for the user."""
-
-    def __init__(self, message: object) -> None:
-        super().__init__(_one_line(str(message)))
 
 
 class _Strict(BaseModel):
@@ -213,7 +222,7 @@ class RunConfig(_Strict):
 
     name: str = "run"
     workload: WorkloadConfig = WorkloadConfig()
-    algorithm: Literal["kavg", "hier_avg", "downpour", "eamsgd"] = "kavg"
+    algorithm: Literal[tuple(ALGORITHMS)] = "kavg"  # type: ignore[valid-type]
     backend: Literal["ray", "simulated"] = Field(
         default="ray",
         description="ray: P Ray Train workers; simulated: all P learners stacked in one process",
@@ -257,57 +266,31 @@ class RunConfig(_Strict):
             )
         if inject is not None and self.backend != "ray":
             raise ValueError("failure.inject kills a Ray Train worker: it needs backend ray")
-        if self.algorithm in ASGD_KEYS:
-            return self._check_asgd()
-        given = [k for keys in ASGD_KEYS.values() for k in keys if getattr(self, k) is not None]
-        if given:
-            raise ValueError(
-                f"{', '.join(given)} belong to algorithms downpour/eamsgd, not {self.algorithm}"
-            )
-        if self.algorithm == "kavg":
-            if self.K is None:
-                raise ValueError("algorithm kavg needs K")
-            if any(v is not None for v in (self.S, self.K1, self.K2)):
-                raise ValueError("S, K1, K2 belong to algorithm hier_avg; kavg takes K")
-        else:
-            missing = [k for k in ("S", "K1", "K2") if getattr(self, k) is None]
-            if missing:
-                raise ValueError(
-                    f"algorithm hier_avg needs S, K1 and K2 (missing: {', '.join(missing)})"
-                )
-            if self.K is not None:
-                raise ValueError("algorithm hier_avg takes S, K1, K2, not K")
+        return self._check_algorithm_keys()
+
+    def _check_algorithm_keys(self) -> RunConfig:
+        algo = ALGORITHMS[self.algorithm]
+        own = " and ".join(", ".join(algo.keys).rsplit(", ", 1))
+        foreign = [k for k in ALGORITHM_KEYS if k not in algo.keys and getattr(self, k) is not None]
+        if foreign:
+            raise ValueError(f"algorithm {algo.name} takes {own}, not {', '.join(foreign)}")
+        missing = [k for k in algo.keys if getattr(self, k) is None]
+        if missing:
+            which = f" (missing: {', '.join(missing)})" if len(algo.keys) > 1 else ""
+            raise ValueError(f"algorithm {algo.name} needs {own}{which}")
+        if self.backend not in algo.backends:
+            raise ValueError(f"algorithm {algo.name} needs backend ray (a parameter server)")
+        if algo.name == "hier_avg":
             if self.S > self.P:
                 raise ValueError(f"S={self.S} is larger than P={self.P}")
             if self.P % self.S:
                 raise ValueError(f"S={self.S} does not divide P={self.P}")
             if self.K2 % self.K1:
                 raise ValueError(f"K2={self.K2} is not a multiple of K1={self.K1}")
-        return self
-
-    def _check_asgd(self) -> RunConfig:
-        own = ASGD_KEYS[self.algorithm]
-        foreign = [k for k in ("K", "S", "K1", "K2") if getattr(self, k) is not None]
-        foreign += [
-            k for keys in ASGD_KEYS.values() for k in keys
-            if k not in own and getattr(self, k) is not None
-        ]  # fmt: skip
-        if foreign:
-            raise ValueError(
-                f"algorithm {self.algorithm} takes {' and '.join(own)}, not {', '.join(foreign)}"
-            )
-        missing = [k for k in own if getattr(self, k) is None]
-        if missing:
-            raise ValueError(
-                f"algorithm {self.algorithm} needs {' and '.join(own)} "
-                f"(missing: {', '.join(missing)})"
-            )
-        if self.algorithm == "eamsgd" and self.beta / self.P >= 1:
+        if algo.name == "eamsgd" and self.beta / self.P >= 1:
             raise ValueError(
                 f"EAMSGD moving rate alpha = beta / P = {self.beta}/{self.P} must be below 1"
             )
-        if self.backend != "ray":
-            raise ValueError(f"algorithm {self.algorithm} needs backend ray (a parameter server)")
         return self
 
     @property
@@ -319,11 +302,7 @@ class RunConfig(_Strict):
     def period(self) -> int:
         """The communication period: K, K2 for Hier-AVG, push_period for Downpour, tau for
         EAMSGD (the steps between two updates a learner makes to the shared model)."""
-        if self.algorithm == "downpour":
-            return self.push_period
-        if self.algorithm == "eamsgd":
-            return self.tau
-        return self.K if self.algorithm == "kavg" else self.K2
+        return getattr(self, ALGORITHMS[self.algorithm].period_key)
 
     def trial_name(self, extra: Mapping[str, Any] | None = None) -> str:
         """A stable name for this run or grid point, e.g. ``K4-P8-s0``.
@@ -332,14 +311,10 @@ class RunConfig(_Strict):
         momentum) gets that key's value appended: ``K4-P8-s0-lr0.05``. ``extra`` overrides
         the appended keys and values (default: the keys this point's sweep varies).
         """
-        if self.algorithm == "kavg":
-            head = f"K{self.K}-P{self.P}"
-        elif self.algorithm == "downpour":
-            head = f"downpour-f{self.fetch_period}-p{self.push_period}-P{self.P}"
-        elif self.algorithm == "eamsgd":
-            head = f"eamsgd-t{self.tau}-b{_name_value(self.beta)}-P{self.P}"
-        else:
-            head = f"S{self.S}-K1_{self.K1}-K2_{self.K2}-P{self.P}"
+        algo = ALGORITHMS[self.algorithm]
+        head = algo.trial_head.format(
+            P=self.P, **{k: _name_value(getattr(self, k)) for k in algo.keys}
+        )
         if extra is None:
             extra = {key: self.grid_value(key) for key in self._name_extra}
         tail = "".join(f"-{key}{_name_value(value)}" for key, value in extra.items())

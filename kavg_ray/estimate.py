@@ -53,8 +53,7 @@ from kavg_ray.data import (
     least_squares_constants,
     load_dataset,
 )
-from kavg_ray.models import build_model
-from kavg_ray.worker import loss_fn
+from kavg_ray.train.workload import build_workload, loss_fn, seed_dropout
 
 __all__ = [
     "Estimates",
@@ -139,22 +138,12 @@ def probe_trajectory(
     steps_wanted = _point_steps(probe_steps, points)
     device = torch.device(device)
     wl = cfg.workload
-    data = load_dataset(
-        wl.dataset,
-        data_dir=wl.data_dir,
-        download=wl.download,
-        seed=cfg.seed,
-        synthetic=wl.synthetic,
-    )
-    torch.manual_seed(cfg.seed)
-    model = build_model(wl.model, data.input_shape, data.num_classes).to(device)
-    for name in ("train_x", "train_y", "test_x", "test_y"):
-        setattr(data, name, getattr(data, name).to(device))
+    work = build_workload(cfg, device)
+    data, model, criterion = work.data, work.model, work.loss
     optimizer = torch.optim.SGD(
         model.parameters(), lr=wl.lr.initial, momentum=wl.momentum, weight_decay=wl.weight_decay
     )
-    torch.manual_seed(cfg.seed * 1_000_003)  # the worker's dropout seed for rank 0
-    criterion = loss_fn(data)
+    seed_dropout(cfg, 0)  # the engines' dropout seed for rank 0
     model.train()
 
     def snapshot() -> dict[str, Tensor]:

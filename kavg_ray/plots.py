@@ -7,7 +7,8 @@ back from the matplotlib objects. One subplot per workload (algorithm, dataset, 
 
 - :func:`accuracy_vs_k`: final test accuracy against K, one line per P (Figures 5, 6);
 - :func:`accuracy_vs_epoch`: test accuracy against epoch, one line per K, one subplot per P;
-- :func:`kopt_vs_p`: measured (and predicted) K_opt against P;
+- :func:`kopt_vs_p`: measured (and predicted) K_opt against P, with the fitted K_opt(P);
+- :func:`kopt_bootstrap`: how often each K is best over bootstrap resamples of the seeds;
 - :func:`speedup_vs_p`: time at P=1 / time at P, one line per K (Figures 3, 4);
 - :func:`gap_vs_sequential`: K-AVG accuracy minus sequential SGD's (P=1), one line per K
   (Figure 7);
@@ -36,6 +37,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
+from kavg_ray.errors import PlotDataError
 from kavg_ray.results import VARYING_GROUP_KEYS, _mean_std, kopt_table
 
 __all__ = [
@@ -44,6 +46,7 @@ __all__ = [
     "accuracy_vs_epoch",
     "accuracy_vs_k",
     "gap_vs_sequential",
+    "kopt_bootstrap",
     "kopt_vs_p",
     "save_all",
     "save_all_detailed",
@@ -55,6 +58,7 @@ PLOT_FILES: dict[str, str] = {
     "accuracy_vs_k": "accuracy_vs_k.png",
     "accuracy_vs_epoch": "accuracy_vs_epoch.png",
     "kopt_vs_p": "kopt_vs_p.png",
+    "kopt_bootstrap": "kopt_bootstrap.png",
     "speedup_vs_p": "speedup_vs_p.png",
     "gap_vs_sequential": "gap_vs_sequential.png",
 }
@@ -67,8 +71,6 @@ _SUBPLOT_W, _SUBPLOT_H = 6.4, 4.6
 _MAX_COLS = 3
 
 
-class PlotDataError(ValueError):
-    """The frames lack the data a plot needs (no completed trial, no P=1 baseline...)."""
 
 
 # --------------------------------------------------------------------------- helpers
@@ -453,6 +455,7 @@ def kopt_vs_p(trials: pd.DataFrame, predicted: Mapping[int, int] | None = None) 
             color="tab:blue",
             label="measured K_opt (bar: K within 1 std)",
         )
+        _draw_kopt_fit(ax, x, y)
         yticks: list[float] = list(y) + [v for r in ranges for v in r]
         xticks: list[float] = list(x)
         pred: dict[float, float] = {}
@@ -663,6 +666,7 @@ def save_all_detailed(
         "accuracy_vs_k": lambda: accuracy_vs_k(trials),
         "accuracy_vs_epoch": lambda: _epoch_or_skip(history, trials),
         "kopt_vs_p": lambda: kopt_vs_p(trials, predicted),
+        "kopt_bootstrap": lambda: kopt_bootstrap(trials),
         "speedup_vs_p": lambda: speedup_vs_p(trials),
         "gap_vs_sequential": lambda: gap_vs_sequential(trials),
     }
@@ -736,3 +740,66 @@ def predicted_time_vs_k(predicted: pd.DataFrame, network: str = "") -> Figure:
         _log2_axis(ax, "x", g["K"].dropna())
         _legend(ax, "learners (star: K_opt)")
     return fig
+
+
+# --------------------------------------------------------------------------- K_opt uncertainty
+
+
+def kopt_bootstrap(trials: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> Figure:
+    """How often each K is best over bootstrap resamples of the seeds, bars per P.
+
+    Frequencies of :func:`kavg_ray.uncertainty.bootstrap_kopt` (by final accuracy; ties
+    split equally). Needs some K with two or more seeds: with one seed per K the
+    bootstrap says nothing the K_opt table does not.
+    """
+    from kavg_ray.uncertainty import bootstrap_kopt
+
+    _require(trials, ("P", "K", "status", "final_test_acc"), "kopt_bootstrap")
+    boot = bootstrap_kopt(trials, by="accuracy", n_boot=n_boot, seed=seed)
+    if boot.empty:
+        raise PlotDataError("no completed trial: K_opt is undefined for every P")
+    if (boot["n_seeds"] < 2).all():
+        raise PlotDataError("one seed per K: a bootstrap over seeds needs several seeds")
+    boot = _numeric(boot, ("P", "K", "freq_best"))
+    facets = _facets(boot)
+    fig, axes = _new_figure(len(facets))
+    fig.suptitle(
+        f"How often each K is best over {n_boot} bootstrap resamples of the seeds",
+        fontsize="large",
+    )
+    for ax, (title, g) in zip(axes, facets, strict=True):
+        ks = sorted(g["K"].unique())
+        lines = _line_groups(g, "P")
+        width = 0.8 / len(lines)
+        for i, ((label, _p, gp), color) in enumerate(
+            zip(lines, _colors(len(lines)), strict=True)
+        ):
+            offset = (i - (len(lines) - 1) / 2) * width
+            x = [ks.index(k) + offset for k in gp["K"]]
+            ax.bar(x, gp["freq_best"], width=width, color=color, label=label)
+        ax.set_xticks(range(len(ks)), [_fmt_num(k) for k in ks])
+        ax.set_ylim(0.0, 1.05)
+        _style(ax, title, "averaging period K", "share of resamples where K is best")
+        _legend(ax, "learners")
+    return fig
+
+
+def _draw_kopt_fit(ax: Axes, P: Iterable[float], K: Iterable[float]) -> None:
+    """Draw K_opt = a * P^b fitted over P >= 2 (:func:`kavg_ray.uncertainty.fit_power_law`)
+    across the measured P range, when two or more distinct P (one K_opt each) allow it."""
+    from kavg_ray.uncertainty import MIN_FIT_P, fit_power_law
+
+    pts = [(float(p), float(k)) for p, k in zip(P, K, strict=True) if p >= MIN_FIT_P and k > 0]
+    ps = [p for p, _ in pts]
+    if len(set(ps)) < 2 or len(set(ps)) != len(ps):
+        return
+    fit = fit_power_law(ps, [k for _, k in pts])
+    xs = np.geomspace(min(ps), max(ps), 64)
+    ax.plot(
+        xs,
+        fit.predict(xs),
+        linestyle=":",
+        linewidth=1.8,
+        color="tab:green",
+        label=f"fit K = {fit.a:.3g}·P^{fit.b:.3g} (R² = {fit.r2:.3f})",
+    )

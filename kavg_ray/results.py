@@ -32,6 +32,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from kavg_ray.errors import ResultsError
+
 __all__ = [
     "HISTORY_COLUMNS",
     "KOPT_COLUMNS",
@@ -138,8 +140,6 @@ _MAX_NAME_LEN = 128
 _TIE_RTOL = 1e-12
 
 
-class ResultsError(Exception):
-    """A user-facing results problem (unknown sweep, unreadable file); one-line message."""
 
 
 def _one_line(text: object) -> str:

@@ -8,8 +8,8 @@ import yaml
 from click.testing import CliRunner
 
 from kavg_ray import cli
+from kavg_ray.launch.sweep import trial_row
 from kavg_ray.results import ResultsStore
-from kavg_ray.sweep import trial_row
 
 SPEC = {
     "name": "partial",
@@ -57,7 +57,7 @@ def test_unfinished_grid_points_exit_1_with_the_resume_command(
     monkeypatch.delenv("KAVG_STORAGE", raising=False)
     monkeypatch.delenv("KAVG_RESUME_COMMAND", raising=False)
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(SPEC))
-    monkeypatch.setattr("kavg_ray.sweep.run_sweep", _fake_sweep(statuses))
+    monkeypatch.setattr("kavg_ray.launch.sweep.run_sweep", _fake_sweep(statuses))
     store = str(tmp_path / "store")
     result = CliRunner().invoke(
         cli.main, ["sweep", "run", "spec.yaml", "--storage", store, *args]
@@ -71,7 +71,7 @@ def test_all_points_finished_exits_0(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(SPEC))
     monkeypatch.setattr(
-        "kavg_ray.sweep.run_sweep", _fake_sweep(["completed", "diverged", "completed"])
+        "kavg_ray.launch.sweep.run_sweep", _fake_sweep(["completed", "diverged", "completed"])
     )
     result = CliRunner().invoke(cli.main, ["sweep", "run", "spec.yaml", "--storage", "s"])
     assert result.exit_code == 0, result.output

@@ -193,8 +193,8 @@ def test_hier_avg_valid():
         (_hier(S=None), "algorithm hier_avg needs S, K1 and K2 (missing: S)"),
         (_hier(K1=None), "algorithm hier_avg needs S, K1 and K2 (missing: K1)"),
         (_hier(K2=None, S=None), "algorithm hier_avg needs S, K1 and K2 (missing: S, K2)"),
-        (_hier(K=4), "algorithm hier_avg takes S, K1, K2, not K"),
-        ({"K": 4, "S": 2}, "S, K1, K2 belong to algorithm hier_avg; kavg takes K"),
+        (_hier(K=4), "algorithm hier_avg takes S, K1 and K2, not K"),
+        ({"K": 4, "S": 2}, "algorithm kavg takes K, not S"),
         ({"P": 2}, "algorithm kavg needs K"),
     ],
 )
@@ -452,7 +452,7 @@ def test_theory_estimate_key() -> None:
 
 
 def test_checkpoint_schedule_exact():
-    from kavg_ray.ray_train import checkpoint_due
+    from kavg_ray.launch.ray_train import checkpoint_due
 
     def due(every: int, epochs: int) -> list[int]:
         cfg = RunConfig.model_validate(
@@ -471,7 +471,7 @@ def test_checkpoint_schedule_exact():
 
 
 def test_a_diverged_epoch_is_checkpointed_when_checkpoints_are_on():
-    from kavg_ray.ray_train import checkpoint_due
+    from kavg_ray.launch.ray_train import checkpoint_due
 
     def cfg(every: int) -> RunConfig:
         return RunConfig.model_validate(

@@ -3,7 +3,7 @@
 A submitted sweep is one Ray Job whose entrypoint is `python -m kavg_ray.cli sweep run
 spec.yaml --address auto --storage DIR --name NAME`, run on the head node by the
 cluster. The spec travels as text in the job's environment (`KAVG_SWEEP_SPEC`), and
-`python -m kavg_ray.jobs` writes it to `spec.yaml` before running the sweep. (A
+`python -m kavg_ray.launch.job_entry` writes it to `spec.yaml` before running the sweep. (A
 `working_dir` holding the spec was tried first: on this stack the driver of such a job
 died importing torch, "Intel oneMKL FATAL ERROR: Cannot load libtorch_cpu.so".) The
 package itself must be installed on the cluster's nodes (the image), or shipped with
@@ -29,9 +29,10 @@ import math
 import os
 import re
 import shlex
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from kavg_ray.errors import JobsError
 
 JOB_ID_PREFIXES = ("raysubmit_",)
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -41,12 +42,6 @@ SPEC_ENV = "KAVG_SWEEP_SPEC"  # the spec's text, in the job's environment
 MAX_SPEC_BYTES = 100_000  # one environment variable holds at most 128 KiB on Linux
 
 
-class JobsError(Exception):
-    """A job command that cannot go on; ``exit_code`` 2 for bad input, 1 otherwise."""
-
-    def __init__(self, message: str, exit_code: int = 1) -> None:
-        super().__init__(" ".join(str(message).split()))
-        self.exit_code = exit_code
 
 
 def auth_token() -> str | None:
@@ -138,9 +133,9 @@ def parse_env(pairs: tuple[str, ...] | list[str]) -> dict[str, str]:
 
 
 def entrypoint(sweep: str, storage: str, resume: bool = False, python: str = "python") -> str:
-    """The job's command: `python -m kavg_ray.jobs` writes the spec from the job's
+    """The job's command: `python -m kavg_ray.launch.job_entry` writes the spec from the job's
     environment to spec.yaml and runs `kavg sweep run spec.yaml --address auto ...`."""
-    args = [python, "-m", "kavg_ray.jobs", "--storage", storage, "--name", sweep]
+    args = [python, "-m", "kavg_ray.launch.job_entry", "--storage", storage, "--name", sweep]
     if resume:
         args.append("--resume")
     return shlex.join(args)
@@ -314,34 +309,3 @@ def format_status(status: dict[str, Any]) -> str:
         )
     lines.append(f"results: {os.path.join(status['storage'], status['sweep'])}")
     return "\n".join(lines)
-
-
-def _job_main(argv: list[str] | None = None) -> None:
-    """The job's entrypoint on the head node: spec from $KAVG_SWEEP_SPEC, then `sweep run`."""
-    import sys
-
-    from kavg_ray.cli import main
-
-    argv = sys.argv[1:] if argv is None else argv
-    text = os.environ.get(SPEC_ENV)
-    if not text:
-        print(f"error: ${SPEC_ENV} is empty: submit with 'kavg sweep submit'", file=sys.stderr)
-        sys.exit(2)
-    with tempfile.TemporaryDirectory(prefix="kavg-job-") as folder:
-        path = os.path.join(folder, SPEC_NAME)
-        Path(path).write_text(text)
-        # What the user runs to finish this sweep if the job ends early: a new job.
-        from kavg_ray.sweep import job_env_vars
-
-        env = [
-            f"--env={k}={v}"
-            for k, v in job_env_vars().items()
-            if k not in (SPEC_ENV, "PYTHONUNBUFFERED")
-        ]
-        rest = shlex.join([a for a in argv if a != "--resume"] + env)
-        os.environ[RESUME_ENV] = f"kavg sweep submit SPEC.yaml --address DASHBOARD --resume {rest}"
-        main(["sweep", "run", path, "--address", "auto", *argv])
-
-
-if __name__ == "__main__":
-    _job_main()

@@ -1,4 +1,4 @@
-"""Ray Train glue: one run of the worker loop on P Ray Train workers (Train V2).
+"""Ray Train glue: one run of the epoch loop (kavg_ray.train) on Ray Train workers (V2).
 
 Each learner writes its own checkpoint file into the epoch's checkpoint
 directory (Ray gives all ranks the same directory name), so a restarted worker
@@ -12,6 +12,7 @@ import os
 import signal
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pyarrow.fs
 import ray.train
@@ -20,7 +21,9 @@ from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from kavg_ray.config import RunConfig
-from kavg_ray.worker import run_training
+from kavg_ray.launch.dashboard import record_epoch
+from kavg_ray.train import train
+from kavg_ray.train.parameter_server import ParameterServer, initial_params
 
 STATE_FILE = "learner-{rank}.pt"
 # Beside the run's checkpoints: the fault of `failure.inject` has been injected already.
@@ -82,6 +85,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     def report(metrics: dict, state: dict | None) -> None:
         if state is not None:  # a trained epoch (None: a replay of finished ones)
+            if rank == 0:
+                record_epoch(cfg, metrics)  # dashboard metrics, every engine alike
             _inject_fault(cfg, rank, metrics["epoch"])
         if state is None or not checkpoint_due(
             cfg, metrics["epoch"], bool(metrics.get("diverged"))
@@ -96,19 +101,20 @@ def train_loop_per_worker(config: dict) -> None:
                 checkpoint_dir_name=f"epoch-{metrics['epoch']:06d}",
             )
 
-    if cfg.algorithm in ("downpour", "eamsgd"):
-        # The asynchronous baselines talk to the parameter-server actor of this run.
-        from kavg_ray.asgd import run_downpour, run_eamsgd
+    train(
+        cfg, report, rank=rank, world_size=world, device=device, resume=resume,
+        server=config.get("server"),
+    )  # fmt: skip
 
-        loop = run_downpour if cfg.algorithm == "downpour" else run_eamsgd
-        loop(cfg, rank, world, device, report, config["server"], resume=resume)
-    elif cfg.backend == "simulated":
-        # All P learners stacked in this one worker (kavg_ray.simulated).
-        from kavg_ray.simulated import run_simulated
 
-        run_simulated(cfg, device, report, resume=resume)
-    else:
-        run_training(cfg, rank, world, device, report, resume=resume)
+def start_server(cfg: RunConfig) -> Any:
+    """A ParameterServer Ray actor holding ``cfg``'s initial model (kill it when done).
+
+    It asks for no CPU, so it fits beside the P learners, and opts out of the calling Tune
+    trial's placement group.
+    """
+    actor_cls = ray.remote(ParameterServer).options(num_cpus=0, scheduling_strategy="DEFAULT")
+    return actor_cls.remote(initial_params(cfg))
 
 
 def make_trainer(
@@ -120,7 +126,8 @@ def make_trainer(
 ) -> TorchTrainer:
     """A TorchTrainer running `cfg` on P workers, NCCL on GPUs and gloo otherwise.
 
-    ``server``: the ParameterServer actor handle (kavg_ray.asgd) of a downpour/eamsgd run.
+    ``server``: the ParameterServer actor handle (:func:`start_server`) of a Downpour or
+    EAMSGD run.
     """
     res = cfg.resources
     per_worker = {"CPU": res.cpus_per_worker}

@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kavg_ray.config import RunConfig
+from kavg_ray.config import ALGORITHMS, RunConfig
+from kavg_ray.errors import SweepError
 from kavg_ray.results import ResultsStore
 
 HISTORY_KEYS = (
@@ -27,8 +28,6 @@ HISTORY_KEYS = (
 )  # fmt: skip
 
 
-class SweepError(Exception):
-    """A sweep that cannot start (the cluster cannot place it, the name is taken...)."""
 
 
 def trial_row(
@@ -74,7 +73,7 @@ def trial_row(
     row["global_reductions"] = last.get("global_reductions", row["rounds"])
     row["local_comm_time_s"] = last.get("local_comm_time_s", 0.0)
     row["global_comm_time_s"] = last.get("global_comm_time_s", row["comm_time_s"])
-    if cfg.algorithm in ("downpour", "eamsgd"):
+    if ALGORITHMS[cfg.algorithm].needs_server:
         # Parameter-server runs: staleness (mean of the per-epoch means, overall max).
         means = [h["staleness_mean"] for h in history if _finite(h.get("staleness_mean"))]
         maxes = [h["staleness_max"] for h in history if _finite(h.get("staleness_max"))]
@@ -128,15 +127,13 @@ def _trial_fn(config: dict) -> None:
     """One Tune trial: a TorchTrainer with P workers, reporting into this trial."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from kavg_ray.ray_train import make_trainer
+    from kavg_ray.launch.ray_train import make_trainer, start_server
 
     trial = config["trial"]
     cfg = RunConfig.model_validate(trial["run"])
     server = None
-    if cfg.algorithm in ("downpour", "eamsgd"):
+    if ALGORITHMS[cfg.algorithm].needs_server:
         # Downpour/EAMSGD: the trial owns a parameter-server actor for its learners.
-        from kavg_ray.asgd import start_server
-
         server = start_server(cfg)
     try:
         trainer = make_trainer(
@@ -175,7 +172,7 @@ def _make_callback(
             rows[:] = [r for r in rows if r["epoch"] < result["epoch"]]
             rows.append(_history_row(result))
             if progress:
-                from kavg_ray.worker import format_progress
+                from kavg_ray.train.loop import format_progress
 
                 echo(format_progress(configs[tid], result))
 
@@ -294,7 +291,7 @@ def check_simulated_memory(points: list[RunConfig]) -> None:
         return
     import torch
 
-    from kavg_ray.simulated import check_memory
+    from kavg_ray.train.stacked import check_memory
 
     for cfg in sim:
         try:

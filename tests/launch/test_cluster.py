@@ -30,7 +30,7 @@ import yaml
 
 pytestmark = pytest.mark.ray
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LOCAL_SH = ROOT / "cluster" / "local.sh"
 BIN = Path(sys.executable).parent
 
@@ -281,7 +281,7 @@ def _scrape(cluster: Cluster) -> str:
 def test_trial_metrics_reach_prometheus(cluster: Cluster) -> None:
     if not getattr(cluster, "finished_job", None):
         pytest.skip("needs the submitted sweep")
-    from kavg_ray.metrics import GAUGES
+    from kavg_ray.launch.dashboard import GAUGES
 
     # The counter outlives the trial's worker; the gauges were seen while trials ran.
     deadline = time.monotonic() + 30

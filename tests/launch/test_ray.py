@@ -2,7 +2,7 @@
 
 Each starts a local Ray (dashboard on 127.0.0.1) and stops it when the command ends.
 These are the slow tests (about a minute each on 2 cores); the algorithms are
-tested without Ray in test_averaging.py and test_worker.py.
+tested without Ray in test_averaging.py and tests/train/.
 """
 
 from __future__ import annotations

@@ -32,18 +32,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from kavg_ray.config import RunConfig
 from kavg_ray.results import ResultsStore
-from kavg_ray.worker import run_training
+from kavg_ray.train import train
 
-from .distributed import run_distributed
+from ..distributed import run_distributed
 
 pytestmark = pytest.mark.ray
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 WORKLOAD = {"dataset": "digits", "model": "mlp", "batch_size": 16, "lr": {"initial": 0.1}}
 # Every metric of a report that the trajectory determines (wall clock excluded).
 TRAJECTORY = ("epoch", "samples", "rounds", "train_loss", "test_loss", "test_acc")
@@ -136,7 +135,7 @@ def _free_port() -> int:
 def _reference_rank(rank: int, world: int, doc: dict, out: str) -> None:
     cfg = RunConfig.model_validate(doc)
     reports: list[dict] = []
-    run_training(cfg, rank, world, torch.device("cpu"), lambda m, s: reports.append(m))
+    train(cfg, lambda m, s: reports.append(m), rank=rank, world_size=world)
     if rank == 0:
         Path(out).write_text(json.dumps(reports))
 

@@ -1,4 +1,4 @@
-"""Downpour and EAMSGD on a parameter server (kavg_ray.asgd).
+"""Downpour and EAMSGD on a parameter server (kavg_ray.train.parameter_server).
 
 The learner loops run here in-process against a plain ParameterServer object (P = 1);
 the last test runs both algorithms for real on Ray (P = 2, one sweep, one Ray start).
@@ -20,13 +20,14 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from kavg_ray.asgd import ParameterServer, initial_params, run_downpour, run_eamsgd
 from kavg_ray.config import ConfigError, RunConfig, parse_run, parse_sweep
 from kavg_ray.data import epoch_indices, load_dataset
 from kavg_ray.models import build_model
 from kavg_ray.results import ResultsStore
+from kavg_ray.train import train
+from kavg_ray.train.parameter_server import ParameterServer, initial_params
 
-from .workloads import diverging_least_squares
+from ..workloads import diverging_least_squares
 
 CPU = torch.device("cpu")
 DIGITS = {
@@ -47,9 +48,8 @@ def _cfg(workload: dict = DIGITS, **doc) -> RunConfig:
 def _run(cfg: RunConfig, server: ParameterServer | None = None, resume: dict | None = None):
     """Run the algorithm's loop on one learner; returns (server, [(metrics, state)])."""
     server = server or ParameterServer(initial_params(cfg))
-    loop = run_downpour if cfg.algorithm == "downpour" else run_eamsgd
     reports: list = []
-    loop(cfg, 0, 1, CPU, lambda m, s: reports.append((m, s)), server, resume=resume)
+    train(cfg, lambda m, s: reports.append((m, s)), server=server, resume=resume)
     return server, reports
 
 
@@ -158,7 +158,7 @@ def test_downpour_single_learner_is_sequential_sgd_exactly() -> None:
     version, center = server.pull()
     assert torch.equal(torch.from_numpy(center), reference)
     metrics, state = reports[-1]
-    assert torch.equal(state["local"], reference)
+    assert torch.equal(state["engine"]["local"], reference)
     assert version == steps == metrics["rounds"] == metrics["pushes"] == metrics["applied"]
     assert metrics["staleness_max"] == 0 and metrics["staleness_mean"] == 0
     # Pulls (one before the first step, one per step) and pushes: each moves the model.
@@ -195,7 +195,7 @@ def test_eamsgd_single_learner_follows_the_elastic_rule() -> None:
     assert version == 3
     assert torch.equal(torch.from_numpy(got), center)
     metrics, state = reports[-1]
-    assert torch.equal(state["local"], _flat(model))
+    assert torch.equal(state["engine"]["local"], _flat(model))
     assert not torch.equal(center, _flat(model))  # the learner is pulled, not replaced
     assert metrics["rounds"] == 3 and metrics["bytes_communicated"] == (1 + 2 * 3) * 5 * 4
 
@@ -217,7 +217,7 @@ def test_resume_matches_an_uninterrupted_run(doc: dict) -> None:
     server, resumed = _run(cfg, resume=partial[-1][1])
     assert [m["epoch"] for m, _ in resumed] == [2]
     assert [m["epoch"] for m in resumed[0][0]["history_before"]] == [1]
-    assert torch.equal(resumed[-1][1]["local"], full[-1][1]["local"])
+    assert torch.equal(resumed[-1][1]["engine"]["local"], full[-1][1]["engine"]["local"])
     assert np.array_equal(server.pull()[1], full_server.pull()[1])
     for key in ("rounds", "pushes", "applied", "samples", "bytes_communicated", "test_loss"):
         assert resumed[-1][0][key] == full[-1][0][key], key
@@ -271,7 +271,7 @@ def test_config_names_periods_and_grid() -> None:
         ({**DOWNPOUR, "K": 4}, "algorithm downpour takes fetch_period and push_period, not K"),
         ({**EAMSGD, "S": 2}, "takes tau and beta, not S"),
         ({**DOWNPOUR, "tau": 2}, "not tau"),
-        ({"K": 4, "tau": 2}, "tau belong to algorithms downpour/eamsgd, not kavg"),
+        ({"K": 4, "tau": 2}, "algorithm kavg takes K, not tau"),
         ({**EAMSGD, "beta": 0.9, "P": 1}, None),
         ({**EAMSGD, "beta": 1.5, "P": 2}, None),
         ({**EAMSGD, "beta": 2.0, "P": 2}, "alpha = beta / P = 2.0/2 must be below 1"),

@@ -1,4 +1,4 @@
-"""The worker loop against sequential references: P learners simulated in one process."""
+"""The process-group engine (K-AVG, Hier-AVG) against sequential references in one process."""
 
 from __future__ import annotations
 
@@ -11,10 +11,15 @@ import torch.nn.functional as F
 from kavg_ray.config import RunConfig
 from kavg_ray.data import epoch_indices, load_dataset
 from kavg_ray.models import build_model
-from kavg_ray.worker import run_training
+from kavg_ray.train import train
 
-from .distributed import run_distributed
-from .workloads import diverging_least_squares
+from ..distributed import run_distributed
+from ..workloads import diverging_least_squares
+
+
+def run_training(cfg: RunConfig, rank: int, world: int, device, report, resume=None) -> dict:
+    """One learner of ``cfg`` on the process-group engine (rank of ``world``)."""
+    return train(cfg, report, rank=rank, world_size=world, device=device, resume=resume)
 
 
 def _config(**overrides) -> RunConfig:
@@ -82,12 +87,12 @@ def _compare_with_reference(rank: int, world: int, doc: dict) -> None:
     reference = sequential_reference(cfg)[rank]
     assert len(states) == cfg.workload.epochs
     for name, value in reference.items():
-        torch.testing.assert_close(states[-1]["model"][name], value, rtol=0, atol=1e-5)
+        torch.testing.assert_close(states[-1]["engine"]["model"][name], value, rtol=0, atol=1e-5)
     assert metrics["epoch"] == cfg.workload.epochs
     # Evaluation averaged the models but must not have left them averaged.
     if world > 1:
         others = [torch.empty_like(v) for v in [reference["1.weight"]] * world]
-        torch.distributed.all_gather(others, states[-1]["model"]["1.weight"].contiguous())
+        torch.distributed.all_gather(others, states[-1]["engine"]["model"]["1.weight"].contiguous())
         assert not torch.equal(others[0], others[-1])
 
 
@@ -109,7 +114,7 @@ def test_single_learner_worker_equals_plain_sgd_loop() -> None:
     run_training(cfg, 0, 1, torch.device("cpu"), lambda m, s: states.append(s))
     (reference,) = sequential_reference(_config(P=1, K=1))
     for name, value in reference.items():
-        assert torch.equal(states[-1]["model"][name], value), name
+        assert torch.equal(states[-1]["engine"]["model"][name], value), name
 
 
 def test_resume_from_checkpoint_state_matches_uninterrupted_run() -> None:
@@ -123,8 +128,8 @@ def test_resume_from_checkpoint_state_matches_uninterrupted_run() -> None:
         cfg, 0, 1, torch.device("cpu"), lambda m, s: resumed.append((m, s)), resume=partial[-1][1]
     )
     assert [m["epoch"] for m, _ in resumed] == [2]
-    for name, value in full[-1][1]["model"].items():
-        assert torch.equal(resumed[-1][1]["model"][name], value), name
+    for name, value in full[-1][1]["engine"]["model"].items():
+        assert torch.equal(resumed[-1][1]["engine"]["model"][name], value), name
     assert resumed[-1][0]["rounds"] == full[-1][0]["rounds"]
     assert resumed[-1][0]["samples"] == full[-1][0]["samples"]
     # The epochs before the checkpoint travel with the first report after it.

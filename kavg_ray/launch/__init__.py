@@ -1,0 +1,1 @@
+"""Ray only: Ray Train glue, Tune sweeps, Ray Jobs, dashboard metrics, calibration."""

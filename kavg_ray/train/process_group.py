@@ -1,0 +1,146 @@
+"""The process-group engine: K-AVG and Hier-AVG over real torch.distributed learners.
+
+One learner per process (gloo on CPUs, NCCL on GPUs). The learner takes SGD steps on its
+own mini-batches (``epoch_indices(..., rank, world_size, ...)``) and its averager
+(:mod:`kavg_ray.averaging`) replaces the model by the group's or the world's average on
+its schedule. Evaluation uses the average of all learners (one extra all-reduce that is
+not counted as the algorithm's communication), each learner scoring a strided slice of
+the test set.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from kavg_ray.averaging import HierAvgAverager, KAvgAverager
+from kavg_ray.config import RunConfig
+from kavg_ray.data import augment_generator, epoch_indices, steps_per_epoch
+from kavg_ray.train.loop import empty_comm_metrics
+from kavg_ray.train.workload import EvalSums, Workload, build_workload, evaluate_sums, seed_dropout
+
+
+class ProcessGroupEngine:
+    """This process's learner of a K-AVG or Hier-AVG run."""
+
+    def __init__(self, cfg: RunConfig, rank: int, world_size: int, device: torch.device) -> None:
+        self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
+        self.workload: Workload = build_workload(cfg, device)
+        model = self.workload.model
+        if cfg.algorithm == "hier_avg":
+            self.averager: KAvgAverager | HierAvgAverager = HierAvgAverager(
+                model, cfg.K1, cfg.K2, cfg.S
+            )
+        else:
+            self.averager = KAvgAverager(model, cfg.K)
+        if world_size > 1:
+            # Seeded init gives every learner the same start; the broadcast makes that hold
+            # even where initialization is not bit-reproducible across processes.
+            dist.broadcast(self.averager.flat.buffer, src=0)
+        wl = cfg.workload
+        self.optimizer = torch.optim.SGD(
+            model.parameters(), lr=wl.lr.initial, momentum=wl.momentum,
+            weight_decay=wl.weight_decay,
+        )  # fmt: skip
+        seed_dropout(cfg, rank)
+        self.learners = world_size
+        self.steps_per_epoch = steps_per_epoch(
+            self.workload.data.n_train, wl.batch_size, world_size
+        )
+
+    def begin(self, resumed: bool) -> None:
+        pass
+
+    def train_epoch(self, epoch: int, lr: float) -> tuple[float, float]:
+        cfg, data, model = self.cfg, self.workload.data, self.workload.model
+        opt, avg, criterion = self.optimizer, self.averager, self.workload.loss
+        for group in opt.param_groups:
+            group["lr"] = lr
+        batches = epoch_indices(
+            data.n_train, cfg.workload.batch_size, self.rank, self.world_size, epoch, cfg.seed,
+            cfg.workload.sampling,
+        ).to(self.device)  # fmt: skip
+        gen = augment_generator(cfg.seed, epoch, self.rank)
+        losses = []  # summed once per epoch: a running sum costs a kernel per step
+        for idx in batches:
+            x = data.prepare(data.train_x[idx])
+            if data.augment is not None:
+                x = data.augment(x, gen)
+            loss = criterion(model(x), data.train_y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            avg.step()
+            losses.append(loss.detach())
+        return torch.stack(losses).sum().item(), float(self.steps_per_epoch)
+
+    def evaluate(self) -> EvalSums:
+        avg, data, model = self.averager, self.workload.data, self.workload.model
+        idx = torch.arange(self.rank, len(data.test_y), self.world_size, device=self.device)
+        with avg.global_average():
+            finite = bool(torch.isfinite(avg.flat.buffer).all().item())
+            sums = evaluate_sums(model, model, data, idx)
+        sums.finite = finite
+        return sums
+
+    def all_reduce(self, totals: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            dist.all_reduce(totals)
+        return totals
+
+    def comm_seconds(self) -> float:
+        return self.averager.stats.seconds
+
+    def comm_metrics(self, compute_time_s: float) -> dict:
+        avg = self.averager
+        out = {
+            **empty_comm_metrics(),
+            "rounds": avg.stats.count,
+            "compute_time_s": compute_time_s,
+            "comm_time_s": avg.stats.seconds,
+            "bytes_communicated": avg.stats.bytes,
+            "global_reductions": avg.stats.count,
+            "global_comm_time_s": avg.stats.seconds,
+            "global_bytes": avg.stats.bytes,
+        }
+        if isinstance(avg, HierAvgAverager):
+            out.update(
+                rounds=avg.global_stats.count,
+                local_reductions=avg.local_stats.count,
+                global_reductions=avg.global_stats.count,
+                local_comm_time_s=avg.local_stats.seconds,
+                global_comm_time_s=avg.global_stats.seconds,
+                local_bytes=avg.local_stats.bytes,
+                global_bytes=avg.global_stats.bytes,
+            )
+        return out
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def state_dict(self) -> dict:
+        avg = self.averager
+        stats = {"global": vars(avg.stats).copy()}
+        if isinstance(avg, HierAvgAverager):
+            stats = {"local": vars(avg.local_stats).copy(), "global": vars(avg.global_stats).copy()}
+        return {
+            "format": "process-group-1",
+            "model": self.workload.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "averager": avg.state_dict(),
+            "comm": stats,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("format") != "process-group-1":
+            raise ValueError("resume state is not a process-group learner's checkpoint")
+        self.workload.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.averager.load_state_dict(state["averager"])
+        avg = self.averager
+        if isinstance(avg, HierAvgAverager):
+            vars(avg.local_stats).update(state["comm"]["local"])
+            vars(avg.global_stats).update(state["comm"]["global"])
+        else:
+            vars(avg.stats).update(state["comm"]["global"])

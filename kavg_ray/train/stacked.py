@@ -1,0 +1,417 @@
+"""The simulated backend: all P learners of one run in one process, on one device.
+
+The P models are stacked along a leading learner axis: every parameter and floating-point
+buffer of learner r is row r of one ``(P, N)`` tensor (the named tensors are views into it).
+Each step draws learner r's mini-batch exactly as the process-group engine
+(:mod:`kavg_ray.train.process_group`) on rank r does (``epoch_indices(..., rank=r,
+world_size=P, ...)``, ``augment_generator(seed, epoch, r)``), runs the P forward/backward
+passes as one batched call (``torch.func.vmap`` over ``functional_call``, gradients with
+``torch.func.grad``), and applies SGD with momentum and weight decay to the stacked tensors
+with the arithmetic of ``torch.optim.SGD``. A K-AVG average is a mean over the learner axis;
+a Hier-AVG local average is a mean over each slice of S consecutive learners. So a simulated
+run follows the distributed run's trajectory (up to floating-point rounding of the batched
+kernels) and reports the same metrics, with ``comm_time_s`` and ``bytes_communicated`` 0:
+nothing is communicated.
+
+BatchNorm: the running statistics are stacked buffers too. Passed to ``functional_call``
+under ``vmap``, BatchNorm's in-place update of ``running_mean``/``running_var`` (and
+``num_batches_tracked``) writes each learner's row with its own batch statistics, as in the
+real loop; the floating buffers are averaged with the parameters.
+
+Dropout (``nin``): every learner draws its own masks (``vmap(randomness="different")``), but
+not the same masks as the distributed run, whose learners seed torch per rank.
+
+The engine refuses before allocating anything when the estimated footprint of the
+stacked learners does not fit in the device's available memory.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from kavg_ray.averaging import AveragingSchedule
+from kavg_ray.config import RunConfig
+from kavg_ray.data import Dataset, augment_generator, epoch_indices, steps_per_epoch
+from kavg_ray.models import build_model
+from kavg_ray.train.loop import empty_comm_metrics
+from kavg_ray.train.workload import (
+    EVAL_BATCH,
+    EvalSums,
+    ModelBuilder,
+    build_workload,
+    evaluate_sums,
+    seed_dropout,
+)
+
+GIB = 1024**3
+STATE_FORMAT = "stacked-1"
+
+
+# --------------------------------------------------------------------------------------------
+# Memory
+
+
+def input_spec(cfg: RunConfig) -> tuple[tuple[int, ...], int, int]:
+    """(input shape, number of outputs, approximate data-set bytes) without loading the data."""
+    wl = cfg.workload
+    if wl.dataset == "digits":
+        return (1, 8, 8), 10, 1797 * 64 * 4
+    if wl.dataset == "cifar10":
+        return (3, 32, 32), 10, 60_000 * 3 * 32 * 32
+    opts = {"task": "classification", "n_train": 2048, "n_test": 512, "dim": 20, "num_classes": 4}
+    opts.update(wl.synthetic or {})
+    n, dim = int(opts["n_train"]) + int(opts["n_test"]), int(opts["dim"])
+    outputs = int(opts["num_classes"]) if opts["task"] == "classification" else 1
+    return (dim,), outputs, n * (dim + 1) * 4
+
+
+def _activation_elements(build: ModelBuilder, input_shape: tuple[int, ...], classes: int) -> int:
+    """Output elements of every leaf module for one sample (a forward on the meta device)."""
+    with torch.device("meta"):
+        model = build(input_shape, classes)
+        total = 0
+
+        def hook(_mod: nn.Module, _inp: object, out: object) -> None:
+            nonlocal total
+            if isinstance(out, Tensor):
+                total += out.numel()
+
+        handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+        try:
+            model.eval()(torch.empty((1, *input_shape)))
+        finally:
+            for h in handles:
+                h.remove()
+    return total
+
+
+def estimate_memory_bytes(
+    cfg: RunConfig,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    data_bytes: int = 0,
+    *,
+    build: ModelBuilder | None = None,
+) -> int:
+    """Estimated peak bytes of a simulated run of ``cfg`` (nothing is allocated to find it).
+
+    Per learner: parameters and floating buffers, gradients, momentum (when momentum > 0),
+    the weight-decayed gradient copy (when weight_decay > 0) and twice the outputs of every
+    layer for one mini-batch (kept for the backward pass, plus their gradients); plus one
+    averaged model for evaluation and the data set.
+    """
+    wl = cfg.workload
+    if build is None:
+        name = wl.model
+
+        def build(shape: tuple[int, ...], classes: int) -> nn.Module:
+            return build_model(name, shape, classes)
+
+    with torch.device("meta"):
+        model = build(input_shape, num_classes)
+    n_param = sum(p.numel() for p in model.parameters())
+    n_fbuf = sum(b.numel() for b in model.buffers() if b.is_floating_point())
+    elem = 4  # float32
+    per_learner = (n_param + n_fbuf) * elem + n_param * elem  # state + gradients
+    if wl.momentum > 0:
+        per_learner += n_param * elem
+    if wl.weight_decay > 0:
+        per_learner += n_param * elem
+    acts = _activation_elements(build, input_shape, num_classes)
+    per_learner += 3 * acts * wl.batch_size * elem
+    per_learner += wl.batch_size * math.prod(input_shape) * elem
+    evaluation = (n_param + n_fbuf) * elem + acts * min(EVAL_BATCH, 10_000) * elem
+    return int(cfg.P * per_learner + evaluation + data_bytes)
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    """Free memory of ``device``: ``torch.cuda.mem_get_info`` or the host's MemAvailable."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 2**62  # unknown: do not refuse
+
+
+def check_memory(cfg: RunConfig, device: torch.device, *, build: ModelBuilder | None = None) -> int:
+    """Raise ValueError when the simulated run will not fit in memory; returns the estimate."""
+    input_shape, classes, data_bytes = input_spec(cfg)
+    need = estimate_memory_bytes(cfg, input_shape, classes, data_bytes, build=build)
+    have = available_memory_bytes(device)
+    if need > have:
+        raise ValueError(
+            f"simulated P={cfg.P} {cfg.workload.model} needs ~{need / GIB:.1f} GiB; the device "
+            f"({device}) has {have / GIB:.1f} GiB available. Lower P or batch_size, or run "
+            "with backend: ray"
+        )
+    return need
+
+
+# --------------------------------------------------------------------------------------------
+# Stacked learners
+
+
+class StackedLearners:
+    """P copies of one model, stacked: row r of :attr:`flat` is learner r's model.
+
+    :attr:`params` and :attr:`float_buffers` map names to ``(P, *shape)`` views into
+    :attr:`flat`; :attr:`int_buffers` (``num_batches_tracked``) are separate stacked tensors.
+    """
+
+    def __init__(self, model: nn.Module, P: int) -> None:
+        self.model = model
+        self.P = P
+        named_params = [(n, p.detach()) for n, p in model.named_parameters()]
+        named_bufs = list(model.named_buffers())
+        fbufs = [(n, b) for n, b in named_bufs if b.is_floating_point()]
+        ibufs = [(n, b) for n, b in named_bufs if not b.is_floating_point()]
+        tensors = named_params + fbufs
+        if not tensors:
+            raise ValueError("the model has no parameters or floating-point buffers")
+        dtypes = {t.dtype for _, t in tensors}
+        if len(dtypes) != 1:
+            raise ValueError(f"parameters and floating buffers must share one dtype: {dtypes}")
+        total = sum(t.numel() for _, t in tensors)
+        device = tensors[0][1].device
+        self.flat = torch.empty((P, total), dtype=tensors[0][1].dtype, device=device)
+        views: dict[str, Tensor] = {}
+        offset = 0
+        for name, t in tensors:
+            view = self.flat[:, offset : offset + t.numel()].view(P, *t.shape)
+            view.copy_(t.unsqueeze(0).expand_as(view))
+            views[name] = view
+            offset += t.numel()
+        self.params = {n: views[n] for n, _ in named_params}
+        self.float_buffers = {n: views[n] for n, _ in fbufs}
+        self.int_buffers = {
+            n: b.detach().unsqueeze(0).repeat(P, *([1] * b.dim())) for n, b in ibufs
+        }
+        self.momentum: list[Tensor] | None = None
+
+    @property
+    def buffers(self) -> dict[str, Tensor]:
+        return {**self.float_buffers, **self.int_buffers}
+
+    def working_buffers(self) -> dict[str, Tensor]:
+        """The buffers to hand to one batched step: contiguous copies of the floating ones.
+
+        BatchNorm updates its running statistics in place; under ``vmap`` that reaches the
+        stacked tensor only when it is contiguous, which the views into :attr:`flat` are not.
+        Call :meth:`store_buffers` with them after the step.
+        """
+        work = {
+            n: v.clone(memory_format=torch.contiguous_format) for n, v in self.float_buffers.items()
+        }
+        return {**work, **self.int_buffers}
+
+    def store_buffers(self, work: dict[str, Tensor]) -> None:
+        if self.float_buffers:
+            torch._foreach_copy_(
+                list(self.float_buffers.values()), [work[n] for n in self.float_buffers]
+            )
+
+    def average(self, group_size: int | None = None) -> None:
+        """Replace every learner by the mean of its group of S consecutive learners (all: None)."""
+        P, flat = self.P, self.flat
+        S = P if group_size is None else group_size
+        if S == 1:
+            return
+        grouped = flat.view(P // S, S, flat.shape[1])
+        mean = grouped.sum(1, keepdim=True).div_(S)
+        grouped.copy_(mean.expand_as(grouped))
+
+    def averaged(self, in_sync: bool) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
+        """The mean model's (params, buffers) and its flat vector; learner 0's when in sync."""
+        row = self.flat[0] if in_sync or self.P == 1 else self.flat.sum(0).div_(self.P)
+        params, buffers = {}, {}
+        offset = 0
+        for target, source in ((params, self.params), (buffers, self.float_buffers)):
+            for name, view in source.items():
+                n = view[0].numel()
+                target[name] = row[offset : offset + n].view(view.shape[1:])
+                offset += n
+        for name, b in self.int_buffers.items():
+            buffers[name] = b[0]
+        return params, buffers, row
+
+    def sgd_step(self, grads: dict[str, Tensor], lr: float, momentum: float, wd: float) -> None:
+        """torch.optim.SGD's update (dampening 0, no Nesterov) on the stacked tensors."""
+        params = list(self.params.values())
+        g = [grads[n] for n in self.params]
+        with torch.no_grad():
+            if wd != 0:
+                g = torch._foreach_add(g, params, alpha=wd)
+            if momentum != 0:
+                if self.momentum is None:
+                    self.momentum = [t.detach().clone() for t in g]
+                else:
+                    torch._foreach_mul_(self.momentum, momentum)
+                    torch._foreach_add_(self.momentum, g)
+                g = self.momentum
+            torch._foreach_add_(params, g, alpha=-lr)
+
+    def state_dict(self) -> dict:
+        momentum = None
+        if self.momentum is not None:
+            momentum = dict(zip(self.params, self.momentum, strict=True))
+        return {"params": dict(self.params), "buffers": self.buffers, "momentum": momentum}
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            pairs = ((state["params"], self.params), (state["buffers"], self.buffers))
+            for source, target in pairs:
+                if set(source) != set(target):
+                    raise ValueError("the checkpoint's tensors do not match this model")
+                for name, t in target.items():
+                    if tuple(source[name].shape) != tuple(t.shape):
+                        raise ValueError(
+                            f"checkpoint tensor {name} has shape {tuple(source[name].shape)}, "
+                            f"expected {tuple(t.shape)} (a different P or model?)"
+                        )
+                    t.copy_(source[name])
+            mom = state.get("momentum")
+            self.momentum = None
+            if mom is not None:
+                self.momentum = [mom[n].detach().to(self.flat.device).clone() for n in self.params]
+
+
+# --------------------------------------------------------------------------------------------
+# The engine
+
+
+def _train_batch(data: Dataset, idx: Tensor, gens: list[torch.Generator] | None) -> Tensor:
+    """Learners' prepared (and augmented) batches: (P, B, *input_shape)."""
+    P, B = idx.shape
+    x = data.prepare(data.train_x[idx.reshape(-1)])
+    if gens is not None and data.augment is not None:
+        x = torch.cat([data.augment(x[r * B : (r + 1) * B], gens[r]) for r in range(P)])
+    return x.view(P, B, *x.shape[1:])
+
+
+class StackedEngine:
+    """All P learners of a K-AVG or Hier-AVG run, stacked in this process."""
+
+    def __init__(
+        self, cfg: RunConfig, device: torch.device, *, build: ModelBuilder | None = None
+    ) -> None:
+        if cfg.algorithm not in ("kavg", "hier_avg"):
+            raise ValueError(f"the simulated backend runs kavg and hier_avg, not {cfg.algorithm}")
+        hier = cfg.algorithm == "hier_avg"
+        if hier and (cfg.P % cfg.S or cfg.K2 % cfg.K1):
+            raise ValueError(
+                f"Hier-AVG needs S | P and K1 | K2, got S={cfg.S} K1={cfg.K1} K2={cfg.K2}"
+            )
+        check_memory(cfg, device, build=build)
+        self.cfg, self.device, self.learners = cfg, device, cfg.P
+        self.workload = build_workload(cfg, device, build=build)
+        self.model = self.workload.model.train()
+        # The learners' models live in `stacked`; the module is only the skeleton.
+        self.stacked = StackedLearners(self.model, cfg.P)
+        seed_dropout(cfg, 0)  # rank 0's seed; vmap draws different masks per learner
+        self.schedule = AveragingSchedule(cfg.K2, cfg.K1) if hier else AveragingSchedule(cfg.K)
+        self.group_size = cfg.S if hier else None
+        self.step_count = self.local_count = self.global_count = 0
+        self.steps_per_epoch = steps_per_epoch(
+            self.workload.data.n_train, cfg.workload.batch_size, cfg.P
+        )
+        model, criterion = self.model, self.workload.loss
+
+        def loss_of(params: dict, buffers: dict, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+            loss = criterion(functional_call(model, (params, buffers), (x,)), y)
+            return loss, loss.detach()
+
+        self._grad_step = vmap(grad(loss_of, has_aux=True), randomness="different")
+
+    def begin(self, resumed: bool) -> None:
+        pass
+
+    def train_epoch(self, epoch: int, lr: float) -> tuple[float, float]:
+        cfg, wl, P, data = self.cfg, self.cfg.workload, self.cfg.P, self.workload.data
+        learners = self.stacked
+        batches = torch.stack(
+            [
+                epoch_indices(data.n_train, wl.batch_size, r, P, epoch, cfg.seed, wl.sampling)
+                for r in range(P)
+            ],
+            dim=1,
+        ).to(self.device)  # (steps, P, B)
+        gens = [augment_generator(cfg.seed, epoch, r) for r in range(P)] if data.augment else None
+        loss_sum = torch.zeros(P, device=self.device)
+        for idx in batches:
+            x = _train_batch(data, idx, gens)
+            buffers = learners.working_buffers()
+            grads, losses = self._grad_step(learners.params, buffers, x, data.train_y[idx])
+            learners.store_buffers(buffers)
+            learners.sgd_step(grads, lr, wl.momentum, wl.weight_decay)
+            self.step_count += 1
+            action = self.schedule.action(self.step_count)
+            if action == "global":
+                learners.average()
+                self.global_count += 1
+            elif action == "local":
+                learners.average(self.group_size)
+                self.local_count += 1
+            loss_sum += losses
+        return loss_sum.double().sum().item(), float(self.steps_per_epoch * P)
+
+    def evaluate(self) -> EvalSums:
+        data = self.workload.data
+        in_sync = self.schedule.in_sync(self.step_count)
+        params, buffers, row = self.stacked.averaged(in_sync)
+        finite = bool(torch.isfinite(row).all().item())
+        idx = torch.arange(len(data.test_y), device=self.device)
+        sums = evaluate_sums(
+            lambda x: functional_call(self.model, (params, buffers), (x,)), self.model, data, idx
+        )
+        sums.finite = finite
+        return sums
+
+    def all_reduce(self, totals: Tensor) -> Tensor:
+        return totals
+
+    def comm_seconds(self) -> float:
+        return 0.0
+
+    def comm_metrics(self, compute_time_s: float) -> dict:
+        out = {
+            **empty_comm_metrics(),
+            "rounds": self.global_count,
+            "compute_time_s": compute_time_s,
+            "comm_time_s": 0.0,
+            "bytes_communicated": 0,
+            "global_reductions": self.global_count,
+        }
+        if self.group_size is not None:
+            out["local_reductions"] = self.local_count
+        return out
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def state_dict(self) -> dict:
+        return {
+            "format": STATE_FORMAT,
+            **self.stacked.state_dict(),
+            "counts": [self.step_count, self.local_count, self.global_count],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError("resume state is not a simulated-backend checkpoint")
+        self.stacked.load_state_dict(state)
+        self.step_count, self.local_count, self.global_count = map(int, state["counts"])
