@@ -42,6 +42,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kavg_ray.train.loop as loop  # noqa: E402
+import kavg_ray.train.workload as wl_module  # noqa: E402
 from kavg_ray.config import RunConfig  # noqa: E402
 from kavg_ray.data import (  # noqa: E402
     CIFAR10_MEAN,
@@ -146,16 +147,16 @@ def run_ours(wl: Workload) -> tuple[float, float]:
         workload.update(dataset="cifar10", data_dir=_empty_cifar_dir())
     doc = {"name": "bench", "workload": workload, "K": K, "P": 1, "seed": SEED}
     cfg = RunConfig.model_validate(doc)
-    original = workload.load_dataset
+    original = wl_module.load_dataset
     if wl.dataset == "fake32":
-        workload.load_dataset = lambda *a, **k: fake32()
+        wl_module.load_dataset = lambda *a, **k: fake32()
     # run_epochs times its batch loops with time.perf_counter(); route that to our clock.
     shim, real_time = _ClockShim(), loop.time
     loop.time = shim
     try:
         metrics = train(cfg, lambda m, s: None)
     finally:
-        workload.load_dataset = original
+        wl_module.load_dataset = original
         loop.time = real_time
     if shim.calls == 0:
         raise RuntimeError("kavg_ray.train.loop no longer calls time.perf_counter(); fix the shim")

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 import torch
+import torch.distributed as dist
 
 from kavg_ray.config import RunConfig
 from kavg_ray.train.workload import EvalSums
@@ -68,6 +69,27 @@ class Engine(Protocol):
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict) -> None: ...
+
+
+class EngineBase:
+    """What the engines share: the processes of the run and the device of this one."""
+
+    world_size: int = 1  # processes of the run (1: every learner is in this one)
+    device: torch.device = torch.device("cpu")
+
+    def begin(self, resumed: bool) -> None:
+        """Nothing to do before the first epoch, unless an engine says otherwise."""
+
+    def all_reduce(self, totals: torch.Tensor) -> torch.Tensor:
+        """Sum over the run's processes (in place); the identity for one process."""
+        if self.world_size > 1:
+            dist.all_reduce(totals)
+        return totals
+
+    def synchronize(self) -> None:
+        """Wait for queued device work, so that the clock measures it."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
 
 def empty_comm_metrics() -> dict:

@@ -60,7 +60,7 @@ from kavg_ray.averaging import FlatModel
 from kavg_ray.config import RunConfig
 from kavg_ray.data import augment_generator, epoch_indices, steps_per_epoch
 from kavg_ray.models import build_model
-from kavg_ray.train.loop import empty_comm_metrics
+from kavg_ray.train.loop import EngineBase, empty_comm_metrics
 from kavg_ray.train.workload import (
     EvalSums,
     build_workload,
@@ -210,7 +210,7 @@ def _load(buffer: torch.Tensor, arr: np.ndarray) -> None:
         buffer.copy_(torch.from_numpy(arr.copy()))
 
 
-class ParameterServerEngine:
+class ParameterServerEngine(EngineBase):
     """This process's learner of a Downpour or EAMSGD run, talking to ``server``."""
 
     def __init__(
@@ -360,11 +360,6 @@ class ParameterServerEngine:
         sums.finite = finite
         return sums
 
-    def all_reduce(self, totals: torch.Tensor) -> torch.Tensor:
-        if self.world_size > 1:
-            dist.all_reduce(totals)
-        return totals
-
     def comm_seconds(self) -> float:
         return self.c["comm_time_s"]
 
@@ -395,10 +390,6 @@ class ParameterServerEngine:
             "pushes": int(totals[6].item()),
             "applied": int(totals[7].item()),
         }
-
-    def synchronize(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
 
     def state_dict(self) -> dict:
         state = {

@@ -16,11 +16,11 @@ import torch.distributed as dist
 from kavg_ray.averaging import HierAvgAverager, KAvgAverager
 from kavg_ray.config import RunConfig
 from kavg_ray.data import augment_generator, epoch_indices, steps_per_epoch
-from kavg_ray.train.loop import empty_comm_metrics
+from kavg_ray.train.loop import EngineBase, empty_comm_metrics
 from kavg_ray.train.workload import EvalSums, Workload, build_workload, evaluate_sums, seed_dropout
 
 
-class ProcessGroupEngine:
+class ProcessGroupEngine(EngineBase):
     """This process's learner of a K-AVG or Hier-AVG run."""
 
     def __init__(self, cfg: RunConfig, rank: int, world_size: int, device: torch.device) -> None:
@@ -47,9 +47,6 @@ class ProcessGroupEngine:
         self.steps_per_epoch = steps_per_epoch(
             self.workload.data.n_train, wl.batch_size, world_size
         )
-
-    def begin(self, resumed: bool) -> None:
-        pass
 
     def train_epoch(self, epoch: int, lr: float) -> tuple[float, float]:
         cfg, data, model = self.cfg, self.workload.data, self.workload.model
@@ -83,11 +80,6 @@ class ProcessGroupEngine:
         sums.finite = finite
         return sums
 
-    def all_reduce(self, totals: torch.Tensor) -> torch.Tensor:
-        if self.world_size > 1:
-            dist.all_reduce(totals)
-        return totals
-
     def comm_seconds(self) -> float:
         return self.averager.stats.seconds
 
@@ -114,10 +106,6 @@ class ProcessGroupEngine:
                 global_bytes=avg.global_stats.bytes,
             )
         return out
-
-    def synchronize(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
 
     def state_dict(self) -> dict:
         avg = self.averager

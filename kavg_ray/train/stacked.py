@@ -38,7 +38,7 @@ from kavg_ray.averaging import AveragingSchedule
 from kavg_ray.config import RunConfig
 from kavg_ray.data import Dataset, augment_generator, epoch_indices, steps_per_epoch
 from kavg_ray.models import build_model
-from kavg_ray.train.loop import empty_comm_metrics
+from kavg_ray.train.loop import EngineBase, empty_comm_metrics
 from kavg_ray.train.workload import (
     EVAL_BATCH,
     EvalSums,
@@ -302,7 +302,7 @@ def _train_batch(data: Dataset, idx: Tensor, gens: list[torch.Generator] | None)
     return x.view(P, B, *x.shape[1:])
 
 
-class StackedEngine:
+class StackedEngine(EngineBase):
     """All P learners of a K-AVG or Hier-AVG run, stacked in this process."""
 
     def __init__(
@@ -335,9 +335,6 @@ class StackedEngine:
             return loss, loss.detach()
 
         self._grad_step = vmap(grad(loss_of, has_aux=True), randomness="different")
-
-    def begin(self, resumed: bool) -> None:
-        pass
 
     def train_epoch(self, epoch: int, lr: float) -> tuple[float, float]:
         cfg, wl, P, data = self.cfg, self.cfg.workload, self.cfg.P, self.workload.data
@@ -380,9 +377,6 @@ class StackedEngine:
         sums.finite = finite
         return sums
 
-    def all_reduce(self, totals: Tensor) -> Tensor:
-        return totals
-
     def comm_seconds(self) -> float:
         return 0.0
 
@@ -398,10 +392,6 @@ class StackedEngine:
         if self.group_size is not None:
             out["local_reductions"] = self.local_count
         return out
-
-    def synchronize(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
 
     def state_dict(self) -> dict:
         return {

@@ -1,0 +1,128 @@
+"""The one epoch loop: the metric schema every engine shares, the replay protocol, the
+averaging schedule, and that kavg_ray.train runs without Ray."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from kavg_ray.averaging import AveragingSchedule
+from kavg_ray.config import RunConfig
+from kavg_ray.launch.sweep import HISTORY_KEYS
+from kavg_ray.train import train
+from kavg_ray.train.loop import HISTORY_BEFORE, METRIC_KEYS
+from kavg_ray.train.parameter_server import ParameterServer, initial_params
+
+WORKLOAD = {"dataset": "digits", "model": "mlp", "epochs": 1, "batch_size": 64,
+            "lr": {"initial": 0.1}}  # fmt: skip
+ENGINES = {
+    "process-group kavg": {"K": 4, "P": 1},
+    "process-group hier_avg": {"algorithm": "hier_avg", "S": 1, "K1": 2, "K2": 4, "P": 1},
+    "stacked kavg": {"K": 4, "P": 2, "backend": "simulated"},
+    "stacked hier_avg": {"algorithm": "hier_avg", "S": 2, "K1": 2, "K2": 4, "P": 4,
+                         "backend": "simulated"},  # fmt: skip
+    "parameter-server downpour": {"algorithm": "downpour", "fetch_period": 2, "push_period": 2},
+    "parameter-server eamsgd": {"algorithm": "eamsgd", "tau": 4, "beta": 0.5},
+}
+
+
+def _train(doc: dict, resume: dict | None = None) -> list[tuple[dict, dict | None]]:
+    cfg = RunConfig.model_validate({"workload": WORKLOAD, "seed": 1, **doc})
+    server = None
+    if cfg.algorithm in ("downpour", "eamsgd"):
+        server = ParameterServer(initial_params(cfg))
+    reports: list = []
+    train(cfg, lambda m, s: reports.append((m, s)), server=server, resume=resume)
+    return reports
+
+
+@pytest.mark.parametrize("name", list(ENGINES))
+def test_every_engine_reports_the_metric_schema(name: str) -> None:
+    (metrics, state), = _train(ENGINES[name])
+    assert set(metrics) == set(METRIC_KEYS)
+    P = ENGINES[name].get("P", 1)
+    steps_per_learner = 1437 // (64 * P)  # the digits training set has 1437 images
+    assert metrics["epoch"] == 1 and metrics["samples"] == steps_per_learner * 64 * P
+    period = ENGINES[name].get("K") or ENGINES[name].get("K2") or ENGINES[name].get("tau") or 2
+    # rounds: averages (K-AVG, Hier-AVG's global ones), pushes (Downpour), exchanges (EAMSGD)
+    assert metrics["rounds"] == steps_per_learner // period
+    assert 0.0 < metrics["test_acc"] <= 1.0 and math.isfinite(metrics["train_loss"])
+    assert set(state) == {"engine", "rng", "counters", "history"}
+
+
+def test_history_columns_are_metric_keys() -> None:
+    assert set(HISTORY_KEYS) <= set(METRIC_KEYS)
+
+
+def test_a_finished_run_resumed_replays_its_epochs_once_and_trains_nothing() -> None:
+    doc = {"K": 2, "P": 2, "backend": "simulated"}
+    two = {**WORKLOAD, "epochs": 2}
+    cfg = {"workload": two, **doc}
+    full = _train(cfg)
+    assert [m["epoch"] for m, _ in full] == [1, 2] and HISTORY_BEFORE not in full[0][0]
+    again = _train(cfg, resume=full[-1][1])
+    assert len(again) == 1
+    (metrics, state), = again
+    assert state is None and metrics["epoch"] == 2
+    assert [m["epoch"] for m in metrics[HISTORY_BEFORE]] == [1]
+    # Resumed after epoch 1: the first new report carries epoch 1, then nothing more.
+    one = _train({"workload": {**two, "epochs": 1}, **doc})
+    rest = _train(cfg, resume=one[-1][1])
+    assert [m["epoch"] for m, _ in rest] == [2]
+    assert [m["epoch"] for m in rest[0][0][HISTORY_BEFORE]] == [1]
+    assert rest[0][0]["test_acc"] == full[1][0]["test_acc"]
+
+
+@pytest.mark.parametrize(
+    ("global_period", "local_period", "expected"),
+    [
+        (1, None, ["global"] * 6),
+        (3, None, [None, None, "global", None, None, "global"]),
+        (4, 2, [None, "local", None, "global", None, "local"]),
+        (6, 3, [None, None, "local", None, None, "global"]),
+        (2, 2, [None, "global", None, "global", None, "global"]),
+    ],
+)
+def test_averaging_schedule(global_period: int, local_period: int | None, expected) -> None:
+    schedule = AveragingSchedule(global_period, local_period)
+    assert [schedule.action(s) for s in range(1, 7)] == expected
+    assert [schedule.in_sync(s) for s in range(1, 7)] == [a == "global" for a in expected]
+
+
+def test_training_never_imports_ray(tmp_path) -> None:
+    """`python -m kavg_ray.train CONFIG` (the torchrun entry) trains P = 1 without Ray."""
+    config = tmp_path / "run.yaml"
+    config.write_text(textwrap.dedent("""\
+        workload: {dataset: digits, model: mlp, epochs: 2, batch_size: 32, lr: {initial: 0.1}}
+        K: 2
+        P: 1
+    """))
+    code = (
+        "import sys\n"
+        "from kavg_ray.train.__main__ import main\n"
+        f"rc = main([{str(config)!r}])\n"
+        "print('ray imported:', 'ray' in sys.modules)\n"
+        "sys.exit(rc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("epoch 1/2  test_acc ") and lines[1].startswith("epoch 2/2")
+    assert lines[-1] == "ray imported: False"
+    assert torch.cuda.is_available() or "cuda" not in out.stderr
+
+
+def test_torchrun_entry_refuses_a_bad_config(tmp_path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("K: 0\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "kavg_ray.train", str(config)], capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert out.stderr.startswith("error: ") and len(out.stderr.strip().splitlines()) == 1
