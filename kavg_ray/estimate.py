@@ -428,15 +428,16 @@ def predict_for_config(
 ) -> list[dict[str, Any]]:
     """Predicted K_opt (3.46) per P from the estimated constants (Theorem 3.4).
 
-    For each P: ``gamma = lr.initial``, ``B`` = per-learner batch size, ``S`` = local steps per
-    learner over the epoch budget (``steps_from_samples(epochs * n_train, B, P)``).  K_opt is
-    ``theory.predict_kopt`` over the K that satisfy (3.1) and ``K <= S``; when no K does (common
+    For each P: ``gamma = lr.initial``, ``B`` = per-learner batch size, ``step_budget`` = local
+    steps per learner over the epoch budget (``steps_from_samples(epochs * n_train, B, P)``, the
+    paper's S). K_opt is ``theory.predict_kopt`` over the K that satisfy (3.1) and
+    ``K <= step_budget``; when no K does (common
     for neural networks, whose L makes ``L gamma`` large) it falls back to minimising B(K) of
     (3.44) over all ``1..k_max`` and the row says ``conditions_hold=False`` with the reason.
 
     Each row: ``P``, ``predicted_kopt`` (int), ``conditions_hold``, ``note``, ``curve``
     (``[[K, B(K)], ...]`` for K = 1, 2, 4, ... <= k_max), ``kopt_greater_than_one`` ((3.47),
-    with the same conditions as ``predicted_kopt``), ``S``, ``gamma``, ``B``.
+    with the same conditions as ``predicted_kopt``), ``step_budget``, ``gamma``, ``B``.
     """
     wl = cfg.workload
     gamma, B = float(wl.lr.initial), int(wl.batch_size)
@@ -446,8 +447,8 @@ def predict_for_config(
     ks = [2**i for i in range(k_max.bit_length())]  # 1, 2, 4, ... <= k_max
     rows: list[dict[str, Any]] = []
     for P in P_values:
-        S = theory.steps_from_samples(wl.epochs * n_train, B, P)
-        args = (est.F_gap, est.L, est.M, gamma, B, P, S, delta)
+        step_budget = theory.steps_from_samples(wl.epochs * n_train, B, P)
+        args = (est.F_gap, est.L, est.M, gamma, B, P, step_budget, delta)
         notes = []
         try:
             kopt = theory.predict_kopt(*args, k_max=k_max)
@@ -455,9 +456,9 @@ def predict_for_config(
             k_ok = max(
                 k
                 for k in range(1, k_max + 1)
-                if k <= S and theory.stepsize_ok(est.L, gamma, k, delta)
+                if k <= step_budget and theory.stepsize_ok(est.L, gamma, k, delta)
             )
-            notes.append(f"(3.1) and K <= S hold for K <= {k_ok}")
+            notes.append(f"(3.1) and K <= step budget hold for K <= {k_ok}")
         except ValueError as exc:
             kopt = theory.predict_kopt(*args, k_max=k_max, enforce_conditions=False)
             hold = False
@@ -478,7 +479,7 @@ def predict_for_config(
                 "kopt_greater_than_one": theory.kopt_greater_than_one(
                     *args, enforce_conditions=hold
                 ),
-                "S": S,
+                "step_budget": step_budget,
                 "gamma": gamma,
                 "B": B,
             }

@@ -245,9 +245,9 @@ def test_predict_for_config_rows_match_theory():
     assert [r["P"] for r in rows] == [1, 2, 8]
     for row in rows:
         P = row["P"]
-        S = theory.steps_from_samples(3 * LS["n_train"], 8, P)  # n_train loaded from the config
-        assert row["S"] == pytest.approx(S)
-        args = (est.F_gap, est.L, est.M, 0.02, 8, P, S, delta)
+        budget = theory.steps_from_samples(3 * LS["n_train"], 8, P)  # n_train from the config
+        assert row["step_budget"] == pytest.approx(budget)
+        args = (est.F_gap, est.L, est.M, 0.02, 8, P, budget, delta)
         assert row["conditions_hold"] is True
         kopt = row["predicted_kopt"]
         assert isinstance(kopt, int) and kopt >= 1
@@ -260,7 +260,7 @@ def test_predict_for_config_rows_match_theory():
         # K_opt minimises B(K) over the admissible K, so no admissible listed K does better.
         best = theory.bound_curve(kopt, alpha, beta, eta, delta)
         admissible = [
-            v for k, v in row["curve"] if k <= S and theory.stepsize_ok(1.2, 0.02, k, delta)
+            v for k, v in row["curve"] if k <= budget and theory.stepsize_ok(1.2, 0.02, k, delta)
         ]
         assert best <= min(admissible) * (1 + 1e-12)
         assert row["kopt_greater_than_one"] == theory.kopt_greater_than_one(*args)

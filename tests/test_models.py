@@ -16,6 +16,18 @@ def test_models_tuple_lists_every_model():
     assert set(MODELS) == {"mlp", "cnn", "vgg16", "nin", "resnet18", "linear"}
 
 
+def test_config_accepts_exactly_the_built_models_and_datasets():
+    """A name the config accepts must build, and every model that builds must be nameable."""
+    from typing import get_args
+
+    from kavg_ray.config import WorkloadConfig
+    from kavg_ray.data import DATASETS
+
+    fields = WorkloadConfig.model_fields
+    assert set(get_args(fields["model"].annotation)) == set(MODELS)
+    assert set(get_args(fields["dataset"].annotation)) == set(DATASETS)
+
+
 @pytest.mark.parametrize(
     ("name", "shape", "num_classes"),
     [
