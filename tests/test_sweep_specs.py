@@ -61,12 +61,22 @@ def test_specs_found() -> None:
 
 @pytest.mark.parametrize("path", SPECS, ids=_rel)
 def test_spec_validates_and_expands(path: Path) -> None:
-    if "grid" not in read_yaml(path):
+    doc = read_yaml(path)
+    if "grid" not in doc:
         cfg = load_run(path)
-        assert cfg.trial_name()
+        assert cfg.name == doc.get("name", "run") and cfg.P == doc.get("P", 1)
+        assert cfg.trial_name().startswith(f"K{cfg.K}-P{cfg.P}-s{cfg.seed}")
         return
-    points = _sweep(path).points()
-    assert len(points) >= 1
+    spec = _sweep(path)
+    points = spec.points()
+    # Every combination of the grid's values, once per variant, in the grid's own values.
+    expected = len(spec.variants)
+    for values in spec.grid.values():
+        expected *= len(values)
+    assert len(points) == expected
+    for key, values in spec.grid.items():
+        assert {p.grid_value(key) for p in points} == set(values), key
+    assert {p.name for p in points} == {doc["name"]}
     names = [p.trial_name() for p in points]
     assert len(set(names)) == len(names), f"{_rel(path)}: duplicate trial names"
 
