@@ -133,7 +133,7 @@ def get_data(wl: Workload) -> Dataset:
 
 
 def run_ours(wl: Workload) -> tuple[float, float]:
-    """(training seconds, samples) of one run_training call."""
+    """(training seconds, samples) of one kavg_ray.train.train call."""
     workload = {
         "dataset": wl.dataset,
         "model": wl.model,
@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         "# throughput = training samples / time inside the batch loops on that clock (ours: "
-        "run_training's compute_time_s; bare: the same span); per-epoch evaluation excluded"
+        "the epoch loop's compute_time_s; bare: the same span); per-epoch evaluation excluded"
     )
     print(
         f"# torch {torch.__version__}, python {platform.python_version()}, "
