@@ -46,13 +46,28 @@ def _user_errors(fn: Callable) -> Callable:
     return wrapper
 
 
-def _storage(storage: str | None) -> str:
-    return storage or os.environ.get("KAVG_STORAGE") or "./kavg_results"
+def _storage(storage: str | None, write: bool = False) -> str:
+    """The results folder (--storage, $KAVG_STORAGE, ./kavg_results), refused (exit 2) when
+    it is empty or is, or lies under, a file (and, for ``write``, when it is not writable)."""
+    from kavg_ray.launch.address import check_storage
+
+    if storage is None:
+        storage = os.environ.get("KAVG_STORAGE") or "./kavg_results"
+    return check_storage(storage, write=write)
+
+
+def _address(address: str | None) -> str | None:
+    """--address checked before Ray starts: its form (exit 2) and that it answers (exit 1)."""
+    from kavg_ray.launch.address import check_address
+
+    return check_address(address)
 
 
 def _check_name(name: str) -> str:
     from kavg_ray.config import NAME_RE
 
+    if not name:
+        raise BadInput("--name is empty: give a name of letters, digits, '.', '_' and '-'")
     if not NAME_RE.match(name) or name in (".", ".."):
         raise BadInput(f"name '{name}' may only hold letters, digits, '.', '_' and '-'")
     return name
@@ -73,7 +88,8 @@ def train(config: str, address: str | None, storage: str | None) -> None:
     from kavg_ray.config import load_run, read_yaml
 
     cfg = load_run(config)
-    storage = _storage(storage)
+    storage = _storage(storage, write=True)
+    address = _address(address)
     from kavg_ray.launch.sweep import run_sweep
 
     tid = cfg.trial_name()
@@ -116,8 +132,9 @@ def sweep_run(
 
     parsed = load_sweep(spec)
     points = parsed.points()
-    sweep_name = _check_name(name or points[0].name)
-    storage = _storage(storage)
+    sweep_name = _check_name(name if name is not None else points[0].name)
+    storage = _storage(storage, write=True)
+    address = _address(address)
     from kavg_ray import results
     from kavg_ray.launch.sweep import run_sweep
 
@@ -182,7 +199,7 @@ def sweep_submit(
     address = jobs.check_dashboard_address(address or os.environ.get("RAY_ADDRESS"))
     env_vars = jobs.parse_env(env)
     points = load_sweep(spec).points()
-    sweep_name = _check_name(name or points[0].name)
+    sweep_name = _check_name(name if name is not None else points[0].name)
     storage = jobs.absolute_storage(_storage(storage))
     if not resume and os.path.exists(os.path.join(storage, sweep_name, "trials.parquet")):
         raise BadInput(
@@ -467,6 +484,7 @@ def calibrate(
     size_list = parse_sizes(sizes)
     if not out.lower().endswith((".json", ".yaml", ".yml")):
         raise BadInput(f"--out {out!r} must end in .json, .yaml or .yml")
+    address = _address(address)
     from kavg_ray.launch import calibrate as cal
 
     fit, details = cal.calibrate(

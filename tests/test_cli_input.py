@@ -156,6 +156,51 @@ CASES = [
     ("results-show-dotdot", ("results", "show", "../x"), None, "name '../x' may only hold"),
     ("results-kopt-dotdot", ("results", "kopt", "../x"), None, "name '../x' may only hold"),
     ("results-show-unknown", ("results", "show", "nosuch"), None, "unknown sweep 'nosuch'"),
+    # --- duplicate keys: PyYAML would keep the last one silently
+    ("yaml-duplicate-key", TRAIN, "K: 2\nP: 2\nK: 4\n", "(line 3): key 'K' is given twice"),
+    ("yaml-duplicate-nested-key", TRAIN, "K: 2\nworkload: {epochs: 1, epochs: 2}\n",
+     "key 'epochs' is given twice"),
+    ("grid-duplicate-key", SWEEP, "name: t\ngrid: {K: [1, 2], P: [1], K: [8]}\n",
+     "(line 2): key 'K' is given twice"),
+    ("estimate-duplicate-key", ("theory", "estimate", "bad.yaml"), "K: 2\nK: 2\n",
+     "key 'K' is given twice"),
+    # --- names and storage, refused before Ray starts
+    ("sweep-name-empty", (*SWEEP, "--name", ""), sweep_doc({"K": [1]}), "--name is empty"),
+    ("submit-name-empty", (*SUBMIT, "--name", ""), sweep_doc({"K": [1]}), "--name is empty"),
+    ("train-storage-under-file", (*TRAIN, "--storage", "bad.yaml/out"), run_doc(),
+     "--storage bad.yaml/out: bad.yaml is a file, not a directory"),
+    ("sweep-storage-is-file", (*SWEEP, "--storage", "bad.yaml"), sweep_doc({"K": [1]}),
+     "--storage bad.yaml: is a file, not a directory"),
+    ("train-storage-empty", (*TRAIN, "--storage", ""), run_doc(), "--storage is empty"),
+    ("results-list-storage-file", ("results", "list", "--storage", "bad.yaml"), "x: 1\n",
+     "--storage bad.yaml: is a file, not a directory"),
+    ("results-kopt-storage-file", ("results", "kopt", "s", "--storage", "bad.yaml"), "x: 1\n",
+     "--storage bad.yaml: is a file, not a directory"),
+    # --- cluster addresses, refused before anything is dialled
+    ("train-address-garbage", (*TRAIN, "--address", "garbage::!!"), run_doc(),
+     "--address 'garbage::!!': expected HOST:PORT"),
+    ("sweep-address-garbage", (*SWEEP, "--address", "garbage::!!"), sweep_doc({"K": [1]}),
+     "--address 'garbage::!!': expected HOST:PORT"),
+    ("train-address-auto-no-cluster", (*TRAIN, "--address", "auto"), run_doc(),
+     "--address auto: no running Ray cluster found on this machine"),
+    ("sweep-address-auto-no-cluster", (*SWEEP, "--address", "auto"), sweep_doc({"K": [1]}),
+     "--address auto: no running Ray cluster found on this machine"),
+    ("sweep-address-no-port", (*SWEEP, "--address", "127.0.0.1"), sweep_doc({"K": [1]}),
+     "--address '127.0.0.1': expected HOST:PORT"),
+    ("sweep-address-port-range", (*SWEEP, "--address", "10.0.0.1:70000"),
+     sweep_doc({"K": [1]}), "--address '10.0.0.1:70000': expected HOST:PORT"),
+    ("sweep-address-dashboard", (*SWEEP, "--address", "http://127.0.0.1:8265"),
+     sweep_doc({"K": [1]}), "that is a dashboard address, for 'kavg sweep submit'"),
+    ("sweep-address-empty", (*SWEEP, "--address", " "), sweep_doc({"K": [1]}),
+     "--address is empty"),
+    ("calibrate-address-garbage", ("calibrate", "--P", "2", "--address", "ray://:1"), None,
+     "--address 'ray://:1': expected HOST:PORT"),
+    # --- baselines
+    ("eamsgd-beta-too-large", TRAIN, run_doc(K=None, algorithm="eamsgd", tau=1, beta=3.0),
+     "alpha = beta / P = 3.0/2 must be below 1"),
+    ("downpour-fetch-zero", TRAIN,
+     run_doc(K=None, algorithm="downpour", fetch_period=0, push_period=1),
+     "fetch_period: Input should be greater than or equal to 1"),
 ]  # fmt: skip
 
 
@@ -170,12 +215,18 @@ def _listing(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*")}
 
 
-def run_kavg(args, cwd: Path, site_dir: Path) -> tuple[subprocess.CompletedProcess, float, str]:
+def run_kavg(
+    args, cwd: Path, site_dir: Path, extra_env: dict[str, str] | None = None
+) -> tuple[subprocess.CompletedProcess, float, str]:
     """Run `python -m kavg_ray.cli ARGS` in `cwd`; returns (result, seconds, heavy imports)."""
     log = site_dir / f"imports-{os.getpid()}-{time.monotonic_ns()}.txt"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KAVG_", "RAY_"))}
     env["PYTHONPATH"] = os.pathsep.join([str(site_dir), env.get("PYTHONPATH", "")]).rstrip(":")
     env["KAVG_TEST_IMPORT_LOG"] = str(log)
+    # `--address auto` looks for the cluster `ray start` recorded under $RAY_TMPDIR/ray:
+    # an empty folder here, so that a Ray running elsewhere on the machine is not found.
+    env["RAY_TMPDIR"] = str(site_dir / "no-ray")
+    env.update(extra_env or {})
     start = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "kavg_ray.cli", *args],
@@ -256,3 +307,37 @@ def test_config_module_imports_no_heavy_module():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    ("address", "timeout", "fragment"),
+    [
+        # Nothing listens: refused at once (it once waited 205 s for Ray to give up).
+        ("127.0.0.1:{port}", "10", "connection refused"),
+        # A host that never answers (TEST-NET-1, RFC 5737): the stated limit, then one line.
+        ("192.0.2.1:6379", "1", ""),
+    ],
+)
+def test_an_address_that_does_not_answer_fails_in_one_line(
+    tmp_path, site_dir, address, timeout, fragment
+):
+    address = address.format(port=_free_port())
+    (tmp_path / "bad.yaml").write_text(sweep_doc({"K": [1]}))
+    proc, seconds, heavy = run_kavg(
+        (*SWEEP, "--address", address), tmp_path, site_dir, {"KAVG_CONNECT_TIMEOUT_S": timeout}
+    )
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: no Ray cluster answers at {address}")
+    assert f"of {timeout} s, KAVG_CONNECT_TIMEOUT_S" in lines[0] and fragment in lines[0].lower()
+    assert proc.stdout == "" and heavy == ""
+    assert seconds < float(timeout) + TIME_LIMIT_S
+    assert _listing(tmp_path) == {"bad.yaml"}
