@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -38,6 +38,8 @@ class Algorithm:
     trial_head: str  # trial-name head, formatted with the config's keys and P
     needs_server: bool  # runs against a parameter server (kavg_ray.train.parameter_server)
     backends: tuple[str, ...]  # the backends it runs on
+    # Values of its keys when a config leaves them out (a key without one is required).
+    defaults: Mapping[str, Any] = field(default_factory=dict)
 
 
 ALGORITHMS: dict[str, Algorithm] = {
@@ -48,11 +50,19 @@ ALGORITHMS: dict[str, Algorithm] = {
             "hier_avg", ("S", "K1", "K2"), "K2", "S{S}-K1_{K1}-K2_{K2}-P{P}", False,
             ("ray", "simulated"),
         ),  # fmt: skip
+        # Downpour (Dean et al., 2012): fetch and push every step unless set.
         Algorithm(
             "downpour", ("fetch_period", "push_period"), "push_period",
             "downpour-f{fetch_period}-p{push_period}-P{P}", True, ("ray",),
+            defaults={"fetch_period": 1, "push_period": 1},
         ),  # fmt: skip
-        Algorithm("eamsgd", ("tau", "beta"), "tau", "eamsgd-t{tau}-b{beta}-P{P}", True, ("ray",)),
+        # EAMSGD (Zhang, Choromanska, LeCun, 2015): beta = 0.9 (alpha = beta / P), their
+        # setting in every experiment, and tau = 10, their ImageNet period (CIFAR: 1 to 64).
+        # The K-AVG paper does not state the values it ran EAMSGD with.
+        Algorithm(
+            "eamsgd", ("tau", "beta"), "tau", "eamsgd-t{tau}-b{beta}-P{P}", True, ("ray",),
+            defaults={"tau": 10, "beta": 0.9},
+        ),  # fmt: skip
     )
 }
 ALGORITHM_KEYS = tuple(dict.fromkeys(k for a in ALGORITHMS.values() for k in a.keys))
@@ -253,6 +263,19 @@ class RunConfig(_Strict):
     )
     # The swept keys outside CORE_KEYS, set by SweepSpec.points() for the trial name.
     _name_extra: tuple[str, ...] = PrivateAttr(default=())
+
+    @model_validator(mode="before")
+    @classmethod
+    def _algorithm_defaults(cls, data: Any) -> Any:
+        # An algorithm's keys left out (or null) take the table's defaults, so a config
+        # and its trial name are the same whether a default is written out or not.
+        if not isinstance(data, dict):
+            return data
+        name = data.get("algorithm", "kavg")
+        algo = ALGORITHMS.get(name) if isinstance(name, str) else None
+        if algo is None or not algo.defaults:
+            return data
+        return {**data, **{k: v for k, v in algo.defaults.items() if data.get(k) is None}}
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:

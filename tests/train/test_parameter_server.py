@@ -264,10 +264,35 @@ def test_config_names_periods_and_grid() -> None:
 
 
 @pytest.mark.parametrize(
+    ("doc", "fetch", "push", "tau", "beta", "name"),
+    [
+        # Downpour: fetch and push every step; EAMSGD: Zhang et al.'s beta 0.9 and tau 10.
+        ({"algorithm": "downpour"}, 1, 1, None, None, "downpour-f1-p1-P2-s0"),
+        ({"algorithm": "downpour", "push_period": 4}, 1, 4, None, None, "downpour-f1-p4-P2-s0"),
+        ({"algorithm": "downpour", "fetch_period": None}, 1, 1, None, None,
+         "downpour-f1-p1-P2-s0"),
+        ({"algorithm": "eamsgd"}, None, None, 10, 0.9, "eamsgd-t10-b0.9-P2-s0"),
+        ({"algorithm": "eamsgd", "tau": 4}, None, None, 4, 0.9, "eamsgd-t4-b0.9-P2-s0"),
+        ({"algorithm": "eamsgd", "beta": 0.5}, None, None, 10, 0.5, "eamsgd-t10-b0.5-P2-s0"),
+    ],
+)  # fmt: skip
+def test_baselines_have_defaults_and_stable_names(doc, fetch, push, tau, beta, name) -> None:
+    cfg = parse_run({**doc, "P": 2})
+    assert (cfg.fetch_period, cfg.push_period, cfg.tau, cfg.beta) == (fetch, push, tau, beta)
+    # The name is the one of the config with every default written out.
+    explicit = {k: v for k, v in zip(("fetch_period", "push_period", "tau", "beta"),
+                                     (fetch, push, tau, beta), strict=True) if v is not None}
+    assert cfg.trial_name() == parse_run({**doc, **explicit, "P": 2}).trial_name() == name
+    assert parse_run(cfg.model_dump(mode="json")) == cfg  # a worker reads back the same
+
+
+@pytest.mark.parametrize(
     ("doc", "message"),
     [
-        ({"algorithm": "downpour", "fetch_period": 1}, "needs fetch_period and push_period"),
-        ({"algorithm": "eamsgd", "tau": 2}, "needs tau and beta (missing: beta)"),
+        ({"algorithm": "downpour", "fetch_period": 1}, None),
+        ({"algorithm": "eamsgd", "tau": 2}, None),
+        ({"algorithm": "eamsgd", "P": 1}, None),
+        ({"algorithm": "eamsgd", "tau": 2, "P": 4, "beta": 4.0}, "beta / P = 4.0/4 must be"),
         ({**DOWNPOUR, "K": 4}, "algorithm downpour takes fetch_period and push_period, not K"),
         ({**EAMSGD, "S": 2}, "takes tau and beta, not S"),
         ({**DOWNPOUR, "tau": 2}, "not tau"),
