@@ -73,6 +73,23 @@ def _check_name(name: str) -> str:
     return name
 
 
+def _check_factories(points: list) -> None:
+    """Import and try every workload of one's own (DESIGN.md section 8) once, on the CPU,
+    before anything launches; built-in workloads need no torch here."""
+    from kavg_ray.config import is_factory
+
+    todo = {}
+    for p in points:
+        wl = p.workload
+        if any(is_factory(name or "") for name in (wl.dataset, wl.model, wl.loss)):
+            todo.setdefault((wl.model_dump_json(), p.backend), p)
+    if todo:
+        from kavg_ray.train.factories import check_workload
+
+        for p in todo.values():
+            check_workload(p)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """kavg: find the best model-averaging period K for K-AVG and Hier-AVG on Ray."""
@@ -88,6 +105,7 @@ def train(config: str, address: str | None, storage: str | None) -> None:
     from kavg_ray.config import load_run, read_yaml
 
     cfg = load_run(config)
+    _check_factories([cfg])
     storage = _storage(storage, write=True)
     address = _address(address)
     from kavg_ray.launch.sweep import run_sweep
@@ -132,6 +150,7 @@ def sweep_run(
 
     parsed = load_sweep(spec)
     points = parsed.points()
+    _check_factories(points)
     sweep_name = _check_name(name if name is not None else points[0].name)
     storage = _storage(storage, write=True)
     address = _address(address)
@@ -165,7 +184,10 @@ def sweep_run(
         click.echo(
             f"error: {len(missing)} of {len(points)} grid points did not finish "
             f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}"
-            + (f"; {n_failed} failed, see 'kavg results show'" if n_failed else "")
+            + (f"; {n_failed} failed, see '"
+               + shlex.join(["kavg", "results", "show", sweep_name]
+                            + (["--storage", storage] if storage != _storage(None) else []))
+               + "'" if n_failed else "")
             + f"); finish them with: {command}",
             err=True,
         )
@@ -199,6 +221,7 @@ def sweep_submit(
     address = jobs.check_dashboard_address(address or os.environ.get("RAY_ADDRESS"))
     env_vars = jobs.parse_env(env)
     points = load_sweep(spec).points()
+    _check_factories(points)
     sweep_name = _check_name(name if name is not None else points[0].name)
     storage = jobs.absolute_storage(_storage(storage))
     if not resume and os.path.exists(os.path.join(storage, sweep_name, "trials.parquet")):
@@ -310,9 +333,13 @@ def results_show(sweep_name: str, storage: str | None, fmt: str) -> None:
                 "status", "final_test_acc", "best_test_acc", "time_to_target_s",
                 "wall_time_s", "global_reductions", "local_reductions", "comm_time_s",
                 "global_comm_time_s", "local_comm_time_s", "staleness_mean",
-                "staleness_max", "pushes", "applied"]  # fmt: skip
-        df = df[[c for c in cols if c in df.columns and df[c].notna().any()]]
+                "staleness_max", "pushes", "applied", "restarts", "restart_time_s",
+                "error"]  # fmt: skip
+        df = results.show_columns(df, cols)
     click.echo(results.format_frame(df, fmt))
+    if fmt == "table" and "error" in df.columns:
+        click.echo("full error texts: " + os.path.join(
+            _storage(storage), sweep_name, "errors", "TRIAL.txt"))  # fmt: skip
 
 
 _NETWORK_HELP = "a preset (nvlink, ib200, ib400, eth1g, eth10g, eth100g), alpha=S,bandwidth=GB/s"
@@ -577,6 +604,7 @@ def theory_estimate(
         P_values = [cfg.P]
     if probe_steps < 2:
         raise ConfigError("--probe-steps must be at least 2")
+    _check_factories([cfg])
     from kavg_ray.estimate import estimate_constants, predict_for_config
 
     est = estimate_constants(cfg, probe_steps=probe_steps, F_star=F_star)

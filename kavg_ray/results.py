@@ -78,6 +78,9 @@ TRIAL_COLUMNS: list[str] = [
     "rounds",
     "samples",
     "error",
+    "error_file",
+    "restarts",
+    "restart_time_s",
 ]
 
 HISTORY_COLUMNS: list[str] = [
@@ -131,6 +134,7 @@ TRIALS_FILE = "trials.parquet"
 HISTORY_FILE = "history.parquet"
 SPEC_FILE = "spec.json"
 THEORY_FILE = "theory.json"
+PROGRESS_FILE = "progress.json"
 LOCK_FILE = ".lock"
 
 _NAME_RE = re.compile(r"[A-Za-z0-9._-]+")
@@ -307,6 +311,14 @@ class ResultsStore:
     def read_theory(self, sweep: str) -> dict[str, Any] | None:
         """The sweep's ``theory.json``, or None when the sweep did not estimate."""
         return self._read_json(sweep, THEORY_FILE)
+
+    def write_progress(self, sweep: str, progress: dict[str, Any]) -> Path:
+        """Store a running sweep's per-trial progress as ``progress.json`` (atomically)."""
+        return self._write_json(sweep, PROGRESS_FILE, progress)
+
+    def read_progress(self, sweep: str) -> dict[str, Any] | None:
+        """The sweep's ``progress.json``, or None when no run of it has reported yet."""
+        return self._read_json(sweep, PROGRESS_FILE)
 
     def _write_json(self, sweep: str, name: str, doc: dict[str, Any]) -> Path:
         # default=str: YAML can yield dates and similar scalars; a readable string is
@@ -663,6 +675,31 @@ def kopt_table(
 
 
 # --------------------------------------------------------------------------- output
+
+SHORT_ERROR_CHARS = 60
+
+
+def show_columns(df: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """The ``columns`` of ``df`` that say something, for the trials table: a column with
+    no value is left out, ``restarts`` and ``restart_time_s`` when no trial restarted, and
+    ``error`` when no trial failed (else shortened to SHORT_ERROR_CHARS)."""
+    def says_something(col: str) -> bool:
+        values = df[col].dropna()
+        if col in ("restarts", "restart_time_s"):
+            return bool((pd.to_numeric(values, errors="coerce") > 0).any())
+        if col == "error":
+            return bool((values.astype(str).str.strip() != "").any())
+        return len(values) > 0
+
+    out = df[[c for c in columns if c in df.columns and says_something(c)]].copy()
+    if "error" in out.columns:
+        out["error"] = [
+            "" if _is_missing(e) else str(e) if len(str(e)) <= SHORT_ERROR_CHARS
+            else str(e)[: SHORT_ERROR_CHARS - 3] + "..."
+            for e in out["error"]
+        ]  # fmt: skip
+    return out
+
 
 
 def format_frame(df: pd.DataFrame, fmt: str) -> str:

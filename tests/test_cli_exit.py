@@ -46,7 +46,8 @@ def _fake_sweep(statuses: list[str]):
         # cluster address is part of the command.
         (["completed", "failed", "diverged"], ["--address", "ray://head:10001"],
          "error: 1 of 3 grid points did not finish (K2-P1-s0; 1 failed, see 'kavg results "
-         "show'); finish them with: kavg sweep run spec.yaml --resume --storage {store} "
+         "show partial --storage {store}'); finish them with: kavg sweep run spec.yaml "
+         "--resume --storage {store} "
          "--address ray://head:10001"),
     ],
 )  # fmt: skip
@@ -58,6 +59,8 @@ def test_unfinished_grid_points_exit_1_with_the_resume_command(
     monkeypatch.delenv("KAVG_RESUME_COMMAND", raising=False)
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(SPEC))
     monkeypatch.setattr("kavg_ray.launch.sweep.run_sweep", _fake_sweep(statuses))
+    # The address is not dialled here (that is tests/test_cli_input.py's business).
+    monkeypatch.setattr("kavg_ray.launch.address.probe", lambda address, timeout_s=None: None)
     store = str(tmp_path / "store")
     result = CliRunner().invoke(
         cli.main, ["sweep", "run", "spec.yaml", "--storage", store, *args]

@@ -18,16 +18,8 @@ from typing import Any
 
 from kavg_ray.config import ALGORITHMS, RunConfig
 from kavg_ray.errors import SweepError
+from kavg_ray.launch.progress import HISTORY_KEYS, TrialTracker  # noqa: F401 - HISTORY_KEYS: API
 from kavg_ray.results import ResultsStore
-
-HISTORY_KEYS = (
-    "epoch", "samples", "rounds", "train_loss", "test_loss", "test_acc", "lr",
-    "compute_time_s", "comm_time_s", "bytes_communicated", "wall_time_s",
-    "local_reductions", "global_reductions", "local_comm_time_s", "global_comm_time_s",
-    "staleness_mean", "staleness_max", "pushes", "applied",
-)  # fmt: skip
-
-
 
 
 def trial_row(
@@ -107,10 +99,6 @@ def estimate_theory(points: list[RunConfig], echo=print) -> dict:
     return {"estimates": estimates, "predictions": predictions}
 
 
-def _history_row(report: dict) -> dict:
-    return {k: report[k] for k in (*HISTORY_KEYS, "diverged") if k in report}
-
-
 def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
@@ -148,57 +136,40 @@ def _trial_fn(config: dict) -> None:
             ray.kill(server)
 
 
-def _make_callback(
-    store: ResultsStore, sweep: str, configs: dict[str, RunConfig], echo, progress: bool
-):
+def _row(sweep: str, tid: str, cfg: RunConfig, history: list[dict], *, error: str,
+         failed: bool) -> dict[str, Any]:  # fmt: skip
+    status = "failed" if failed else _status(cfg, history)
+    return trial_row(sweep, tid, cfg, history, status, error)
+
+
+def trial_error_text(trial: Any) -> str:
+    """A failed Tune trial's error text: Tune's error.txt in the trial's local folder (Tune
+    writes it there before calling back; the copy in storage is only synced later)."""
+    path = getattr(trial, "error_file", None)
+    if path and os.path.isfile(path):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    return str(trial.get_error() or "")
+
+
+def _make_callback(tracker: TrialTracker):  # noqa: ANN202 - a ray.tune.Callback
     from ray.tune import Callback
 
     class ResultsCallback(Callback):
-        """Keeps each trial's reports; writes its row and history when it ends."""
+        """Hands each trial's start, reports and end to the tracker (kavg_ray.launch.progress)."""
 
-        def __init__(self) -> None:
-            self.history: dict[str, list[dict]] = {}
-            self.statuses: dict[str, str] = {}
+        def on_trial_start(self, iteration, trials, trial, **info):  # noqa: ANN001
+            tracker.start(trial.config["trial"]["trial_id"])
 
         def on_trial_result(self, iteration, trials, trial, result, **info):  # noqa: ANN001
-            tid = trial.config["trial"]["trial_id"]
-            if "epoch" not in result:
-                return
-            rows = self.history.setdefault(tid, [])
-            if result.get("history_before"):
-                # A run resumed from a checkpoint: its earlier epochs come with it.
-                rows[:] = [_history_row(h) for h in result["history_before"]]
-            # A restarted worker group re-reports from its checkpoint: keep the latest.
-            rows[:] = [r for r in rows if r["epoch"] < result["epoch"]]
-            rows.append(_history_row(result))
-            if progress:
-                from kavg_ray.train.loop import format_progress
-
-                echo(format_progress(configs[tid], result))
-
-        def _finish(self, trial, error: str) -> None:  # noqa: ANN001
-            tid = trial.config["trial"]["trial_id"]
-            cfg = configs[tid]
-            history = self.history.get(tid, [])
-            status = "failed" if error else _status(cfg, history)
-            row = trial_row(sweep, tid, cfg, history, status, error)
-            hist_rows = [
-                {"sweep": sweep, "trial_id": tid, **{k: h.get(k) for k in HISTORY_KEYS}}
-                for h in history
-            ]
-            store.upsert_trial(sweep, row, hist_rows)
-            self.statuses[tid] = status
-            acc = row["final_test_acc"]
-            echo(f"[kavg] {tid}: {status}, final test accuracy {acc:.4f}, "
-                 f"wall {row['wall_time_s']:.1f}s")  # fmt: skip
+            tracker.result(trial.config["trial"]["trial_id"], result)
 
         def on_trial_complete(self, iteration, trials, trial, **info):  # noqa: ANN001
-            self._finish(trial, "")
+            tracker.finish(trial.config["trial"]["trial_id"], None, _row)
 
         def on_trial_error(self, iteration, trials, trial, **info):  # noqa: ANN001
-            err = trial.get_error()
-            msg = str(err).strip().splitlines()[-1] if err else "trial failed"
-            self._finish(trial, msg[:500])
+            text = trial_error_text(trial) or "trial failed (Ray gave no error text)"
+            tracker.finish(trial.config["trial"]["trial_id"], text, _row)
 
     return ResultsCallback()
 
@@ -372,7 +343,11 @@ def run_sweep(
              "train_storage": str(sweep_root / "ray" / "train")}
             for t in todo
         ]  # fmt: skip
-        callback = _make_callback(store, sweep, by_id, echo, progress)
+        tracker = TrialTracker(
+            store, sweep, by_id, todo, echo=echo, epoch_lines=progress,
+            trial_lines=not progress,
+        )  # fmt: skip
+        callback = _make_callback(tracker)
         tuner = tune.Tuner(
             tune.with_resources(_trial_fn, {"CPU": 0, "memory": 2**20}),
             param_space={"trial": tune.grid_search(space)},
@@ -395,4 +370,4 @@ def run_sweep(
 
             # Ends Ray's forwarding of worker logs, so the caller's table prints last.
             ray.shutdown()
-    return callback.statuses
+    return tracker.statuses
