@@ -5,7 +5,9 @@
 data with the project's KAvgAverager, for an mlp-sized (digits) and a resnet18-sized
 (CIFAR-10) model, P in {2, 4} and several K. Each trial's measured ``comm_time_s``
 (KAvgAverager.stats.seconds, rank 0) is compared with rounds x the ring all-reduce cost
-of a network profile written by ``kavg calibrate``.
+of a network profile written by ``kavg calibrate``. With ``--sync`` every learner waits at
+an untimed barrier before each average, so the measured time is the transfer alone,
+without the wait for the slowest learner that the model leaves out.
 
 ``twin``: runs a sweep spec of simulated-backend points in this process, one after the
 other (``kavg_ray.train.run.train``, no Ray), and writes them to a results store, so that
@@ -35,8 +37,8 @@ MODELS = {"mlp": ((1, 8, 8), 10), "resnet18": ((3, 32, 32), 10)}
 PLAN = [  # (model, P, K values, local steps, batch size)
     ("mlp", 2, (1, 4, 16), 256, 16),
     ("mlp", 4, (1, 4, 16), 256, 16),
-    ("resnet18", 2, (1, 4, 16), 48, 8),
-    ("resnet18", 4, (1, 4, 16), 48, 8),
+    ("resnet18", 2, (1, 4, 16), 32, 8),
+    ("resnet18", 4, (1, 4, 16), 32, 8),
 ]
 
 
@@ -47,7 +49,7 @@ def _free_port() -> int:
 
 
 def _learner(rank: int, world: int, port: int, model: str, K: int, steps: int, B: int,
-             out: str) -> None:  # fmt: skip
+             out: str, sync: bool) -> None:  # fmt: skip
     import torch
     import torch.distributed as dist
 
@@ -64,47 +66,74 @@ def _learner(rank: int, world: int, port: int, model: str, K: int, steps: int, B
     avg = KAvgAverager(net, period=K)
     x, y = torch.randn(B, *shape), torch.randint(0, classes, (B,))
     start = time.perf_counter()
-    for _ in range(steps):
+    for step in range(1, steps + 1):
         loss = torch.nn.functional.cross_entropy(net(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if sync and step % K == 0:
+            dist.barrier()  # untimed: the average then starts with every learner present
         avg.step()
     wall = time.perf_counter() - start
     if rank == 0:
         row = {"model": model, "P": world, "K": K, "steps": steps, "batch_size": B,
                "rounds": avg.stats.count, "model_bytes": avg.flat.nbytes,
-               "comm_time_s": avg.stats.seconds, "wall_time_s": wall}  # fmt: skip
+               "comm_time_s": avg.stats.seconds, "wall_time_s": wall, "sync": sync}  # fmt: skip
         Path(out).write_text(json.dumps(row))
     dist.barrier()
-    dist.destroy_process_group()
+    # Leave without gloo's C++ teardown, which can abort a rank whose peers already left
+    # (tests/distributed.py does the same).
+    sys.stdout.flush()
+    os._exit(0)
 
 
-def run_trial(model: str, P: int, K: int, steps: int, B: int) -> dict:
+def run_trial(model: str, P: int, K: int, steps: int, B: int, sync: bool = False) -> dict:
     """One K-AVG trial in P spawned gloo processes; rank 0's measured row."""
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "row.json")
-        mp.spawn(_learner, args=(P, _free_port(), model, K, steps, B, out), nprocs=P, join=True)
+        try:
+            mp.spawn(_learner, args=(P, _free_port(), model, K, steps, B, out, sync), nprocs=P)
+        except mp.ProcessExitedException:
+            if not os.path.exists(out):
+                raise
         return json.loads(Path(out).read_text())
 
 
-def validate(profile: str, out: str | None) -> list[dict]:
+def _per_p_links(net: costmodel.Network) -> dict[int, costmodel.Link]:
+    """alpha and beta fitted to each P's timings alone (from the profile's calibration)."""
+    meas = (net.extra.get("calibration") or {}).get("measurements") or []
+    out = {}
+    for P in sorted({m["P"] for m in meas}):
+        fit = costmodel.fit_alpha_beta(
+            [(m["P"], m["nbytes"], m["seconds"]) for m in meas if m["P"] == P]
+        )
+        print(f"P={P} alone: alpha {fit.alpha * 1e6:.1f} us, {fit.beta / 1e9:.3f} GB/s, "
+              f"rms residual {fit.rms_rel_error:.2f}")  # fmt: skip
+        out[P] = fit.link()
+    return out
+
+
+def validate(profile: str, out: str | None, sync: bool = False) -> list[dict]:
     """Every trial of PLAN: measured comm_time_s against rounds x all-reduce cost."""
     net = costmodel.parse_network(profile)
+    per_p = _per_p_links(net)
     rows = []
     for model, P, ks, steps, B in PLAN:
         for K in ks:
-            row = run_trial(model, P, K, steps, B)
-            per_avg = costmodel.allreduce_time(P, row["model_bytes"], net.inter)
-            row["predicted_comm_s"] = row["rounds"] * per_avg
-            row["ratio"] = row["predicted_comm_s"] / row["comm_time_s"]
+            row = run_trial(model, P, K, steps, B, sync)
+            for tag, link in (("joint", net.inter), ("perP", per_p.get(P))):
+                if link is None:
+                    continue
+                pred = row["rounds"] * costmodel.allreduce_time(P, row["model_bytes"], link)
+                row[f"predicted_comm_s_{tag}"] = pred
+                row[f"ratio_{tag}"] = pred / row["comm_time_s"]
             rows.append(row)
             print(
                 f"{model:9s} P={P} K={K:2d} rounds={row['rounds']:3d} n={row['model_bytes']:>9d} B "
-                f"measured {row['comm_time_s']:.4f}s predicted {row['predicted_comm_s']:.4f}s "
-                f"ratio {row['ratio']:.2f}",
+                f"measured {row['comm_time_s']:.4f}s ratio joint {row['ratio_joint']:.2f} "
+                f"per-P {row.get('ratio_perP', float('nan')):.2f}",
                 flush=True,
             )
     if out:
@@ -148,13 +177,14 @@ def main() -> None:
     v = sub.add_parser("validate")
     v.add_argument("--profile", required=True)
     v.add_argument("--out", default=None)
+    v.add_argument("--sync", action="store_true", help="barrier (untimed) before each average")
     t = sub.add_parser("twin")
     t.add_argument("spec")
     t.add_argument("--storage", required=True)
     t.add_argument("--epochs", type=int, default=None)
     args = parser.parse_args()
     if args.cmd == "validate":
-        validate(args.profile, args.out)
+        validate(args.profile, args.out, args.sync)
     else:
         twin(args.spec, args.storage, args.epochs)
 
