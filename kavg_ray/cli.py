@@ -99,8 +99,9 @@ def main() -> None:
 @click.argument("config", type=click.Path(dir_okay=True))
 @click.option("--address", default=None, help="Ray cluster address (default: start a local Ray)")
 @click.option("--storage", default=None, help="results directory [./kavg_results, $KAVG_STORAGE]")
+@click.option("--verbose", "-v", is_flag=True, help="show Ray's and the workers' output live")
 @_user_errors
-def train(config: str, address: str | None, storage: str | None) -> None:
+def train(config: str, address: str | None, storage: str | None, verbose: bool) -> None:
     """Train one model with K-AVG (or Hier-AVG) on P Ray Train workers."""
     from kavg_ray.config import load_run, read_yaml
 
@@ -113,7 +114,7 @@ def train(config: str, address: str | None, storage: str | None) -> None:
     tid = cfg.trial_name()
     statuses = run_sweep(
         cfg.name, [cfg], read_yaml(config), storage, address=address, overwrite=True,
-        progress=True, echo=click.echo,
+        progress=True, verbose=verbose, echo=click.echo,
     )  # fmt: skip
     from kavg_ray.results import load_trials
 
@@ -141,10 +142,12 @@ def sweep() -> None:
 @click.option("--storage", default=None, help="results directory [./kavg_results, $KAVG_STORAGE]")
 @click.option("--name", default=None, help="sweep name (default: the spec's name)")
 @click.option("--resume", is_flag=True, help="run only the grid points with no finished row")
+@click.option("--verbose", "-v", is_flag=True, help="show Ray's, Tune's and workers' output live")
 @_user_errors
 def sweep_run(
-    spec: str, address: str | None, storage: str | None, name: str | None, resume: bool
-) -> None:
+    spec: str, address: str | None, storage: str | None, name: str | None, resume: bool,
+    verbose: bool,
+) -> None:  # fmt: skip
     """Run a sweep spec on Ray Tune and print the K_opt table."""
     from kavg_ray.config import load_sweep, read_yaml
 
@@ -159,13 +162,18 @@ def sweep_run(
 
     run_sweep(
         sweep_name, points, read_yaml(spec), storage, address=address, resume=resume,
-        echo=click.echo,
+        verbose=verbose, echo=click.echo,
     )  # fmt: skip
     trials = results.load_trials(sweep_name, storage)
     by = "time" if points[0].target_accuracy else "accuracy"
     click.echo(f"\nK_opt by {by} for sweep '{sweep_name}' ({len(trials)} trials):")
-    click.echo(results.format_frame(results.kopt_table(trials, by=by), "table"))
+    click.echo(results.format_frame(results.kopt_table(trials, by=by), "table"), nl=False)
+    at = ["--storage", storage] if storage != _storage(None) else []
     click.echo(f"results: {os.path.join(storage, sweep_name)}")
+    click.echo("plot:    " + shlex.join(
+        ["kavg", "results", "plot", sweep_name, "--out", f"plots/{sweep_name}", *at]))
+    click.echo("report:  " + shlex.join(
+        ["kavg", "results", "report", sweep_name, "--out", f"reports/{sweep_name}", *at]))
     # Failed trials have no finished row either: both kinds are what --resume reruns.
     status = dict(zip(trials["trial_id"], trials["status"], strict=True))
     missing = [

@@ -261,6 +261,8 @@ def sweep_progress(sweep: str, storage: str, total: int | None = None) -> dict[s
         except Exception:  # a spec this version cannot parse: keep the job's count
             pass
     trials = store.read_trials(sweep)
+    ended = trials[trials["status"].isin(("completed", "diverged"))]["trial_id"]
+    out["running"] = running_trials(store.read_progress(sweep), set(ended))
     if len(trials):
         out["finished"] = int(len(trials))
         out["counts"] = {str(k): int(v) for k, v in trials["status"].value_counts().items()}
@@ -276,6 +278,23 @@ def sweep_progress(sweep: str, storage: str, total: int | None = None) -> dict[s
                 "wall_time_s": _num(row["wall_time_s"]),
             }
     return out
+
+
+def running_trials(progress: dict[str, Any] | None, finished: set[str]) -> list[dict[str, Any]]:
+    """The trials progress.json lists as running and the store has no row for yet, each
+    with its last epoch, accuracy and the age of the sweep's last report."""
+    if not progress:
+        return []
+    import time
+
+    age = max(0.0, time.time() - float(progress.get("updated_unix") or time.time()))
+    return [
+        {"trial_id": tid, "epoch": t.get("epoch"), "epochs": t.get("epochs"),
+         "test_acc": t.get("test_acc"), "restarts": t.get("restarts", 0),
+         "report_age_s": round(age, 1)}
+        for tid, t in sorted((progress.get("trials") or {}).items())
+        if t.get("status") == "running" and tid not in finished
+    ]  # fmt: skip
 
 
 def _num(v: Any) -> Any:
@@ -301,6 +320,13 @@ def format_status(status: dict[str, Any]) -> str:
         f"sweep '{status['sweep']}': {status['finished']}/{total if total else '?'} trials "
         f"finished{' (' + counts + ')' if counts else ''}"
     )
+    for run in status.get("running", []):
+        acc = run.get("test_acc")
+        done = (f"epoch {run['epoch']}/{run['epochs']}, test accuracy {acc:.4f}"
+                if run.get("epoch") else f"starting ({run['epochs']} epochs)")  # fmt: skip
+        restarts = f", {run['restarts']} restart(s)" if run.get("restarts") else ""
+        lines.append(f"running: {run['trial_id']}  {done}{restarts}  "
+                     f"(last report {run['report_age_s']:.0f} s ago)")  # fmt: skip
     best = status.get("best")
     if best:
         lines.append(

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from kavg_ray.config import ALGORITHMS, RunConfig
-from kavg_ray.errors import SweepError
+from kavg_ray.errors import KavgError, SweepError
+from kavg_ray.launch import console
 from kavg_ray.launch.progress import HISTORY_KEYS, TrialTracker  # noqa: F401 - HISTORY_KEYS: API
 from kavg_ray.results import ResultsStore
 
@@ -186,11 +187,35 @@ def job_env_vars() -> dict[str, str]:
     return {str(k): str(v) for k, v in env.items()}
 
 
-def connect(address: str | None) -> bool:
+def connect(address: str | None, log: Path | None = None) -> bool:
     """Connect to a running Ray cluster, or start a local one (dashboard on 127.0.0.1).
 
-    Returns False when this process was connected already (nothing was done).
+    Returns False when this process was connected already (nothing was done). A failure
+    is one KavgError line (``log``: where Ray's own account of it is).
     """
+    try:
+        return _connect(address)
+    except Exception as exc:
+        raise _connect_error(address, exc, log) from None
+
+
+def _connect_error(address: str | None, exc: Exception, log: Path | None) -> KavgError:
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    where = f"the Ray cluster at {address}" if address else "a local Ray"
+    see = f" (Ray's log: {log})" if log else ""
+    if "AuthenticationError" in type(exc).__name__ or "InvalidAuthToken" in text or (
+        "auth" in text.lower() and "token" in text.lower()
+    ):
+        return KavgError(
+            f"{where} asks for token authentication: set RAY_AUTH_MODE=token and give its "
+            "token in RAY_AUTH_TOKEN or ~/.ray/auth_token (ray get-auth-token on the head)"
+            + see, 2,
+        )  # fmt: skip
+    return KavgError(f"cannot {'join' if address else 'start'} {where}: {first}{see}")
+
+
+def _connect(address: str | None) -> bool:
     import ray
 
     if ray.is_initialized():
@@ -290,9 +315,15 @@ def run_sweep(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = False,
+    verbose: bool = False,
     echo=print,
 ) -> dict[str, str]:
-    """Run every grid point not yet finished; returns trial_id -> status of this run."""
+    """Run every grid point not yet finished; returns trial_id -> status of this run.
+
+    ``progress``: print every epoch (``kavg train``) instead of a line per trial start and
+    end. Unless ``verbose``, Ray's, Tune's and the workers' output goes to
+    ``<sweep>/logs/`` (kavg_ray.launch.console) and only kavg's own lines show.
+    """
     store = ResultsStore(storage)
     by_id = {p.trial_name(): p for p in points}
     has_spec = (store.sweep_dir(sweep) / "spec.json").exists()
@@ -319,55 +350,66 @@ def run_sweep(
         echo(f"[kavg] resume {sweep}: {len(by_id) - len(todo)} finished, {len(todo)} to run")
     if not todo:
         return {}
-    connected_here = connect(address)
-    try:
-        check_placement(todo_points)
-        store.write_spec(sweep, spec_doc)
-        if todo_points[0].theory == "estimate" and (
-            resume is False or store.read_theory(sweep) is None
-        ):
-            store.write_theory(sweep, estimate_theory(points, echo))
-        sweep_root = Path(storage, sweep).resolve()
-        if not resume:
-            # Ray Train resumes a run of the same name from its checkpoints: a fresh
-            # sweep must not pick up an older run's.
-            for tid in todo:
-                shutil.rmtree(sweep_root / "ray" / "train" / tid, ignore_errors=True)
+    sweep_dir = store.sweep_dir(sweep)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    log = None if verbose else console.log_path(sweep_dir, "train" if progress else "sweep")
+    if log is not None and not progress:
+        echo(f"[kavg] sweep {sweep}: {len(todo)} trials; Ray, Tune and worker logs: {log}")
+    with console.quiet(log) as say:
+        say = echo if log is None else say
+        connected_here = connect(address, log)
+        try:
+            check_placement(todo_points)
+            store.write_spec(sweep, spec_doc)
+            if todo_points[0].theory == "estimate" and (
+                resume is False or store.read_theory(sweep) is None
+            ):
+                store.write_theory(sweep, estimate_theory(points, say))
+            if not resume:
+                # Ray Train resumes a run of the same name from its checkpoints: a fresh
+                # sweep must not pick up an older run's.
+                for tid in todo:
+                    shutil.rmtree(sweep_dir.resolve() / "ray" / "train" / tid, ignore_errors=True)
+            tracker = TrialTracker(
+                store, sweep, by_id, todo, echo=say, epoch_lines=progress,
+                trial_lines=not progress,
+            )  # fmt: skip
+            _tune(tracker, [by_id[t] for t in todo], sweep_dir.resolve(), verbose)
+        finally:
+            if connected_here:
+                import ray
 
-        from ray import tune
-
-        res = todo_points[0].resources
-        max_conc = res.max_concurrent_trials or default_concurrency(todo_points)
-        space = [
-            {"trial_id": t, "run": by_id[t].model_dump(mode="json"),
-             "train_storage": str(sweep_root / "ray" / "train")}
-            for t in todo
-        ]  # fmt: skip
-        tracker = TrialTracker(
-            store, sweep, by_id, todo, echo=echo, epoch_lines=progress,
-            trial_lines=not progress,
-        )  # fmt: skip
-        callback = _make_callback(tracker)
-        tuner = tune.Tuner(
-            tune.with_resources(_trial_fn, {"CPU": 0, "memory": 2**20}),
-            param_space={"trial": tune.grid_search(space)},
-            tune_config=tune.TuneConfig(
-                max_concurrent_trials=max_conc,
-                trial_name_creator=lambda t: t.config["trial"]["trial_id"],
-                trial_dirname_creator=lambda t: t.config["trial"]["trial_id"],
-            ),
-            run_config=tune.RunConfig(
-                name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}",
-                storage_path=str(sweep_root / "ray"),
-                callbacks=[callback],
-                verbose=1,
-            ),
-        )
-        tuner.fit()
-    finally:
-        if connected_here:
-            import ray
-
-            # Ends Ray's forwarding of worker logs, so the caller's table prints last.
-            ray.shutdown()
+                # Ends Ray's forwarding of worker logs, so the caller's table prints last.
+                ray.shutdown()
     return tracker.statuses
+
+
+def _tune(tracker: TrialTracker, todo: list[RunConfig], sweep_root: Path, verbose: bool) -> None:
+    """Run ``todo`` as one Tune experiment, one trial per grid point, into ``tracker``."""
+    from ray import tune
+    from ray.tune.logger import JsonLoggerCallback
+
+    # Tune's own loggers: result.json only (TensorBoard cannot log a trial's history).
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    res = todo[0].resources
+    space = [
+        {"trial_id": p.trial_name(), "run": p.model_dump(mode="json"),
+         "train_storage": str(sweep_root / "ray" / "train")}
+        for p in todo
+    ]  # fmt: skip
+    tuner = tune.Tuner(
+        tune.with_resources(_trial_fn, {"CPU": 0, "memory": 2**20}),
+        param_space={"trial": tune.grid_search(space)},
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=res.max_concurrent_trials or default_concurrency(todo),
+            trial_name_creator=lambda t: t.config["trial"]["trial_id"],
+            trial_dirname_creator=lambda t: t.config["trial"]["trial_id"],
+        ),
+        run_config=tune.RunConfig(
+            name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=str(sweep_root / "ray"),
+            callbacks=[_make_callback(tracker), JsonLoggerCallback()],
+            verbose=1 if verbose else 0,
+        ),
+    )
+    tuner.fit()

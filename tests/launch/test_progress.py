@@ -183,3 +183,51 @@ def test_console_lines_and_eta(tmp_path: Path) -> None:
     assert progress_bar(3, 12, 42.0, width=12) == "[###---------] 3/12  elapsed 0:42  ETA 2:06"
     assert progress_bar(0, 5, 1.0, width=5) == "[-----] 0/5  elapsed 0:01  ETA ?"
     assert clock(3725) == "1:02:05"
+
+
+def test_quiet_sends_all_output_but_kavgs_lines_to_the_log(tmp_path: Path) -> None:
+    """Python prints, logging and writes to fds 1 and 2 (as Ray's C++ core and forwarded
+    worker logs do) land in the log; only the echo reaches the terminal."""
+    import subprocess
+    import sys
+
+    code = (
+        "import logging, os, sys\n"
+        "from pathlib import Path\n"
+        "from kavg_ray.launch.console import quiet\n"
+        "print('before')\n"
+        "with quiet(Path(sys.argv[1])) as echo:\n"
+        "    echo('[kavg] mine')\n"
+        "    print('a Tune table'); logging.getLogger('ray').error('PreemptionWatcher')\n"
+        "    os.write(1, b'worker log\\n'); os.write(2, b'core warning\\n')\n"
+        "print('after'); print('err after', file=sys.stderr)\n"
+    )
+    log = tmp_path / "x.log"
+    out = subprocess.run([sys.executable, "-c", code, str(log)], capture_output=True,
+                         text=True, check=True)  # fmt: skip
+    assert out.stdout.splitlines() == ["before", "[kavg] mine", "after"]
+    assert out.stderr.splitlines() == ["err after"]
+    assert log.read_text().splitlines() == [
+        "a Tune table", "PreemptionWatcher", "worker log", "core warning"
+    ]
+
+
+def test_sweep_status_shows_the_running_trials(tmp_path: Path) -> None:
+    cfgs = {c.trial_name(): c for c in (CFG, parse_run({"name": "s", "K": 4, "P": 2}))}
+    now = Clock()
+    tr = TrialTracker(ResultsStore(tmp_path), "s", cfgs, list(cfgs), echo=lambda _: None,
+                      now=now)  # fmt: skip
+    first, second = cfgs
+    tr.start(first)
+    tr.start(second)
+    tr.result(first, _epoch(3, 3.0))
+    args = ["sweep", "status", "s", "--storage", str(tmp_path)]
+    lines = CliRunner().invoke(cli.main, args).stdout.splitlines()
+    assert lines[0] == "sweep 's': 0/? trials finished"
+    assert lines[1].startswith(f"running: {first}  epoch 3/4, test accuracy 0.8000  (last report")
+    assert lines[2].startswith(f"running: {second}  starting (10 epochs)")
+    tr.result(first, _epoch(4, 4.0))
+    tr.finish(first, None, _row)
+    lines = CliRunner().invoke(cli.main, args).stdout.splitlines()
+    assert lines[0] == "sweep 's': 1/? trials finished (1 completed)"
+    assert [ln.split()[1] for ln in lines if ln.startswith("running:")] == [second]
