@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 
 
 @dataclass
@@ -89,28 +89,81 @@ class FlatModel:
 class AveragingSchedule:
     """Which optimizer steps end with an average, and over whom.
 
-    Steps are counted from 1. After step s: a global average (all learners) when s is a
-    multiple of ``global_period``; otherwise a local one (inside each group) when
+    Steps are counted from 1. During a warm-up of W steps (post-local SGD) every step ends
+    with a global average. After it, with s = step - W: a global average (all learners) when
+    s is a multiple of ``global_period``; otherwise a local one (inside each group) when
     ``local_period`` is set and divides s; otherwise none. K-AVG is ``global_period=K``;
-    Hier-AVG is ``global_period=K2, local_period=K1``. The real averagers and the stacked
-    (simulated) engine both follow it.
+    Hier-AVG is ``global_period=K2, local_period=K1``; W = 0 gives K, 2K, 3K, ... The real
+    averagers and the stacked (simulated) engine both follow it.
     """
 
-    def __init__(self, global_period: int, local_period: int | None = None) -> None:
+    def __init__(
+        self, global_period: int, local_period: int | None = None, warmup_steps: int = 0
+    ) -> None:
         self.global_period = global_period
         self.local_period = local_period
+        self.warmup_steps = warmup_steps
 
     def action(self, step: int) -> str | None:
         """"global", "local" or None: what follows optimizer step ``step``."""
-        if step % self.global_period == 0:
+        if step <= self.warmup_steps:
             return "global"
-        if self.local_period is not None and step % self.local_period == 0:
+        s = step - self.warmup_steps
+        if s % self.global_period == 0:
+            return "global"
+        if self.local_period is not None and s % self.local_period == 0:
             return "local"
         return None
 
     def in_sync(self, step: int) -> bool:
         """True when every learner holds the same model after step ``step``."""
-        return step % self.global_period == 0
+        return self.action(step) == "global"
+
+
+@dataclass(frozen=True)
+class OuterOptimizer:
+    """The outer optimizer applied at global averages (DiLoCo, SlowMo); defaults: none.
+
+    The averaged change ``delta = anchor - mean`` is taken as the anchor's gradient with
+    ``torch.optim.SGD``'s arithmetic (no dampening, no weight decay).
+    """
+
+    lr: float = 1.0  # outer learning rate (> 0)
+    momentum: float = 0.0  # outer momentum, in [0, 1)
+    nesterov: bool = False  # Nesterov momentum (needs momentum > 0)
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"outer lr must be > 0, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"outer momentum must be in [0, 1), got {self.momentum}")
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("outer Nesterov needs outer momentum > 0")
+
+    @property
+    def plain(self) -> bool:
+        """True for plain averaging (lr 1, no momentum): no anchor is kept."""
+        return self.lr == 1.0 and self.momentum == 0.0
+
+
+def outer_step(
+    outer: OuterOptimizer, anchor: Tensor, mean: Tensor, momentum: Tensor | None
+) -> Tensor | None:
+    """Move ``anchor`` by one outer SGD step along ``anchor - mean``; returns the momentum.
+
+    ``anchor`` and ``mean`` are flat parameter vectors (``mean`` is overwritten with the
+    delta). The caller copies the new anchor into every learner's parameters.
+    """
+    delta = torch.sub(anchor, mean, out=mean)
+    step = delta
+    if outer.momentum != 0:
+        if momentum is None:
+            momentum = delta.clone()
+        else:
+            momentum.mul_(outer.momentum).add_(delta)
+        step = delta.add_(momentum, alpha=outer.momentum) if outer.nesterov else momentum
+    anchor.add_(step, alpha=-outer.lr)
+    return momentum
 
 
 def _group_size(group: dist.ProcessGroup | None) -> int:
@@ -122,11 +175,35 @@ def _group_size(group: dist.ProcessGroup | None) -> int:
 class _Averager:
     """Shared machinery: the flat buffer, timing, and the step counter."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, outer: OuterOptimizer) -> None:
         self.flat = FlatModel(model)
         self.step_count = 0
         self._scratch: torch.Tensor | None = None
         self._sync_cuda = self.flat.device.type == "cuda"
+        self.outer = outer
+        self.n_params = sum(p.numel() for p in model.parameters())
+        # The model after the last global average, and the outer momentum: flat buffers
+        # beside the model's, so an outer step is a few whole-buffer operations.
+        self.anchor: torch.Tensor | None = None
+        self.outer_momentum: torch.Tensor | None = None
+        if not outer.plain:
+            self.reset_anchor()
+
+    def reset_anchor(self) -> None:
+        """Take the model's parameters as the anchor: call after changing them outside
+        training (a broadcast of the initial model); loading a state restores it."""
+        if not self.outer.plain:
+            self.anchor = self.flat.buffer[: self.n_params].clone()
+            self._mean = torch.empty_like(self.anchor)
+
+    def _apply_outer(self) -> None:
+        """After a global average: the outer step on the anchor, then every learner = anchor."""
+        if self.anchor is None:
+            return
+        params = self.flat.buffer[: self.n_params]
+        self._mean.copy_(params)
+        self.outer_momentum = outer_step(self.outer, self.anchor, self._mean, self.outer_momentum)
+        params.copy_(self.anchor)
 
     def _reduce(self, group: dist.ProcessGroup | None, size: int, stats: CommStats) -> None:
         if size == 1:
@@ -168,19 +245,45 @@ class _Averager:
             self.flat.buffer.copy_(self._scratch)
 
     def state_dict(self) -> dict:
-        return {"step_count": self.step_count}
+        state: dict = {"step_count": self.step_count}
+        if self.anchor is not None:
+            state["anchor"] = self.anchor.clone()
+            mom = self.outer_momentum
+            state["outer_momentum"] = None if mom is None else mom.clone()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.step_count = int(state["step_count"])
+        if self.anchor is not None:
+            if "anchor" not in state:
+                raise ValueError("the checkpoint has no outer-optimizer anchor")
+            self.anchor.copy_(state["anchor"])
+            mom = state["outer_momentum"]
+            self.outer_momentum = None if mom is None else mom.to(self.anchor.device).clone()
+
+
+def _check_count(name: str, value: object, least: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
 
 
 class KAvgAverager(_Averager):
-    """K-step model averaging (K-AVG).
+    """K-step model averaging (K-AVG), optionally with an outer optimizer and a warm-up.
 
     Call :meth:`step` once after every ``optimizer.step()``. The P models in
     ``process_group`` are replaced by their average after optimizer steps
     K, 2K, 3K, ... counted from construction (never after step 1 unless K = 1).
     K = 1 is synchronous parallel SGD; a group of one learner never communicates.
+    With ``warmup_steps=W`` (post-local SGD) the models average after every one of the
+    first W steps, then after steps W + K, W + 2K, ...
+
+    With an outer optimizer (``outer_lr != 1`` or ``outer_momentum > 0``; DiLoCo is
+    ``outer_lr=0.7, outer_momentum=0.9, nesterov=True``) every learner keeps the anchor x0,
+    the model after the last average. An average then takes ``delta = x0 - mean(x_i)`` as
+    the gradient of x0 for one ``torch.optim.SGD(lr, momentum, nesterov)`` step and sets
+    every learner's parameters to the new x0; floating buffers are averaged plainly. The
+    outer state is the same on every learner: it costs memory, no communication. With the
+    defaults no anchor is kept and an average is one all-reduce.
 
     Args:
         model: the learner's model, on one device, all floating tensors of one dtype.
@@ -188,19 +291,29 @@ class KAvgAverager(_Averager):
             build the optimizer before or after, but do not move the model afterwards.
         period: K, the number of local steps between averages (>= 1).
         process_group: the group to average over (default: the world).
+        outer_lr, outer_momentum, nesterov: the outer optimizer (see above).
+        warmup_steps: W, steps that each end with an average before the period starts.
     """
 
     def __init__(
-        self, model: nn.Module, period: int, process_group: dist.ProcessGroup | None = None
+        self,
+        model: nn.Module,
+        period: int,
+        process_group: dist.ProcessGroup | None = None,
+        *,
+        outer_lr: float = 1.0,
+        outer_momentum: float = 0.0,
+        nesterov: bool = False,
+        warmup_steps: int = 0,
     ) -> None:
-        if not isinstance(period, int) or isinstance(period, bool) or period < 1:
-            raise ValueError(f"period (K) must be an integer >= 1, got {period!r}")
-        super().__init__(model)
+        _check_count("period (K)", period, 1)
+        _check_count("warmup_steps", warmup_steps, 0)
+        super().__init__(model, OuterOptimizer(outer_lr, outer_momentum, nesterov))
         self.period = period
         self.process_group = process_group
         self.world_size = _group_size(process_group)
         self.stats = CommStats()
-        self.schedule = AveragingSchedule(period)
+        self.schedule = AveragingSchedule(period, warmup_steps=warmup_steps)
 
     def step(self) -> bool:
         """Count one optimizer step; average if it is a multiple of K. Returns whether it did."""
@@ -211,8 +324,10 @@ class KAvgAverager(_Averager):
         return False
 
     def average(self) -> None:
-        """Replace every model in the group by the group's average, now."""
+        """Replace every model in the group by the group's average (through the outer
+        optimizer when there is one), now."""
         self._reduce(self.process_group, self.world_size, self.stats)
+        self._apply_outer()
 
     @property
     def in_sync(self) -> bool:
@@ -228,20 +343,28 @@ class HierAvgAverager(_Averager):
     ``global_period`` (K2) all P learners average; after the other multiples of
     ``local_period`` (K1) each group averages inside itself. K2 must be a
     multiple of K1. S = 1 or K1 = K2 is K-AVG with K = K2; S = P is K-AVG with K = K1.
+    The outer optimizer and the warm-up are :class:`KAvgAverager`'s: the outer step applies
+    at global averages (local averages stay plain), and the warm-up's averages are global.
 
     Every rank creates every subgroup, in the same order, as torch requires.
     """
 
     def __init__(
-        self, model: nn.Module, local_period: int, global_period: int, group_size: int
+        self,
+        model: nn.Module,
+        local_period: int,
+        global_period: int,
+        group_size: int,
+        *,
+        outer_lr: float = 1.0,
+        outer_momentum: float = 0.0,
+        nesterov: bool = False,
+        warmup_steps: int = 0,
     ) -> None:
-        for name, value in (
-            ("local_period (K1)", local_period),
-            ("global_period (K2)", global_period),
-            ("group_size (S)", group_size),
-        ):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        _check_count("local_period (K1)", local_period, 1)
+        _check_count("global_period (K2)", global_period, 1)
+        _check_count("group_size (S)", group_size, 1)
+        _check_count("warmup_steps", warmup_steps, 0)
         if global_period % local_period:
             raise ValueError(
                 f"global_period K2={global_period} must be a multiple of "
@@ -252,7 +375,7 @@ class HierAvgAverager(_Averager):
             raise ValueError(
                 f"group_size S={group_size} must divide the number of learners P={world}"
             )
-        super().__init__(model)
+        super().__init__(model, OuterOptimizer(outer_lr, outer_momentum, nesterov))
         self.local_period = local_period
         self.global_period = global_period
         self.group_size = group_size
@@ -267,7 +390,7 @@ class HierAvgAverager(_Averager):
                     self.local_group = group
         self.local_stats = CommStats()
         self.global_stats = CommStats()
-        self.schedule = AveragingSchedule(global_period, local_period)
+        self.schedule = AveragingSchedule(global_period, local_period, warmup_steps)
 
     def step(self) -> str | None:
         """Count one optimizer step; returns "global", "local" or None for what it did."""
@@ -280,8 +403,9 @@ class HierAvgAverager(_Averager):
         return action
 
     def average(self) -> None:
-        """Average over all P learners, now."""
+        """Average over all P learners (through the outer optimizer when there is one), now."""
         self._reduce(None, self.world_size, self.global_stats)
+        self._apply_outer()
 
     def average_local(self) -> None:
         """Average inside this learner's group of S, now."""

@@ -83,6 +83,10 @@ GRID_KEYS = {
     "batch_size": ("workload", "batch_size"),
     "epochs": ("workload", "epochs"),
     "momentum": ("workload", "momentum"),
+    "optimizer": ("workload", "optimizer"),
+    "outer_lr": ("outer", "lr"),
+    "outer_momentum": ("outer", "momentum"),
+    "warmup_steps": ("warmup_steps",),
 }
 # Swept keys that the trial name ``K4-P2-s0`` does not already show; a grid over them
 # appends ``-lr0.05``, ``-batch_size32`` ... so that every grid point has its own name.
@@ -92,8 +96,50 @@ MAX_FILE_BYTES = 1_000_000
 # The side of the images of each data set (None: flat vectors), and the smallest image
 # side each convolutional model accepts (see kavg_ray.models); checked here so that a
 # mismatch is refused before Ray starts rather than inside a worker.
-_IMAGE_SIDE = {"digits": 8, "cifar10": 32, "synthetic": None}
+_IMAGE_SIDE = {
+    "digits": 8, "cifar10": 32, "synthetic": None, "mnist": 28, "fashion_mnist": 28,
+    "cifar100": 32,
+}  # fmt: skip
 _MIN_IMAGE_SIDE = {"cnn": 2, "vgg16": 32, "nin": 4, "resnet18": 8}
+# Built-in data sets, models and losses; anything else is a factory "module.path:function"
+# (DESIGN.md section 8), imported and tried by kavg_ray.train.factories before a launch.
+BUILTIN_DATASETS = ("digits", "synthetic", "cifar10", "mnist", "fashion_mnist", "cifar100", "text")
+BUILTIN_MODELS = ("linear", "mlp", "cnn", "vgg16", "nin", "resnet18", "gpt")
+BUILTIN_LOSSES = ("cross_entropy", "mse")
+_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
+FACTORY_RE = re.compile(rf"^{_IDENT}(\.{_IDENT})*:{_IDENT}$")
+# The torchvision data sets read from workload.data_dir: the folder each keeps its files in.
+TORCHVISION_FOLDERS = {
+    "cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python", "mnist": "MNIST/raw",
+    "fashion_mnist": "FashionMNIST/raw",
+}  # fmt: skip
+_DISPLAY_NAMES = {
+    "cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "mnist": "MNIST",
+    "fashion_mnist": "Fashion-MNIST",
+}  # fmt: skip
+# A grid key `model_args.NAME` or `dataset_args.NAME` sweeps one factory argument.
+ARGS_KEY_RE = re.compile(r"^(model_args|dataset_args)\.([A-Za-z_][A-Za-z0-9_]*)$")
+
+
+def is_factory(name: str) -> bool:
+    """Whether a workload's dataset, model or loss names a factory ``module.path:function``."""
+    return ":" in name
+
+
+def _builtin_or_factory(value: str, builtins: tuple[str, ...]) -> str:
+    if value in builtins or FACTORY_RE.match(value):
+        return value
+    names = ", ".join(f"'{b}'" for b in builtins[:-1]) + f" or '{builtins[-1]}'"
+    raise ValueError(f"Input should be {names}, or a factory 'module.path:function'")
+
+
+def grid_path(key: str) -> tuple[str, ...] | None:
+    """Where a grid key lives in a run config (see GRID_KEYS and ARGS_KEY_RE); None: not
+    sweepable."""
+    if key in GRID_KEYS:
+        return GRID_KEYS[key]
+    m = ARGS_KEY_RE.match(key)
+    return ("workload", m.group(1), m.group(2)) if m else None
 
 
 class _Strict(BaseModel):
@@ -128,6 +174,42 @@ class SyntheticOptions(_Strict):
     seed: Int = Field(default=0, ge=0, le=2**32 - 1)
 
 
+class TextOptions(_Strict):
+    """``dataset: text``'s ``dataset_args`` (kavg_ray.data.load_text)."""
+
+    path: str | None = Field(
+        default=None, description="a UTF-8 text file; none: a seeded corpus generated offline"
+    )
+    seq_len: Int = Field(default=64, ge=2, le=65_536, description="characters per sequence")
+    chars: Int = Field(
+        default=120_000, ge=1_000, le=100_000_000,
+        description="length of the generated corpus in characters (no path)",
+    )  # fmt: skip
+    test_fraction: Float = Field(
+        default=0.1, gt=0, lt=1, description="the corpus's last fraction, held out for testing"
+    )
+    seed: Int = Field(
+        default=0, ge=0, le=2**32 - 1,
+        description="the generated corpus's seed (not the run's: every trial sees one corpus)",
+    )  # fmt: skip
+
+
+class GPTOptions(_Strict):
+    """``model: gpt``'s ``model_args`` (kavg_ray.models.GPT, a small causal transformer)."""
+
+    dim: Int = Field(default=64, ge=1, le=65_536, description="embedding width")
+    layers: Int = Field(default=2, ge=1, le=1_000, description="transformer blocks")
+    heads: Int = Field(default=4, ge=1, le=1_024, description="attention heads; divide dim")
+    mlp_ratio: Int = Field(default=4, ge=1, le=64, description="MLP width / dim")
+    dropout: Float = Field(default=0.0, ge=0, lt=1, description="dropout after attention and MLP")
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> GPTOptions:
+        if self.dim % self.heads:
+            raise ValueError(f"heads={self.heads} does not divide dim={self.dim}")
+        return self
+
+
 class LRConfig(_Strict):
     """The paper's step-size schedule: gamma0, halved every N epochs."""
 
@@ -146,13 +228,49 @@ class LRConfig(_Strict):
 class WorkloadConfig(_Strict):
     """What is trained: data set, model, budget and optimizer."""
 
-    dataset: Literal["digits", "synthetic", "cifar10"] = "digits"
-    model: Literal["linear", "mlp", "cnn", "vgg16", "nin", "resnet18"] = "mlp"
+    dataset: str = Field(
+        default="digits", description="a built-in data set or a factory 'module.path:function'"
+    )
+    dataset_args: dict[str, Any] = Field(
+        default_factory=dict, description="keyword arguments of the dataset factory (or text's)"
+    )
+    model: str = Field(
+        default="mlp", description="a built-in model or a factory 'module.path:function'"
+    )
+    model_args: dict[str, Any] = Field(
+        default_factory=dict, description="keyword arguments of the model factory (or gpt's)"
+    )
+    loss: str | None = Field(
+        default=None,
+        description="cross_entropy | mse | a factory 'module.path:function'; none: "
+        "cross_entropy, or half the squared error for the synthetic least-squares task",
+    )
+    task: Literal["classification", "regression"] | None = Field(
+        default=None,
+        description="classification reports accuracy, regression only the loss; none: the "
+        "data set's own (classification for a factory)",
+    )
+    in_memory_mb: Float = Field(
+        default=512.0, ge=0,
+        description="a factory data set up to this size is held as device tensors; a larger "
+        "one is read through a DataLoader",
+    )  # fmt: skip
+    num_workers: Int = Field(
+        default=1, ge=0, le=256, description="DataLoader worker processes (a data set read "
+        "through a DataLoader)",
+    )  # fmt: skip
     epochs: Int = Field(default=10, ge=1, le=100_000)
     batch_size: Int = Field(default=16, ge=1, le=1_000_000)
     lr: LRConfig = LRConfig(initial=0.1)
     momentum: Float = Field(default=0.0, ge=0.0, lt=1.0)
     weight_decay: Float = Field(default=0.0, ge=0.0)
+    optimizer: Literal["sgd", "adamw"] = Field(
+        default="sgd", description="the inner optimizer: sgd (with momentum) or adamw"
+    )
+    betas: tuple[Float, Float] = Field(
+        default=(0.9, 0.999), description="adamw: the moment decay rates, each in [0, 1)"
+    )
+    eps: Float = Field(default=1e-8, gt=0, description="adamw: added to the denominator")
     sampling: Literal["shard", "iid"] = "shard"
     data_dir: str | None = None
     download: Bool = False
@@ -166,9 +284,50 @@ class WorkloadConfig(_Strict):
             SyntheticOptions.model_validate(value)
         return value
 
+    def __hash__(self) -> int:
+        # dataset_args and model_args are dicts: hash the validated document instead.
+        return hash(self.model_dump_json())
+
+    @field_validator("dataset")
+    @classmethod
+    def _check_dataset(cls, value: str) -> str:
+        return _builtin_or_factory(value, BUILTIN_DATASETS)
+
+    @field_validator("model")
+    @classmethod
+    def _check_model(cls, value: str) -> str:
+        return _builtin_or_factory(value, BUILTIN_MODELS)
+
+    @field_validator("loss")
+    @classmethod
+    def _check_loss(cls, value: str | None) -> str | None:
+        return value if value is None else _builtin_or_factory(value, BUILTIN_LOSSES)
+
     @model_validator(mode="after")
     def _check_data(self) -> WorkloadConfig:
-        side = _IMAGE_SIDE[self.dataset]
+        if not is_factory(self.dataset) and not is_factory(self.model):
+            self._check_builtin_pair()
+        self._check_args()
+        folder = TORCHVISION_FOLDERS.get(self.dataset)
+        if folder is not None and not self.download:
+            root = Path(self.data_dir or "./data")
+            if not (root / folder).is_dir():
+                raise ValueError(
+                    f"{_DISPLAY_NAMES[self.dataset]} not found: no {folder} under '{root}' "
+                    "(set workload.data_dir, or download: true where there is internet)"
+                )
+        if self.synthetic is not None and self.dataset != "synthetic":
+            raise ValueError("'synthetic' options given but dataset is not 'synthetic'")
+        return self
+
+    def _check_builtin_pair(self) -> None:
+        """A built-in model on a built-in data set: the inputs it takes."""
+        if (self.model == "gpt") != (self.dataset == "text"):
+            raise ValueError(
+                f"model {self.model} does not take dataset {self.dataset}: the text data set "
+                "is for gpt (or a model factory), gpt for text (or a dataset factory)"
+            )
+        side = _IMAGE_SIDE.get(self.dataset)
         need = _MIN_IMAGE_SIDE.get(self.model)
         if need is not None and side is None:
             raise ValueError(f"model {self.model} needs images; dataset {self.dataset} has none")
@@ -177,16 +336,45 @@ class WorkloadConfig(_Strict):
                 f"model {self.model} needs images of at least {need}x{need}; "
                 f"dataset {self.dataset} has {side}x{side}"
             )
-        if self.dataset == "cifar10" and not self.download:
-            root = Path(self.data_dir or "./data")
-            if not (root / "cifar-10-batches-py").is_dir():
-                raise ValueError(
-                    f"CIFAR-10 not found: no cifar-10-batches-py under '{root}' "
-                    "(set workload.data_dir, or download: true where there is internet)"
-                )
-        if self.synthetic is not None and self.dataset != "synthetic":
-            raise ValueError("'synthetic' options given but dataset is not 'synthetic'")
+
+    def _check_args(self) -> None:
+        """dataset_args and model_args: for factories, or text's and gpt's own options."""
+        for key, name, options in (
+            ("dataset_args", self.dataset, {"text": TextOptions}),
+            ("model_args", self.model, {"gpt": GPTOptions}),
+        ):
+            args = getattr(self, key)
+            if is_factory(name):
+                continue
+            if name in options:
+                try:
+                    options[name].model_validate(args)
+                except ValidationError as exc:
+                    msg = _first_error(exc)
+                    sep = "." if exc.errors()[0]["loc"] else ": "
+                    raise ValueError(f"{key}{sep}{msg}") from None
+            elif args:
+                raise ValueError(f"{key} given, but {name} takes none (a factory or "
+                                 f"{' / '.join(options)} does)")  # fmt: skip
+
+
+class OuterConfig(_Strict):
+    """The outer optimizer at global averages (DESIGN.md section 9); defaults: plain K-AVG."""
+
+    lr: Float = Field(default=1.0, gt=0, description="outer learning rate (DiLoCo: 0.7)")
+    momentum: Float = Field(default=0.0, ge=0.0, lt=1.0, description="outer momentum (0.9)")
+    nesterov: Bool = Field(default=False, description="Nesterov outer momentum")
+
+    @model_validator(mode="after")
+    def _check(self) -> OuterConfig:
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("outer.nesterov needs outer.momentum > 0")
         return self
+
+    @property
+    def plain(self) -> bool:
+        """True for plain averaging (no anchor kept)."""
+        return self.lr == 1.0 and self.momentum == 0.0
 
 
 class ResourcesConfig(_Strict):
@@ -258,6 +446,13 @@ class RunConfig(_Strict):
     resources: ResourcesConfig = ResourcesConfig()
     failure: FailureConfig = FailureConfig()
     target_accuracy: Float | None = Field(default=None, gt=0, le=1)
+    outer: OuterConfig = Field(
+        default=OuterConfig(), description="outer optimizer at global averages (DiLoCo, SlowMo)"
+    )
+    warmup_steps: Int = Field(
+        default=0, ge=0, le=100_000_000,
+        description="post-local SGD: average after every one of the first W steps",
+    )  # fmt: skip
     theory: Literal["estimate"] | None = Field(
         default=None, description="'estimate': probe L, M, F gap and predict K_opt per P"
     )
@@ -289,7 +484,22 @@ class RunConfig(_Strict):
             )
         if inject is not None and self.backend != "ray":
             raise ValueError("failure.inject kills a Ray Train worker: it needs backend ray")
+        self._check_outer()
         return self._check_algorithm_keys()
+
+    def _check_outer(self) -> None:
+        wl = self.workload
+        if any(not 0 <= b < 1 for b in wl.betas):
+            raise ValueError(f"workload.betas must each be in [0, 1), got {list(wl.betas)}")
+        if not ALGORITHMS[self.algorithm].needs_server:
+            return
+        if not self.outer.plain or self.outer.nesterov or self.warmup_steps:
+            raise ValueError(
+                f"algorithm {self.algorithm} has no averaging step: outer and warmup_steps "
+                "belong to kavg and hier_avg"
+            )
+        if wl.optimizer != "sgd":
+            raise ValueError(f"algorithm {self.algorithm} runs SGD locally: optimizer must be sgd")
 
     def _check_algorithm_keys(self) -> RunConfig:
         algo = ALGORITHMS[self.algorithm]
@@ -346,10 +556,10 @@ class RunConfig(_Strict):
         return f"{head}-s{self.seed}{tail}"
 
     def grid_value(self, key: str) -> Any:
-        """The value of a sweepable key (see GRID_KEYS) in this config."""
+        """The value of a sweepable key (see grid_path) in this config."""
         node: Any = self
-        for part in GRID_KEYS[key]:
-            node = getattr(node, part)
+        for part in grid_path(key) or GRID_KEYS[key]:
+            node = node[part] if isinstance(node, dict) else getattr(node, part)
         return node
 
 
@@ -386,7 +596,7 @@ class SweepSpec(_Strict):
         ):
             doc = _deep_merge(_deep_copy(self.base), variant)
             for key, value in zip(keys, values, strict=True):
-                _set_path(doc, GRID_KEYS[key], value)
+                _set_path(doc, grid_path(key), value)
             try:
                 cfg = RunConfig.model_validate(doc)
             except ValidationError as exc:
@@ -517,9 +727,11 @@ def parse_sweep(doc: dict[str, Any], source: str = "spec") -> SweepSpec:
         raise ConfigError(f"{source}: grid: must be a non-empty mapping of key -> list")
     n_points = 1
     for key, values in grid.items():
-        if key not in GRID_KEYS:
+        path = grid_path(key)
+        if path is None:
             raise ConfigError(
-                f"{source}: grid.{key}: cannot be swept (sweepable: {', '.join(GRID_KEYS)})"
+                f"{source}: grid.{key}: cannot be swept (sweepable: {', '.join(GRID_KEYS)}, "
+                "model_args.NAME, dataset_args.NAME)"
             )
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{source}: grid.{key}: must be a non-empty list")
@@ -530,11 +742,11 @@ def parse_sweep(doc: dict[str, Any], source: str = "spec") -> SweepSpec:
             if repr(v) in seen:
                 raise ConfigError(f"{source}: grid.{key}: value {v!r} is listed twice")
             seen.add(repr(v))
-        if any(_has_path(v, GRID_KEYS[key]) for v in variants):
-            where = ".".join(GRID_KEYS[key])
+        if any(_has_path(v, path) for v in variants):
+            where = ".".join(path)
             raise ConfigError(f"{source}: {where} is given both in variants and in grid.{key}")
-        if _has_path(doc, GRID_KEYS[key]):
-            where = ".".join(GRID_KEYS[key])
+        if _has_path(doc, path):
+            where = ".".join(path)
             raise ConfigError(f"{source}: {where} is given both as a scalar and in grid.{key}")
         n_points *= len(values)
         if n_points > MAX_GRID_POINTS:

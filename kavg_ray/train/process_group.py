@@ -17,7 +17,14 @@ from kavg_ray.averaging import HierAvgAverager, KAvgAverager
 from kavg_ray.config import RunConfig
 from kavg_ray.data import augment_generator, epoch_indices, steps_per_epoch
 from kavg_ray.train.loop import EngineBase, empty_comm_metrics
-from kavg_ray.train.workload import EvalSums, Workload, build_workload, evaluate_sums, seed_dropout
+from kavg_ray.train.workload import (
+    EvalSums,
+    Workload,
+    build_optimizer,
+    build_workload,
+    evaluate_sums,
+    seed_dropout,
+)
 
 
 class ProcessGroupEngine(EngineBase):
@@ -27,21 +34,23 @@ class ProcessGroupEngine(EngineBase):
         self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
         self.workload: Workload = build_workload(cfg, device)
         model = self.workload.model
+        outer = {
+            "outer_lr": cfg.outer.lr, "outer_momentum": cfg.outer.momentum,
+            "nesterov": cfg.outer.nesterov, "warmup_steps": cfg.warmup_steps,
+        }  # fmt: skip
         if cfg.algorithm == "hier_avg":
             self.averager: KAvgAverager | HierAvgAverager = HierAvgAverager(
-                model, cfg.K1, cfg.K2, cfg.S
+                model, cfg.K1, cfg.K2, cfg.S, **outer
             )
         else:
-            self.averager = KAvgAverager(model, cfg.K)
+            self.averager = KAvgAverager(model, cfg.K, **outer)
         if world_size > 1:
             # Seeded init gives every learner the same start; the broadcast makes that hold
             # even where initialization is not bit-reproducible across processes.
             dist.broadcast(self.averager.flat.buffer, src=0)
+            self.averager.reset_anchor()
         wl = cfg.workload
-        self.optimizer = torch.optim.SGD(
-            model.parameters(), lr=wl.lr.initial, momentum=wl.momentum,
-            weight_decay=wl.weight_decay,
-        )  # fmt: skip
+        self.optimizer = build_optimizer(cfg, model.parameters())
         seed_dropout(cfg, rank)
         self.learners = world_size
         self.steps_per_epoch = steps_per_epoch(
@@ -59,11 +68,8 @@ class ProcessGroupEngine(EngineBase):
         ).to(self.device)  # fmt: skip
         gen = augment_generator(cfg.seed, epoch, self.rank)
         losses = []  # summed once per epoch: a running sum costs a kernel per step
-        for idx in batches:
-            x = data.prepare(data.train_x[idx])
-            if data.augment is not None:
-                x = data.augment(x, gen)
-            loss = criterion(model(x), data.train_y[idx])
+        for x, y in data.train_batches(batches, gen):
+            loss = criterion(model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -73,10 +79,10 @@ class ProcessGroupEngine(EngineBase):
 
     def evaluate(self) -> EvalSums:
         avg, data, model = self.averager, self.workload.data, self.workload.model
-        idx = torch.arange(self.rank, len(data.test_y), self.world_size, device=self.device)
+        idx = torch.arange(self.rank, data.n_test, self.world_size, device=self.device)
         with avg.global_average():
             finite = bool(torch.isfinite(avg.flat.buffer).all().item())
-            sums = evaluate_sums(model, model, data, idx)
+            sums = evaluate_sums(model, model, data, idx, self.workload.loss)
         sums.finite = finite
         return sums
 

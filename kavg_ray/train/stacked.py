@@ -34,10 +34,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from kavg_ray.averaging import AveragingSchedule
+from kavg_ray.averaging import AveragingSchedule, OuterOptimizer, outer_step
 from kavg_ray.config import RunConfig
 from kavg_ray.data import Dataset, augment_generator, epoch_indices, steps_per_epoch
-from kavg_ray.models import build_model
 from kavg_ray.train.loop import EngineBase, empty_comm_metrics
 from kavg_ray.train.workload import (
     EVAL_BATCH,
@@ -45,6 +44,8 @@ from kavg_ray.train.workload import (
     ModelBuilder,
     build_workload,
     evaluate_sums,
+    load_data,
+    model_builder,
     seed_dropout,
 )
 
@@ -56,37 +57,72 @@ STATE_FORMAT = "stacked-1"
 # Memory
 
 
+_IMAGE_SETS = {
+    "digits": ((1, 8, 8), 10, 1797 * 64 * 4),
+    "cifar10": ((3, 32, 32), 10, 60_000 * 3 * 32 * 32),
+    "cifar100": ((3, 32, 32), 100, 60_000 * 3 * 32 * 32),
+    "mnist": ((1, 28, 28), 10, 70_000 * 28 * 28),
+    "fashion_mnist": ((1, 28, 28), 10, 70_000 * 28 * 28),
+}
+
+
 def input_spec(cfg: RunConfig) -> tuple[tuple[int, ...], int, int]:
-    """(input shape, number of outputs, approximate data-set bytes) without loading the data."""
+    """(input shape, number of outputs, approximate data-set bytes); the image and
+    synthetic sets without loading them."""
+    return _input_spec(cfg)[:3]
+
+
+def _input_spec(cfg: RunConfig) -> tuple[tuple[int, ...], int, int, torch.dtype]:
+    """input_spec and the dtype of an input. Text and factory data sets are loaded (on the
+    CPU) to find them; one too large to hold in memory is refused here."""
     wl = cfg.workload
-    if wl.dataset == "digits":
-        return (1, 8, 8), 10, 1797 * 64 * 4
-    if wl.dataset == "cifar10":
-        return (3, 32, 32), 10, 60_000 * 3 * 32 * 32
+    if wl.dataset in _IMAGE_SETS:
+        return (*_IMAGE_SETS[wl.dataset], torch.float32)
+    if wl.dataset != "synthetic":
+        data = load_data(cfg)
+        if not isinstance(data, Dataset):
+            raise ValueError(
+                f"the simulated backend holds the data set in memory; {wl.dataset} is about "
+                f"{data.nbytes / 2**20:.0f} MB, over workload.in_memory_mb "
+                f"({wl.in_memory_mb:g}): raise in_memory_mb or use backend ray"
+            )
+        tensors = (data.train_x, data.train_y, data.test_x, data.test_y)
+        nbytes = sum(t.element_size() * t.numel() for t in tensors)
+        return data.input_shape, data.num_classes, nbytes, data.train_x.dtype
     opts = {"task": "classification", "n_train": 2048, "n_test": 512, "dim": 20, "num_classes": 4}
     opts.update(wl.synthetic or {})
     n, dim = int(opts["n_train"]) + int(opts["n_test"]), int(opts["dim"])
     outputs = int(opts["num_classes"]) if opts["task"] == "classification" else 1
-    return (dim,), outputs, n * (dim + 1) * 4
+    return (dim,), outputs, n * (dim + 1) * 4, torch.float32
 
 
-def _activation_elements(build: ModelBuilder, input_shape: tuple[int, ...], classes: int) -> int:
-    """Output elements of every leaf module for one sample (a forward on the meta device)."""
-    with torch.device("meta"):
-        model = build(input_shape, classes)
-        total = 0
+def _activation_elements(
+    build: ModelBuilder, input_shape: tuple[int, ...], classes: int, dtype: torch.dtype
+) -> int:
+    """Output elements of every leaf module for one sample: a forward on the meta device,
+    or on the CPU for a model that the meta device cannot run."""
+    try:
+        with torch.device("meta"):
+            return _leaf_outputs(build(input_shape, classes), input_shape, dtype)
+    except (RuntimeError, NotImplementedError, TypeError, ValueError):
+        return _leaf_outputs(build(input_shape, classes), input_shape, dtype)
 
-        def hook(_mod: nn.Module, _inp: object, out: object) -> None:
-            nonlocal total
-            if isinstance(out, Tensor):
-                total += out.numel()
 
-        handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
-        try:
-            model.eval()(torch.empty((1, *input_shape)))
-        finally:
-            for h in handles:
-                h.remove()
+def _leaf_outputs(model: nn.Module, input_shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    total = 0
+
+    def hook(_mod: nn.Module, _inp: object, out: object) -> None:
+        nonlocal total
+        if isinstance(out, Tensor):
+            total += out.numel()
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros((1, *input_shape), dtype=dtype))
+    finally:
+        for h in handles:
+            h.remove()
     return total
 
 
@@ -97,36 +133,36 @@ def estimate_memory_bytes(
     data_bytes: int = 0,
     *,
     build: ModelBuilder | None = None,
+    input_dtype: torch.dtype = torch.float32,
 ) -> int:
     """Estimated peak bytes of a simulated run of ``cfg`` (nothing is allocated to find it).
 
-    Per learner: parameters and floating buffers, gradients, momentum (when momentum > 0),
-    the weight-decayed gradient copy (when weight_decay > 0) and twice the outputs of every
-    layer for one mini-batch (kept for the backward pass, plus their gradients); plus one
-    averaged model for evaluation and the data set.
+    Per learner: parameters and floating buffers, gradients, momentum (when momentum > 0)
+    or AdamW's two moments and denominator, the weight-decayed gradient copy (SGD with
+    weight_decay > 0) and twice the outputs of every layer for one mini-batch (kept for the
+    backward pass, plus their gradients); plus one averaged model for evaluation, the outer
+    optimizer's anchor and momentum when there is one, and the data set.
     """
     wl = cfg.workload
-    if build is None:
-        name = wl.model
-
-        def build(shape: tuple[int, ...], classes: int) -> nn.Module:
-            return build_model(name, shape, classes)
-
+    build = build or model_builder(cfg)
     with torch.device("meta"):
         model = build(input_shape, num_classes)
     n_param = sum(p.numel() for p in model.parameters())
     n_fbuf = sum(b.numel() for b in model.buffers() if b.is_floating_point())
     elem = 4  # float32
     per_learner = (n_param + n_fbuf) * elem + n_param * elem  # state + gradients
-    if wl.momentum > 0:
+    if wl.optimizer == "adamw":
+        per_learner += 3 * n_param * elem  # two moments and the denominator
+    elif wl.momentum > 0:
         per_learner += n_param * elem
-    if wl.weight_decay > 0:
+    if wl.weight_decay > 0 and wl.optimizer == "sgd":
         per_learner += n_param * elem
-    acts = _activation_elements(build, input_shape, num_classes)
+    acts = _activation_elements(build, input_shape, num_classes, input_dtype)
     per_learner += 3 * acts * wl.batch_size * elem
     per_learner += wl.batch_size * math.prod(input_shape) * elem
     evaluation = (n_param + n_fbuf) * elem + acts * min(EVAL_BATCH, 10_000) * elem
-    return int(cfg.P * per_learner + evaluation + data_bytes)
+    outer = 0 if cfg.outer.plain else 3 * n_param * elem  # anchor, momentum, the mean
+    return int(cfg.P * per_learner + evaluation + outer + data_bytes)
 
 
 def available_memory_bytes(device: torch.device) -> int:
@@ -149,8 +185,10 @@ def available_memory_bytes(device: torch.device) -> int:
 
 def check_memory(cfg: RunConfig, device: torch.device, *, build: ModelBuilder | None = None) -> int:
     """Raise ValueError when the simulated run will not fit in memory; returns the estimate."""
-    input_shape, classes, data_bytes = input_spec(cfg)
-    need = estimate_memory_bytes(cfg, input_shape, classes, data_bytes, build=build)
+    input_shape, classes, data_bytes, dtype = _input_spec(cfg)
+    need = estimate_memory_bytes(
+        cfg, input_shape, classes, data_bytes, build=build, input_dtype=dtype
+    )
     have = available_memory_bytes(device)
     if need > have:
         raise ValueError(
@@ -201,6 +239,10 @@ class StackedLearners:
             n: b.detach().unsqueeze(0).repeat(P, *([1] * b.dim())) for n, b in ibufs
         }
         self.momentum: list[Tensor] | None = None
+        # AdamW's moments (torch.optim.AdamW's state, stacked) and its step count.
+        self.adam: dict[str, list[Tensor]] | None = None
+        self.adam_steps = 0
+        self.n_params = sum(v[0].numel() for v in self.params.values())
 
     @property
     def buffers(self) -> dict[str, Tensor]:
@@ -264,11 +306,40 @@ class StackedLearners:
                 g = self.momentum
             torch._foreach_add_(params, g, alpha=-lr)
 
+    def adamw_step(
+        self, grads: dict[str, Tensor], lr: float, betas: tuple[float, float], eps: float,
+        wd: float,
+    ) -> None:  # fmt: skip
+        """torch.optim.AdamW's update (no amsgrad) on the stacked tensors."""
+        params = list(self.params.values())
+        g = [grads[n] for n in self.params]
+        beta1, beta2 = betas
+        with torch.no_grad():
+            if self.adam is None:
+                self.adam = {k: [torch.zeros_like(p) for p in params] for k in ("avg", "sq")}
+            avg, sq = self.adam["avg"], self.adam["sq"]
+            self.adam_steps += 1
+            if wd != 0:
+                torch._foreach_mul_(params, 1 - lr * wd)
+            torch._foreach_lerp_(avg, g, 1 - beta1)
+            torch._foreach_mul_(sq, beta2)
+            torch._foreach_addcmul_(sq, g, g, value=1 - beta2)
+            step_size = lr / (1 - beta1**self.adam_steps)
+            denom = torch._foreach_sqrt(sq)
+            torch._foreach_div_(denom, (1 - beta2**self.adam_steps) ** 0.5)
+            torch._foreach_add_(denom, eps)
+            torch._foreach_addcdiv_(params, avg, denom, value=-step_size)
+
     def state_dict(self) -> dict:
-        momentum = None
+        momentum = adam = None
         if self.momentum is not None:
             momentum = dict(zip(self.params, self.momentum, strict=True))
-        return {"params": dict(self.params), "buffers": self.buffers, "momentum": momentum}
+        if self.adam is not None:
+            adam = {k: dict(zip(self.params, v, strict=True)) for k, v in self.adam.items()}
+        return {
+            "params": dict(self.params), "buffers": self.buffers, "momentum": momentum,
+            "adam": adam, "adam_steps": self.adam_steps,
+        }  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
         with torch.no_grad():
@@ -287,6 +358,15 @@ class StackedLearners:
             self.momentum = None
             if mom is not None:
                 self.momentum = [mom[n].detach().to(self.flat.device).clone() for n in self.params]
+            adam = state.get("adam")
+            self.adam = None
+            if adam is not None:
+                device = self.flat.device
+                self.adam = {
+                    k: [v[n].detach().to(device).clone() for n in self.params]
+                    for k, v in adam.items()
+                }
+            self.adam_steps = int(state.get("adam_steps", 0))
 
 
 # --------------------------------------------------------------------------------------------
@@ -322,8 +402,16 @@ class StackedEngine(EngineBase):
         # The learners' models live in `stacked`; the module is only the skeleton.
         self.stacked = StackedLearners(self.model, cfg.P)
         seed_dropout(cfg, 0)  # rank 0's seed; vmap draws different masks per learner
-        self.schedule = AveragingSchedule(cfg.K2, cfg.K1) if hier else AveragingSchedule(cfg.K)
+        self.schedule = AveragingSchedule(
+            cfg.K2 if hier else cfg.K, cfg.K1 if hier else None, cfg.warmup_steps
+        )
         self.group_size = cfg.S if hier else None
+        self.outer = OuterOptimizer(cfg.outer.lr, cfg.outer.momentum, cfg.outer.nesterov)
+        # The anchor (the model after the last global average) and the outer momentum: one
+        # copy for all learners, as every real learner holds the same one.
+        n = self.stacked.n_params
+        self.anchor = None if self.outer.plain else self.stacked.flat[0, :n].clone()
+        self.outer_momentum: Tensor | None = None
         self.step_count = self.local_count = self.global_count = 0
         self.steps_per_epoch = steps_per_epoch(
             self.workload.data.n_train, cfg.workload.batch_size, cfg.P
@@ -353,11 +441,15 @@ class StackedEngine(EngineBase):
             buffers = learners.working_buffers()
             grads, losses = self._grad_step(learners.params, buffers, x, data.train_y[idx])
             learners.store_buffers(buffers)
-            learners.sgd_step(grads, lr, wl.momentum, wl.weight_decay)
+            if wl.optimizer == "adamw":
+                learners.adamw_step(grads, lr, wl.betas, wl.eps, wl.weight_decay)
+            else:
+                learners.sgd_step(grads, lr, wl.momentum, wl.weight_decay)
             self.step_count += 1
             action = self.schedule.action(self.step_count)
             if action == "global":
                 learners.average()
+                self._apply_outer()
                 self.global_count += 1
             elif action == "local":
                 learners.average(self.group_size)
@@ -370,12 +462,22 @@ class StackedEngine(EngineBase):
         in_sync = self.schedule.in_sync(self.step_count)
         params, buffers, row = self.stacked.averaged(in_sync)
         finite = bool(torch.isfinite(row).all().item())
-        idx = torch.arange(len(data.test_y), device=self.device)
+        idx = torch.arange(data.n_test, device=self.device)
         sums = evaluate_sums(
-            lambda x: functional_call(self.model, (params, buffers), (x,)), self.model, data, idx
-        )
+            lambda x: functional_call(self.model, (params, buffers), (x,)), self.model, data, idx,
+            self.workload.loss,
+        )  # fmt: skip
         sums.finite = finite
         return sums
+
+    def _apply_outer(self) -> None:
+        """After a global average: one outer step on the anchor; every learner = anchor."""
+        if self.anchor is None:
+            return
+        params = self.stacked.flat[:, : self.stacked.n_params]
+        mean = params[0].clone()  # the learners are equal after the average
+        self.outer_momentum = outer_step(self.outer, self.anchor, mean, self.outer_momentum)
+        params.copy_(self.anchor.expand_as(params))
 
     def comm_seconds(self) -> float:
         return 0.0
@@ -398,6 +500,8 @@ class StackedEngine(EngineBase):
             "format": STATE_FORMAT,
             **self.stacked.state_dict(),
             "counts": [self.step_count, self.local_count, self.global_count],
+            "anchor": None if self.anchor is None else self.anchor.clone(),
+            "outer_momentum": None if self.outer_momentum is None else self.outer_momentum.clone(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -405,3 +509,7 @@ class StackedEngine(EngineBase):
             raise ValueError("resume state is not a simulated-backend checkpoint")
         self.stacked.load_state_dict(state)
         self.step_count, self.local_count, self.global_count = map(int, state["counts"])
+        if self.anchor is not None:
+            self.anchor.copy_(state["anchor"])
+            mom = state["outer_momentum"]
+            self.outer_momentum = None if mom is None else mom.to(self.device).clone()

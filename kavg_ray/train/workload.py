@@ -8,40 +8,65 @@ parameter-server engines compute them the same way.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kavg_ray.config import RunConfig
+from kavg_ray.config import RunConfig, is_factory
 from kavg_ray.data import Dataset, load_dataset
 from kavg_ray.models import build_model
+from kavg_ray.train import factories
+from kavg_ray.train.loader import LoaderData, factory_data
 
 EVAL_BATCH = 1024
-# build(input_shape, num_classes) -> model: the default is kavg_ray.models.build_model.
+# build(input_shape, num_classes) -> model: the default is model_builder(cfg).
 ModelBuilder = Callable[[tuple[int, ...], int], nn.Module]
 LossFn = Callable[[Tensor, Tensor], Tensor]
+# What the engines train on: tensors in memory, or a factory's data set read through
+# DataLoaders; both yield the batches of epoch_indices (train_batches, test_batches).
+Data = Dataset | LoaderData
 
 
 @dataclass
 class Workload:
     """A run's data (on the device), its freshly seeded model and its loss."""
 
-    data: Dataset
+    data: Data
     model: nn.Module
     loss: LossFn
     device: torch.device
 
 
-def load_data(cfg: RunConfig) -> Dataset:
-    """The run's data set, on the CPU."""
+def load_data(cfg: RunConfig) -> Data:
+    """The run's data set, on the CPU (a large factory data set: read through DataLoaders)."""
     wl = cfg.workload
-    return load_dataset(
+    if is_factory(wl.dataset):
+        train, test = factories.call_dataset_factory(cfg)
+        return factory_data(
+            wl.dataset, train, test, wl.task or "classification", wl.in_memory_mb,
+            wl.num_workers,
+        )  # fmt: skip
+    data = load_dataset(
         wl.dataset, data_dir=wl.data_dir, download=wl.download, seed=cfg.seed,
-        synthetic=wl.synthetic,
+        synthetic=wl.synthetic, options=wl.dataset_args,
     )  # fmt: skip
+    if wl.task is not None:
+        data.task = wl.task
+    return data
+
+
+def model_builder(cfg: RunConfig) -> ModelBuilder:
+    """How the run builds its model from (input shape, outputs): the built-in model with
+    ``model_args``, or the model factory (which takes only ``model_args``)."""
+    wl = cfg.workload
+    if is_factory(wl.model):
+        return lambda _shape, _classes: factories.build_factory_model(cfg)
+    if wl.model_args:  # gpt's sizes
+        return lambda shape, classes: build_model(wl.model, shape, classes, wl.model_args)
+    return lambda shape, classes: build_model(wl.model, shape, classes)
 
 
 def build_workload(
@@ -50,14 +75,27 @@ def build_workload(
     """Data, model seeded with ``cfg.seed`` and loss, with model and data on ``device``."""
     data = load_data(cfg)
     torch.manual_seed(cfg.seed)
-    if build is None:
-        model = build_model(cfg.workload.model, data.input_shape, data.num_classes)
-    else:
-        model = build(data.input_shape, data.num_classes)
+    model = (build or model_builder(cfg))(data.input_shape, data.num_classes)
     model = model.to(device)
-    for name in ("train_x", "train_y", "test_x", "test_y"):
-        setattr(data, name, getattr(data, name).to(device))
-    return Workload(data, model, loss_fn(data), device)
+    if isinstance(data, LoaderData):
+        data.device = device
+    else:
+        for name in ("train_x", "train_y", "test_x", "test_y"):
+            setattr(data, name, getattr(data, name).to(device))
+    return Workload(data, model, loss_fn(data, cfg.workload.loss), device)
+
+
+def build_optimizer(cfg: RunConfig, params: Iterable[Tensor]) -> torch.optim.Optimizer:
+    """The inner optimizer of ``workload.optimizer``: SGD (momentum, weight decay) or AdamW."""
+    wl = cfg.workload
+    if wl.optimizer == "adamw":
+        return torch.optim.AdamW(
+            params, lr=wl.lr.initial, betas=tuple(wl.betas), eps=wl.eps,
+            weight_decay=wl.weight_decay,
+        )  # fmt: skip
+    return torch.optim.SGD(
+        params, lr=wl.lr.initial, momentum=wl.momentum, weight_decay=wl.weight_decay
+    )
 
 
 def seed_dropout(cfg: RunConfig, rank: int) -> None:
@@ -65,11 +103,26 @@ def seed_dropout(cfg: RunConfig, rank: int) -> None:
     torch.manual_seed(cfg.seed * 1_000_003 + rank)
 
 
-def loss_fn(data: Dataset) -> LossFn:
-    """Cross-entropy for classification, half the squared error for least squares."""
-    if data.task == "regression":
+def loss_fn(data: Data, name: str | None = None) -> LossFn:
+    """The loss ``name`` (cross_entropy, mse or a factory ``module:function``); by default
+    cross-entropy for classification, half the squared error for regression."""
+    if name is None:
+        name = "half_mse" if data.task == "regression" else "cross_entropy"
+    if name == "half_mse":
         return lambda out, y: 0.5 * F.mse_loss(out, y)
-    return F.cross_entropy
+    if name == "mse":
+        return F.mse_loss
+    if name == "cross_entropy":
+        return cross_entropy
+    return factories.resolve(name, "loss")
+
+
+def cross_entropy(out: Tensor, y: Tensor) -> Tensor:
+    """Cross-entropy of logits (B, C) with targets (B,), or of a sequence model's (B, T, C)
+    with (B, T): the mean over every position."""
+    if out.dim() == 3:
+        return F.cross_entropy(out.flatten(0, 1), y.flatten())
+    return F.cross_entropy(out, y)
 
 
 @dataclass
@@ -84,19 +137,26 @@ class EvalSums:
 
 
 def evaluate_sums(
-    forward: Callable[[Tensor], Tensor], model: nn.Module, data: Dataset, idx: Tensor
+    forward: Callable[[Tensor], Tensor],
+    model: nn.Module,
+    data: Data,
+    idx: Tensor,
+    criterion: LossFn | None = None,
 ) -> EvalSums:
-    """Summed test loss, correct predictions and count of ``forward`` on test rows ``idx``."""
-    criterion = loss_fn(data)
+    """Summed test loss, correct predictions and count of ``forward`` on test rows ``idx``
+    (``criterion``: the run's loss, default :func:`loss_fn`). For a sequence model a row's
+    "correct" is its fraction of positions predicted right (token accuracy)."""
+    criterion = criterion or loss_fn(data)
     loss_sum = correct = 0.0
     model.eval()
     try:
         with torch.no_grad():
-            for chunk in idx.split(EVAL_BATCH):
-                x, y = data.prepare(data.test_x[chunk]), data.test_y[chunk]
+            for x, y in data.test_batches(idx, EVAL_BATCH):
                 out = forward(x)
-                loss_sum += criterion(out, y).item() * len(chunk)
-                if data.task == "classification":
+                loss_sum += criterion(out, y).item() * len(y)
+                if data.task == "classification" and out.dim() == 3:
+                    correct += (out.argmax(-1) == y).double().mean(1).sum().item()
+                elif data.task == "classification":
                     correct += (out.argmax(1) == y).sum().item()
     finally:
         model.train()
