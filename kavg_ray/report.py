@@ -58,6 +58,7 @@ _PLOT_CAPTIONS: dict[str, str] = {
     "(paper Figures 5, 6)",
     "accuracy_vs_epoch": "Test accuracy vs epoch, one line per K, one panel per P",
     "kopt_vs_p": "Measured (and predicted) K_opt vs P",
+    "kopt_bootstrap": "How often each K is best over bootstrap resamples of the seeds",
     "speedup_vs_p": "Speedup vs P relative to P=1 at the same K (paper Figures 3, 4)",
     "gap_vs_sequential": "Accuracy gap to sequential SGD (P=1) vs P (paper Figure 7)",
 }

@@ -370,6 +370,7 @@ def test_save_all_writes_valid_pngs(tmp_path):
         "accuracy_vs_k.png",
         "accuracy_vs_epoch.png",
         "kopt_vs_p.png",
+        "kopt_bootstrap.png",
         "speedup_vs_p.png",
         "gap_vs_sequential.png",
     ]
@@ -382,8 +383,9 @@ def test_save_all_writes_valid_pngs(tmp_path):
 def test_save_all_skips_plots_without_data(tmp_path):
     t = hand_trials().query("P != 1")
     written = plots.save_all(t, None, tmp_path)
-    assert [p.name for p in written] == ["accuracy_vs_k.png", "kopt_vs_p.png"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["accuracy_vs_k.png", "kopt_vs_p.png"]
+    names = ["accuracy_vs_k.png", "kopt_vs_p.png", "kopt_bootstrap.png"]
+    assert [p.name for p in written] == names
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)
 
 
 # --------------------------------------------------------------------------- report
