@@ -16,7 +16,7 @@ import importlib.util
 import math
 import os
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-DATASETS = ("digits", "synthetic", "cifar10")
+DATASETS = ("digits", "synthetic", "cifar10", "mnist", "fashion_mnist", "cifar100", "text")
 SAMPLINGS = ("shard", "iid")
 
 # Per-channel statistics of the CIFAR-10 training set (pixel values scaled to [0, 1]).
@@ -85,13 +85,31 @@ class Dataset:
         return int(self.test_x.shape[0])
 
     def prepare(self, x: Tensor) -> Tensor:
-        """uint8 images -> normalized float32 (on ``x``'s device); float data unchanged."""
-        if x.is_floating_point():
+        """uint8 images -> normalized float32 (on ``x``'s device); other data unchanged
+        (float features, int64 tokens)."""
+        if x.dtype != torch.uint8:
             return x
         out = x.to(torch.float32).div_(255.0)
         if self.norm_mean is not None and self.norm_std is not None:
             out = _normalize(out, self.norm_mean, self.norm_std)
         return out
+
+
+    def train_batches(
+        self, indices: Tensor, generator: torch.Generator
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """One learner's training batches of an epoch: row ``i`` of ``indices`` (steps, B)
+        gives step i's prepared (and augmented, drawing on ``generator``) inputs and targets."""
+        for idx in indices:
+            x = self.prepare(self.train_x[idx])
+            if self.augment is not None:
+                x = self.augment(x, generator)
+            yield x, self.train_y[idx]
+
+    def test_batches(self, idx: Tensor, chunk: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """Prepared test inputs and targets of rows ``idx``, ``chunk`` rows at a time."""
+        for part in idx.split(chunk):
+            yield self.prepare(self.test_x[part]), self.test_y[part]
 
 
 def _normalize(x: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
@@ -112,13 +130,15 @@ def load_dataset(
     download: bool = False,
     seed: int = 0,
     synthetic: dict[str, Any] | None = None,
+    options: dict[str, Any] | None = None,
 ) -> Dataset:
     """Load data set ``name`` (one of :data:`DATASETS`).
 
     ``seed`` is the trial's seed. The built-in data sets deliberately ignore it: the digits
     split and the synthetic data are fixed by their own seeds so that every trial of a sweep
     (all K, P and seeds) sees the same data. ``synthetic`` holds the options of the synthetic
-    data set (see :func:`make_synthetic`); ``data_dir``/``download`` apply to CIFAR-10.
+    data set (see :func:`make_synthetic`), ``options`` those of ``text`` (see
+    :func:`load_text`); ``data_dir``/``download`` apply to the torchvision data sets.
     """
     del seed  # accepted for a uniform call signature; see the docstring
     if name == "digits":
@@ -127,6 +147,12 @@ def load_dataset(
         return make_synthetic(**(synthetic or {}))
     if name == "cifar10":
         return load_cifar10(data_dir, download=download)
+    if name == "cifar100":
+        return load_cifar100(data_dir, download=download)
+    if name in ("mnist", "fashion_mnist"):
+        return load_mnist(name, data_dir, download=download)
+    if name == "text":
+        return load_text(**(options or {}))
     raise ValueError(f"unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)}")
 
 
@@ -387,6 +413,199 @@ def _read_cifar10_classes(folder: Path) -> list[str]:
         return []
     names = _get(_unpickle(meta), "label_names")
     return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+
+
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+CIFAR100_FOLDER = "cifar-100-python"
+# Per data set: the torchvision class that downloads it, its folder under the root, the
+# pixel mean and std of its training set.
+_MNIST_SETS = {
+    "mnist": ("MNIST", "MNIST", 0.1307, 0.3081),
+    "fashion_mnist": ("FashionMNIST", "FashionMNIST", 0.2860, 0.3530),
+}
+_IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+def _data_root(data_dir: str | os.PathLike[str] | None, folder: str) -> Path:
+    """The root above ``folder`` (``data_dir`` may name the root or the folder itself);
+    default ``$KAVG_DATA_DIR`` or ``~/.cache/kavg_ray``."""
+    if data_dir is None:
+        data_dir = os.environ.get("KAVG_DATA_DIR") or "~/.cache/kavg_ray"
+    path = Path(data_dir).expanduser()
+    parts = Path(folder).parts
+    if path.parts[-len(parts) :] == parts:
+        return Path(*path.parts[: -len(parts)]) if len(path.parts) > len(parts) else Path(".")
+    return path
+
+
+def load_cifar100(
+    data_dir: str | os.PathLike[str] | None = None, *, download: bool = False
+) -> Dataset:
+    """CIFAR-100 (fine labels, 100 classes) as uint8 (N, 3, 32, 32), from the pickled
+    ``train`` and ``test`` files under ``cifar-100-python``; augmented as CIFAR-10."""
+    root = _data_root(data_dir, CIFAR100_FOLDER)
+    folder = root / CIFAR100_FOLDER
+    if download and not all((folder / n).is_file() for n in ("train", "test")):
+        from torchvision.datasets import CIFAR100
+
+        CIFAR100(root=str(root), train=True, download=True)
+    parts = []
+    for split in ("train", "test"):
+        if not (folder / split).is_file():
+            raise FileNotFoundError(
+                f"CIFAR-100 not found: no {folder / split}; set download: true or point "
+                f"data_dir at the extracted {CIFAR100_FOLDER}"
+            )
+        entry = _unpickle(folder / split)
+        data = np.asarray(_get(entry, "data"), dtype=np.uint8).reshape(-1, 3, 32, 32)
+        labels = np.asarray(_get(entry, "fine_labels"), dtype=np.int64)
+        parts += [torch.from_numpy(data), torch.from_numpy(labels)]
+    meta = folder / "meta"
+    names = _get(_unpickle(meta), "fine_label_names") if meta.is_file() else []
+    fill = tuple(-m / s for m, s in zip(CIFAR100_MEAN, CIFAR100_STD, strict=True))
+    return Dataset(
+        "cifar100", *parts, num_classes=100, input_shape=(3, 32, 32), task="classification",
+        augment=functools.partial(random_crop_flip, padding=4, fill=fill),
+        extras={"classes": [n.decode() if isinstance(n, bytes) else str(n) for n in names]},
+        norm_mean=CIFAR100_MEAN, norm_std=CIFAR100_STD,
+    )  # fmt: skip
+
+
+def load_mnist(
+    name: str = "mnist", data_dir: str | os.PathLike[str] | None = None, *, download: bool = False
+) -> Dataset:
+    """MNIST or Fashion-MNIST as uint8 (N, 1, 28, 28), from the idx-ubyte files (optionally
+    gzipped) under ``MNIST/raw`` or ``FashionMNIST/raw``, as torchvision keeps them."""
+    cls_name, sub, mean, std = _MNIST_SETS[name]
+    root = _data_root(data_dir, f"{sub}/raw")
+    folder = root / sub / "raw"
+    if download and _idx_path(folder, _IDX_FILES["test"][1]) is None:
+        import torchvision.datasets
+
+        getattr(torchvision.datasets, cls_name)(root=str(root), train=True, download=True)
+    tensors = []
+    for split in ("train", "test"):
+        for fname, ndim in zip(_IDX_FILES[split], (3, 1), strict=True):
+            path = _idx_path(folder, fname)
+            if path is None:
+                raise FileNotFoundError(
+                    f"{cls_name} not found: no {folder / fname}; set download: true or point "
+                    f"data_dir at the folder holding {sub}/raw"
+                )
+            tensors.append(read_idx(path, ndim))
+    train_x, train_y, test_x, test_y = tensors
+    return Dataset(
+        name, train_x.unsqueeze(1), train_y.long(), test_x.unsqueeze(1), test_y.long(),
+        num_classes=10, input_shape=(1, 28, 28), task="classification",
+        norm_mean=(mean,), norm_std=(std,),
+    )  # fmt: skip
+
+
+def _idx_path(folder: Path, name: str) -> Path | None:
+    for candidate in (folder / name, folder / f"{name}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def read_idx(path: Path, ndim: int) -> Tensor:
+    """An idx-ubyte file (magic 0x0000080N: unsigned bytes, N dimensions) as a uint8 tensor."""
+    import gzip
+
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    magic = int.from_bytes(raw[:4], "big")
+    if magic != 0x0800 + ndim:
+        raise ValueError(f"{path}: not an idx-ubyte file of {ndim} dimensions (magic {magic:#x})")
+    shape = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != math.prod(shape):
+        raise ValueError(f"{path}: {body.size} bytes of data for shape {shape}")
+    return torch.from_numpy(body.reshape(shape).copy())
+
+
+# --------------------------------------------------------------------------------------------
+# Text
+
+
+def generate_corpus(chars: int = 120_000, seed: int = 0) -> str:
+    """A seeded, structured English-like corpus of ``chars`` characters, made offline.
+
+    A vocabulary of 48 made-up words (2 to 7 letters) and a first-order chain over them:
+    each word is followed by one of its three successors with probabilities 0.6, 0.3 and
+    0.1. Sentences of 4 to 11 words start with a capital and end with ". ". A character
+    model learns the spelling of the words first, then which word follows which.
+    """
+    rng = np.random.RandomState(seed)
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    words = ["".join(rng.choice(letters, size=rng.randint(2, 8))) for _ in range(48)]
+    successors = rng.randint(len(words), size=(len(words), 3))
+    n_words = chars // 3 + 16  # words are at least 3 characters with their space
+    picks = rng.choice(3, size=n_words, p=[0.6, 0.3, 0.1])
+    lengths = rng.randint(4, 12, size=n_words // 4 + 1)
+    starts = rng.randint(len(words), size=lengths.size)
+    out: list[str] = []
+    total, used = 0, 0
+    for length, w in zip(lengths, starts, strict=True):
+        sentence = []
+        for _ in range(length):
+            sentence.append(words[w])
+            w = successors[w, picks[used % n_words]]
+            used += 1
+        text = " ".join(sentence).capitalize() + ". "
+        out.append(text)
+        total += len(text)
+        if total >= chars:
+            break
+    return "".join(out)[:chars]
+
+
+def load_text(
+    path: str | None = None,
+    seq_len: int = 64,
+    chars: int = 120_000,
+    test_fraction: float = 0.1,
+    seed: int = 0,
+) -> Dataset:
+    """A character-level language-modelling set: int64 token sequences (N, seq_len).
+
+    The corpus is the UTF-8 file ``path``, or :func:`generate_corpus` (``chars``, ``seed``).
+    Tokens are the corpus's distinct characters in sorted order (``extras["vocab"]``); the
+    last ``test_fraction`` of it is the test text. Each text is cut into non-overlapping
+    windows: the input is ``seq_len`` tokens, the target the same window shifted by one.
+    """
+    if path is not None:
+        text = Path(path).expanduser().read_text(encoding="utf-8")
+    else:
+        text = generate_corpus(chars, seed)
+    vocab = sorted(set(text))
+    lookup = {c: i for i, c in enumerate(vocab)}
+    ids = torch.tensor([lookup[c] for c in text], dtype=torch.int64)
+    n_test = int(len(ids) * test_fraction)
+    train_x, train_y = _windows(ids[: len(ids) - n_test], seq_len)
+    test_x, test_y = _windows(ids[len(ids) - n_test :], seq_len)
+    if len(train_x) == 0 or len(test_x) == 0:
+        raise ValueError(
+            f"text of {len(ids)} characters is too short for sequences of {seq_len} with "
+            f"test_fraction {test_fraction}"
+        )
+    return Dataset(
+        "text", train_x, train_y, test_x, test_y, num_classes=len(vocab),
+        input_shape=(seq_len,), task="classification",
+        extras={"vocab": "".join(vocab), "source": path or f"generated(seed={seed})"},
+    )  # fmt: skip
+
+
+def _windows(ids: Tensor, seq_len: int) -> tuple[Tensor, Tensor]:
+    n = (len(ids) - 1) // seq_len
+    x = ids[: n * seq_len].reshape(n, seq_len).clone()
+    y = ids[1 : n * seq_len + 1].reshape(n, seq_len).clone()
+    return x, y
 
 
 # --------------------------------------------------------------------------------------------

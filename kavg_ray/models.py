@@ -1,6 +1,7 @@
 """Model zoo for the K-AVG experiments.
 
-Every model maps a batch shaped ``(N, *input_shape)`` to ``(N, num_classes)``. The CIFAR
+Every model maps a batch shaped ``(N, *input_shape)`` to ``(N, num_classes)``; ``gpt``
+maps token sequences ``(N, T)`` to next-token logits ``(N, T, vocab)``. The CIFAR
 models (``vgg16``, ``nin``, ``resnet18``) are the 32x32 variants used in the K-AVG paper's
 experiments; ``mlp``, ``cnn`` and ``linear`` are small enough to train on two CPU cores.
 """
@@ -8,12 +9,14 @@ experiments; ``mlp``, ``cnn`` and ``linear`` are small enough to train on two CP
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-MODELS = ("mlp", "cnn", "vgg16", "nin", "resnet18", "linear")
+MODELS = ("mlp", "cnn", "vgg16", "nin", "resnet18", "linear", "gpt")
 
 # CIFAR VGG-16: numbers are conv widths, "M" is a 2x2 max pool (five pools: 32 -> 1).
 _VGG16_CFG: tuple[int | str, ...] = (
@@ -146,24 +149,111 @@ def _resnet18(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     return model
 
 
-_BUILDERS: dict[str, Callable[[tuple[int, ...], int], nn.Module]] = {
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention in which position t sees positions 0..t only.
+
+    Written out (scores, a causal mask made in the forward pass, softmax) rather than
+    with ``F.scaled_dot_product_attention``, whose CPU kernel has no ``vmap`` batching
+    rule: the simulated backend runs all learners' attention in one batched call. No mask
+    buffer, nothing updated in place.
+    """
+
+    def __init__(self, dim: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(C // self.heads))
+        future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
+        weights = scores.masked_fill(future, float("-inf")).softmax(-1)
+        weights = F.dropout(weights, self.dropout, self.training)
+        return self.proj((weights @ v).transpose(1, 2).reshape(B, T, C))
+
+
+class Block(nn.Module):
+    """A pre-norm transformer block: attention, then a GELU MLP, each added to the input."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: int, dropout: float) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = CausalSelfAttention(dim, heads, dropout)
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim)
+        )
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm1(x)))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+class GPT(nn.Module):
+    """A small causal transformer: tokens (B, T) int64 -> next-token logits (B, T, vocab)."""
+
+    def __init__(
+        self, vocab: int, seq_len: int, dim: int = 64, layers: int = 2, heads: int = 4,
+        mlp_ratio: int = 4, dropout: float = 0.0,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self.tokens = nn.Embedding(vocab, dim)
+        self.positions = nn.Parameter(torch.zeros(seq_len, dim))
+        self.blocks = nn.Sequential(*(Block(dim, heads, mlp_ratio, dropout) for _ in range(layers)))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        # GPT-2's scale (std 0.02) from a uniform draw: normal_ is slow on the meta device,
+        # where the simulated backend sizes a model before building it.
+        bound = 0.02 * math.sqrt(3.0)
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.uniform_(module.weight, -bound, bound)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        nn.init.uniform_(self.positions, -bound, bound)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.tokens(idx) + self.positions[: idx.shape[-1]]
+        return self.head(self.norm(self.blocks(x)))
+
+
+def _gpt(input_shape: tuple[int, ...], num_classes: int, **options: Any) -> nn.Module:
+    if len(input_shape) != 1:
+        raise ValueError(f"model 'gpt' needs token sequences (T,), got {tuple(input_shape)}")
+    return GPT(num_classes, int(input_shape[0]), **options)
+
+
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "mlp": _mlp,
     "cnn": _cnn,
     "vgg16": _vgg16,
     "nin": _nin,
     "resnet18": _resnet18,
     "linear": _linear,
+    "gpt": _gpt,
 }
 
 
-def build_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> torch.nn.Module:
+def build_model(
+    name: str,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    options: Mapping[str, Any] | None = None,
+) -> torch.nn.Module:
     """Build model ``name`` for inputs shaped ``input_shape`` (without the batch dimension).
 
-    ``num_classes`` is the output width: the number of classes, or 1 for the synthetic
-    least-squares task (use ``linear`` there).
+    ``num_classes`` is the output width: the number of classes (the vocabulary for
+    ``gpt``), or 1 for the synthetic least-squares task (use ``linear`` there).
+    ``options`` are ``gpt``'s sizes (dim, layers, heads, mlp_ratio, dropout); the other
+    models take none.
     """
     if name not in _BUILDERS:
         raise ValueError(f"unknown model {name!r}; valid models: {', '.join(MODELS)}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    return _BUILDERS[name](tuple(int(s) for s in input_shape), int(num_classes))
+    if options and name != "gpt":
+        raise ValueError(f"model {name!r} takes no options, got {sorted(options)}")
+    shape = tuple(int(s) for s in input_shape)
+    return _BUILDERS[name](shape, int(num_classes), **dict(options or {}))

@@ -94,7 +94,7 @@ CASES = [
      "algorithm: Input should be 'kavg', 'hier_avg', 'downpour' or 'eamsgd'"),
     ("unknown-model", TRAIN, run_doc(workload=workload(model="alexnet")),
      "workload.model: Input should be"),
-    ("unknown-dataset", TRAIN, run_doc(workload=workload(dataset="mnist")),
+    ("unknown-dataset", TRAIN, run_doc(workload=workload(dataset="imagenet")),
      "workload.dataset: Input should be"),
     ("lr-zero", TRAIN, run_doc(workload=workload(lr={"initial": 0})),
      "workload.lr.initial: Input should be greater than 0"),

@@ -156,7 +156,7 @@ def test_lr_written_with_exponent_is_a_number():
         ({"K": 1, "resources": {"use_gpu": "yes"}}, "config: resources.use_gpu: Input"),
         ({"K": 1, "algorithm": "hogwild"}, "config: algorithm: Input should be 'kavg'"),
         ({"K": 1, "workload": {"model": "alexnet"}}, "config: workload.model: Input should be"),
-        ({"K": 1, "workload": {"dataset": "mnist"}}, "config: workload.dataset: Input should"),
+        ({"K": 1, "workload": {"dataset": "imagenet"}}, "config: workload.dataset: Input should"),
         ({"K": 1, "Kk": 2}, "config: Kk: unknown key"),
         ({"K": 1, "workload": {"lr": {"initial": 0.1, "half": 2}}},
          "config: workload.lr.half: unknown key"),
@@ -327,7 +327,7 @@ def test_grid_size_limit():
         ({"grid": {"K": [[1, 2]]}}, "spec: grid.K: values must be scalars"),
         ({"grid": {"K": [1, 2, 2]}}, "spec: grid.K: value 2 is listed twice"),
         ({"grid": {"model": ["mlp", "cnn"]}}, "spec: grid.model: cannot be swept (sweepable: "
-         + ", ".join(GRID_KEYS) + ")"),
+         + ", ".join(GRID_KEYS) + ", model_args.NAME, dataset_args.NAME)"),
         ({"K": 2, "grid": {"K": [1, 2]}}, "spec: K is given both as a scalar and in grid.K"),
         ({"workload": {"lr": {"initial": 0.1}}, "K": 1, "grid": {"lr": [0.1, 0.2]}},
          "spec: workload.lr.initial is given both as a scalar and in grid.lr"),

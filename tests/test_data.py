@@ -72,8 +72,8 @@ def test_digits_split_does_not_depend_on_seed():
 
 
 def test_unknown_dataset_lists_valid_names():
-    with pytest.raises(ValueError, match="unknown dataset 'mnist'") as info:
-        load_dataset("mnist")
+    with pytest.raises(ValueError, match="unknown dataset 'imagenet'") as info:
+        load_dataset("imagenet")
     for name in DATASETS:
         assert name in str(info.value)
 

@@ -59,13 +59,13 @@ import torch.distributed as dist
 from kavg_ray.averaging import FlatModel
 from kavg_ray.config import RunConfig
 from kavg_ray.data import augment_generator, epoch_indices, steps_per_epoch
-from kavg_ray.models import build_model
 from kavg_ray.train.loop import EngineBase, empty_comm_metrics
 from kavg_ray.train.workload import (
     EvalSums,
     build_workload,
     evaluate_sums,
     load_data,
+    model_builder,
     seed_dropout,
 )
 
@@ -177,7 +177,7 @@ def initial_params(cfg: RunConfig) -> np.ndarray:
     """The run's seeded initial model as one flat float32 array (built as the engines do)."""
     data = load_data(cfg)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.workload.model, data.input_shape, data.num_classes)
+    model = model_builder(cfg)(data.input_shape, data.num_classes)
     return FlatModel(model).buffer.detach().numpy().copy()
 
 
@@ -292,8 +292,8 @@ class ParameterServerEngine(EngineBase):
         ).to(self.device)  # fmt: skip
         gen = augment_generator(cfg.seed, epoch, self.rank)
         loss_sum = torch.zeros((), device=self.device)
-        for idx in batches:
-            loss_sum += self._local_step(idx, gen, lr)
+        for x, y in data.train_batches(batches, gen):
+            loss_sum += self._local_step(x, y, lr)
             self.c["step"] += 1
             t = self.c["step"]
             if self.downpour:
@@ -305,15 +305,12 @@ class ParameterServerEngine(EngineBase):
                 self._exchange()
         return loss_sum.item(), float(self.steps_per_epoch)
 
-    def _local_step(self, idx: torch.Tensor, gen: torch.Generator, lr: float) -> torch.Tensor:
+    def _local_step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> torch.Tensor:
         """One SGD step (heavy-ball for Downpour, Nesterov for EAMSGD) on the flat buffer."""
-        wl, data, flat, n = self.cfg.workload, self.workload.data, self.flat.buffer, self.n_params
-        x = data.prepare(data.train_x[idx])
-        if data.augment is not None:
-            x = data.augment(x, gen)
+        wl, flat, n = self.cfg.workload, self.flat.buffer, self.n_params
         has_buffers = flat.numel() > n  # floating buffers (BatchNorm statistics) follow
         buffers_before = flat[n:].clone() if self.downpour and has_buffers else None
-        loss = self.workload.loss(self.workload.model(x), data.train_y[idx])
+        loss = self.workload.loss(self.workload.model(x), y)
         for p in self.params:
             p.grad = None
         loss.backward()
@@ -354,8 +351,8 @@ class ParameterServerEngine(EngineBase):
         local = flat.clone()
         _load(flat, center)
         finite = finite and bool(torch.isfinite(flat).all().item())
-        idx = torch.arange(self.rank, len(data.test_y), self.world_size, device=self.device)
-        sums = evaluate_sums(model, model, data, idx)
+        idx = torch.arange(self.rank, data.n_test, self.world_size, device=self.device)
+        sums = evaluate_sums(model, model, data, idx, self.workload.loss)
         flat.copy_(local)
         sums.finite = finite
         return sums
