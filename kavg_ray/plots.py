@@ -59,6 +59,7 @@ PLOT_FILES: dict[str, str] = {
     "accuracy_vs_epoch": "accuracy_vs_epoch.png",
     "kopt_vs_p": "kopt_vs_p.png",
     "kopt_bootstrap": "kopt_bootstrap.png",
+    "kopt_vs_outer_lr": "kopt_vs_outer_lr.png",
     "speedup_vs_p": "speedup_vs_p.png",
     "gap_vs_sequential": "gap_vs_sequential.png",
 }
@@ -490,6 +491,38 @@ def kopt_vs_p(trials: pd.DataFrame, predicted: Mapping[int, int] | None = None) 
     return fig
 
 
+def kopt_vs_outer_lr(trials: pd.DataFrame) -> Figure:
+    """K_opt (by accuracy) against the outer learning rate, one line per P (and outer
+    momentum when it varies). Needs a sweep over ``outer_lr``; K axis log2."""
+    _require(trials, ("P", "K", "status", "final_test_acc", "outer_lr"), "kopt_vs_outer_lr")
+    if trials["outer_lr"].dropna().nunique() < 2:
+        raise PlotDataError("kopt_vs_outer_lr needs a sweep over outer_lr")
+    table = kopt_table(trials, by="accuracy")
+    table = _numeric(table[table["K_opt"].notna()], ("P", "K_opt", "outer_lr"))
+    if table.empty:
+        raise PlotDataError("no completed trial: K_opt is undefined for every P")
+    keys = [k for k in _WORKLOAD_KEYS if k in table.columns]
+    groups = list(table.groupby(keys, sort=True)) if keys else [("", table)]
+    fig, axes = _new_figure(len(groups))
+    fig.suptitle("K_opt (by final test accuracy) vs the outer learning rate", fontsize="large")
+    for ax, (key, g) in zip(axes, groups, strict=True):
+        title = " · ".join(map(str, key if isinstance(key, tuple) else (key,)))
+        lines = ["P"] + [c for c in ("outer_momentum",) if c in g and g[c].nunique() > 1]
+        yticks: list[float] = []
+        for color, (line, rows) in zip(
+            _colors(g.groupby(lines).ngroups), g.groupby(lines, sort=True), strict=True
+        ):
+            parts = line if isinstance(line, tuple) else (line,)
+            rows = rows.sort_values("outer_lr")
+            label = ", ".join(f"{k}={_fmt_num(v)}" for k, v in zip(lines, parts, strict=True))
+            ax.plot(rows["outer_lr"], rows["K_opt"], marker="o", color=color, label=label)
+            yticks += list(rows["K_opt"])
+        _style(ax, title, "outer learning rate", "K_opt (log2)")
+        _log2_axis(ax, "y", yticks)
+        _legend(ax)
+    return fig
+
+
 # --------------------------------------------------------------------------- P=1 baselines
 
 
@@ -667,6 +700,7 @@ def save_all_detailed(
         "accuracy_vs_epoch": lambda: _epoch_or_skip(history, trials),
         "kopt_vs_p": lambda: kopt_vs_p(trials, predicted),
         "kopt_bootstrap": lambda: kopt_bootstrap(trials),
+        "kopt_vs_outer_lr": lambda: kopt_vs_outer_lr(trials),
         "speedup_vs_p": lambda: speedup_vs_p(trials),
         "gap_vs_sequential": lambda: gap_vs_sequential(trials),
     }

@@ -65,6 +65,12 @@ TRIAL_COLUMNS: list[str] = [
     "lr",
     "batch_size",
     "epochs",
+    "momentum",
+    "optimizer",
+    "outer_lr",
+    "outer_momentum",
+    "outer_nesterov",
+    "warmup_steps",
     "status",
     "final_test_acc",
     "final_test_loss",
@@ -105,7 +111,8 @@ FINISHED_STATUSES: frozenset[str] = frozenset({"completed", "diverged"})
 #: Default grouping of kopt_table: one K_opt per workload and learner count.
 DEFAULT_GROUP_KEYS: tuple[str, ...] = ("algorithm", "dataset", "model", "P")
 VARYING_GROUP_KEYS: tuple[str, ...] = (
-    "backend", "lr", "batch_size", "epochs", "momentum", "S", "K1",
+    "backend", "lr", "batch_size", "epochs", "momentum", "optimizer", "outer_lr",
+    "outer_momentum", "outer_nesterov", "warmup_steps", "S", "K1",
 )  # fmt: skip
 
 #: kopt_table columns after the group keys (``predicted_kopt`` is appended when present).

@@ -8,7 +8,9 @@ learners``, the mean computed here from every rank's gathered parameters.
 from __future__ import annotations
 
 import copy
+import itertools
 
+import pandas as pd
 import pytest
 import torch
 import torch.distributed as dist
@@ -288,3 +290,28 @@ def test_grid_over_outer_settings_names_each_point() -> None:
     assert "K4-P2-s0-outer_lr0.7-outer_momentum0.9-warmup_steps8-optimizeradamw-sim" in names
     p = next(p for p in points if p.outer.lr == 0.5 and p.warmup_steps == 8)
     assert p.outer.momentum == 0.9 and p.warmup_steps == 8
+
+
+def _outer_sweep_rows() -> pd.DataFrame:
+    rows = []
+    for P, K, outer_lr, seed in itertools.product([2, 4], [1, 4, 16], [0.5, 1.0], [0, 1]):
+        best = {(2, 0.5): 1, (2, 1.0): 4, (4, 0.5): 4, (4, 1.0): 16}[(P, outer_lr)]
+        acc = 0.9 - (0.05 if K != best else 0.0) + 0.001 * seed
+        rows.append({"algorithm": "kavg", "dataset": "digits", "model": "mlp", "P": P, "K": K,
+                     "seed": seed, "lr": 0.1, "batch_size": 16, "epochs": 2,
+                     "outer_lr": outer_lr, "outer_momentum": 0.9, "status": "completed",
+                     "final_test_acc": acc})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_kopt_table_and_plot_split_by_the_outer_lr() -> None:
+    from kavg_ray.plots import kopt_vs_outer_lr
+    from kavg_ray.results import kopt_table
+
+    table = kopt_table(_outer_sweep_rows())
+    got = {(r.P, r.outer_lr): r.K_opt for r in table.itertuples()}
+    assert got == {(2, 0.5): 1, (2, 1.0): 4, (4, 0.5): 4, (4, 1.0): 16}
+    fig = kopt_vs_outer_lr(_outer_sweep_rows())
+    lines = {ln.get_label(): (list(ln.get_xdata()), list(ln.get_ydata()))
+             for ln in fig.axes[0].get_lines() if ln.get_label().startswith("P=")}  # fmt: skip
+    assert lines == {"P=2": ([0.5, 1.0], [1, 4]), "P=4": ([0.5, 1.0], [4, 16])}

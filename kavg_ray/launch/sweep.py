@@ -47,6 +47,12 @@ def trial_row(
         "lr": cfg.workload.lr.initial,
         "batch_size": cfg.workload.batch_size,
         "epochs": cfg.workload.epochs,
+        "momentum": cfg.workload.momentum,
+        "optimizer": cfg.workload.optimizer,
+        "outer_lr": cfg.outer.lr,
+        "outer_momentum": cfg.outer.momentum,
+        "outer_nesterov": cfg.outer.nesterov,
+        "warmup_steps": cfg.warmup_steps,
         "status": status,
         "final_test_acc": last.get("test_acc", math.nan),
         "final_test_loss": last.get("test_loss", math.nan),
@@ -239,13 +245,37 @@ def _connect(address: str | None) -> bool:
         return True
     for attempt in range(3):
         try:
-            ray.init(include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=runtime_env)
+            _loopback_only()
+            ray.init(
+                include_dashboard=True, dashboard_host="127.0.0.1",
+                _node_ip_address="127.0.0.1", runtime_env=runtime_env,
+            )  # fmt: skip
             return True
         except Exception as exc:
             # Ray gives a new local node 30 s to register; a loaded machine can miss that.
             if "timed out during startup" not in str(exc) or attempt == 2:
                 raise
             ray.shutdown()
+
+
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def _loopback_only() -> None:
+    """Make the local Ray about to start listen on 127.0.0.1 only.
+
+    Ray 2.60 turns a node IP of 127.0.0.1 given to ray.init into the machine's external
+    address, and then binds GCS, raylet, workers and agents on every interface. Its
+    single-machine mode (the default on macOS and Windows, ``RAY_ENABLE_WINDOWS_OR_OSX_
+    CLUSTER=0``) uses the loopback as the node IP instead, and Ray binds its servers to
+    the node IP when that is local. The variable reaches the processes Ray starts (they
+    inherit this environment); the constant is also set in this process, where Ray read it
+    at import. A local Ray is one node, so nothing is lost.
+    """
+    from ray._private import ray_constants
+
+    os.environ[LOOPBACK_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def local_resources(points: list[RunConfig]) -> dict[str, float]:
