@@ -71,14 +71,15 @@ def _run_simulated():  # noqa: ANN202
     return run_simulated
 
 
-def run_point(point: tuple[str, int, int, int]) -> list[dict]:
-    """One training run; one row per epoch."""
+def run_point(point: tuple) -> list[dict]:
+    """One training run of (workload, P, K, seed[, epochs]); one row per epoch."""
     import torch
 
     from kavg_ray.config import RunConfig
 
-    name, P, K, seed = point
-    workload = {**WORKLOADS[name][0], "epochs": EPOCHS, "batch_size": BATCH}
+    name, P, K, seed = point[:4]
+    epochs = point[4] if len(point) > 4 else EPOCHS
+    workload = {**WORKLOADS[name][0], "epochs": epochs, "batch_size": BATCH}
     doc = {"name": "bench", "workload": workload, "K": K, "P": P, "seed": seed,
            "backend": "simulated"}  # fmt: skip
     rows: list[dict] = []
@@ -101,10 +102,16 @@ def _one_thread() -> None:
 def record(path: Path, jobs: int, seeds: list[int], k_max: int) -> None:
     points = [(w, P, K, s) for w in WORKLOADS for P in P_VALUES
               for K in range(1, k_max + 1) for s in seeds]  # fmt: skip
+    record_points(path, jobs, points)
+
+
+def record_points(path: Path, jobs: int, points: list[tuple]) -> None:
+    """Run ``points`` (see :func:`run_point`) in ``jobs`` processes; write the rows to ``path``."""
     rows: list[dict] = []
     start = time.perf_counter()
     with mp.get_context("spawn").Pool(jobs, initializer=_one_thread) as pool:
-        for i, out in enumerate(pool.imap_unordered(run_point, points, chunksize=16), 1):
+        chunk = max(1, min(16, len(points) // (4 * jobs)))
+        for i, out in enumerate(pool.imap_unordered(run_point, points, chunksize=chunk), 1):
             rows += out
             if i % 200 == 0:
                 print(f"  {i}/{len(points)} runs, {time.perf_counter() - start:.0f} s", flush=True)
