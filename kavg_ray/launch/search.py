@@ -18,7 +18,9 @@ the previous one finished, so the proposals depend only on the results, not on t
 ``diverged`` true, or a non-finite metric or ``train_loss``), or whose metric at an epoch
 trails the best value reported at that epoch by any trial of its group by more than
 ``margin`` (from epoch ``min_epoch`` on). "Best so far": a trial is compared with the
-trials that reported that epoch before it.
+trials that reported that epoch before it. Grouping trials by P *and seed* (the other K
+of the same seed) is safer than by P alone: ``benchmarks/early_stop.py`` (RESULTS.md)
+shows the seeds of one P differing by more than its K do at early epochs.
 
 **Wiring** (a sweep runner, in the Ray driver)::
 
@@ -30,7 +32,8 @@ trials that reported that epoch before it.
     scheduler = EarlyStopScheduler(margin=0.05, group_of=lambda cfg: cfg["group"])
     searcher = RefineSearcher(
         coords,
-        to_config=lambda c: {"group": point_group(c), "trial": make_trial(c)},
+        # compare a trial with the other K of its seed: seeds differ by more than K does
+        to_config=lambda c: {"group": repr(point_group(c, ("K",))), "trial": make_trial(c)},
         metric="test_acc", mode="max", pruned=scheduler.stopped,
     )
     tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=-1,
