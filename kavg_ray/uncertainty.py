@@ -248,7 +248,8 @@ def _workload_curve(g: pd.DataFrame, predict_p: Sequence[float] | None) -> tuple
         fit = fit_power_law(fit_rows["P"].tolist(), [float(k) for k in fit_rows["K_opt"]])
         resid = fit.residuals_log2()
         fit_row.update(a=fit.a, b=fit.b, r2=fit.r2, max_abs_residual_log2=float(abs(resid).max()))
-        fit_row["note"] = ""
+        exact = fit.n_points == 2
+        fit_row["note"] = "two P: the fit is exact, its R^2 says nothing" if exact else ""
     else:
         fit_row["note"] = f"needs K_opt at two or more P >= {MIN_FIT_P}"
     curve: list[dict] = []

@@ -192,6 +192,13 @@ def test_kopt_curve_fits_p_from_2_and_predicts_untried_powers_of_two():
     assert list(pred["P"]) == [3, 100] and list(pred["K_pred"]) == [3, 100]
 
 
+def test_kopt_curve_with_two_p_says_the_fit_is_exact():
+    table = {2: {1: [0.7], 2: [0.9]}, 4: {2: [0.7], 8: [0.9]}}
+    fits, _ = kopt_curve(table_frame(table))
+    assert fits.iloc[0]["b"] == pytest.approx(2.0) and fits.iloc[0]["r2"] == 1.0
+    assert fits.iloc[0]["note"] == "two P: the fit is exact, its R^2 says nothing"
+
+
 def test_kopt_curve_without_two_p_says_why():
     fits, curve = kopt_curve(table_frame({2: TABLE[2]}))
     assert fits.iloc[0]["note"] == "needs K_opt at two or more P >= 2"
