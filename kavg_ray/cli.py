@@ -165,7 +165,7 @@ def sweep_run(
         verbose=verbose, echo=click.echo,
     )  # fmt: skip
     trials = results.load_trials(sweep_name, storage)
-    by = "time" if points[0].target_accuracy else "accuracy"
+    by = "time" if points[0].target_accuracy else results.ranked_by(trials)
     click.echo(f"\nK_opt by {by} for sweep '{sweep_name}' ({len(trials)} trials):")
     click.echo(results.format_frame(results.kopt_table(trials, by=by), "table"), nl=False)
     at = ["--storage", storage] if storage != _storage(None) else []
@@ -399,7 +399,9 @@ def _kopt_on_network(sweep_name: str, storage: str, fmt: str, by: str, net: tupl
 
 @results_group.command("kopt")
 @click.argument("sweep_name")
-@click.option("--by", type=click.Choice(["accuracy", "time"]), default="accuracy")
+@click.option("--by", type=click.Choice(["accuracy", "time", "loss"]), default=None,
+              help="accuracy, time to target, or final test loss (lower is better) "
+              "[accuracy; loss for a sweep without accuracy]")
 @click.option("--storage", default=None, help="results directory [./kavg_results, $KAVG_STORAGE]")
 @click.option("--format", "fmt", type=FORMATS, default="table")
 @click.option("--uncertainty", is_flag=True, help="bootstrap over seeds and a K_opt(P) fit")
@@ -411,7 +413,8 @@ def results_kopt(
     sweep_name: str, by: str, storage: str | None, fmt: str,
     uncertainty: bool = False, n_boot: int = 1000, seed: int = 0, net: tuple | None = None,
 ) -> None:  # fmt: skip
-    """The best K per P (by final accuracy, or by time to the target accuracy).
+    """The best K per P (by final accuracy, by time to the target accuracy, or by final
+    test loss).
 
     With --uncertainty: how often each K is best over bootstrap resamples of the seeds,
     and K_opt(P) = a * P^b fitted across P, with predictions at P not run.
@@ -424,6 +427,7 @@ def results_kopt(
             raise BadInput("--uncertainty does not combine with --network")
         return _kopt_on_network(sweep_name, storage, fmt, by, net)
     trials = _trials_with_predictions(_check_name(sweep_name), storage)
+    by = by or results.ranked_by(trials)
     if uncertainty:
         from kavg_ray import uncertainty as unc
 

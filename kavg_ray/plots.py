@@ -38,7 +38,15 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
 from kavg_ray.errors import PlotDataError
-from kavg_ray.results import VARYING_GROUP_KEYS, _mean_std, kopt_table
+from kavg_ray.results import (
+    ARGS_PREFIXES,
+    RANK_LABELS,
+    RANK_METRICS,
+    VARYING_GROUP_KEYS,
+    _mean_std,
+    kopt_table,
+    ranked_by,
+)
 
 __all__ = [
     "PLOT_FILES",
@@ -125,7 +133,7 @@ def _facets(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     """
     varying = [
         k
-        for k in VARYING_GROUP_KEYS
+        for k in (*VARYING_GROUP_KEYS, *(c for c in df.columns if c.startswith(ARGS_PREFIXES)))
         if k not in _EXTRA_LINE_KEYS and k in df.columns and df[k].dropna().nunique() > 1
     ]
     keys = [k for k in _WORKLOAD_KEYS if k in df.columns] + varying
@@ -236,8 +244,12 @@ def _p_filter(P: int | Iterable[int] | None) -> set[float] | None:
 # --------------------------------------------------------------------------- accuracy vs K
 
 
-def accuracy_vs_k(trials: pd.DataFrame, *, show_excluded: bool = True) -> Figure:
-    """Final test accuracy against the averaging period K, one line per P (Figures 5, 6).
+def accuracy_vs_k(
+    trials: pd.DataFrame, *, show_excluded: bool = True, by: str | None = None
+) -> Figure:
+    """Final test accuracy against the averaging period K, one line per P (Figures 5, 6);
+    the final test loss (lower is better) with ``by="loss"``, the default for a sweep
+    without accuracy (:func:`~kavg_ray.results.ranked_by`).
 
     Points: mean of ``final_test_acc`` over the completed trials (seeds) at each K; error
     bars: sample std (0 with one seed). A star marks the K with the best mean (K_opt by
@@ -245,16 +257,17 @@ def accuracy_vs_k(trials: pd.DataFrame, *, show_excluded: bool = True) -> Figure
     ``show_excluded`` each is drawn as an 'x' at the bottom of the axes at its K.
     x: log2 K. One subplot per (algorithm, dataset, model).
     """
-    _require(trials, ("P", "K", "final_test_acc"), "accuracy_vs_k")
-    df = _numeric(trials, ("P", "K", "final_test_acc", *_EXTRA_LINE_KEYS))
-    ok = _completed(df, "final_test_acc")
+    by = by or ranked_by(trials)
+    metric, metric_label = RANK_METRICS[by], RANK_LABELS[by]
+    _require(trials, ("P", "K", metric), "accuracy_vs_k")
+    df = _numeric(trials, ("P", "K", metric, *_EXTRA_LINE_KEYS))
+    ok = _completed(df, metric)
     if not ok.any():
-        raise PlotDataError("no completed trial with a final test accuracy to plot")
+        raise PlotDataError(f"no completed trial with a {metric_label} to plot")
     facets = [(t, g) for t, g in _facets(df) if ok[g.index].any()]
     fig, axes = _new_figure(len(facets))
-    fig.suptitle(
-        "Final test accuracy vs averaging period K (mean ± std over seeds)", fontsize="large"
-    )
+    title_text = f"{metric_label.capitalize()} vs averaging period K (mean ± std over seeds)"
+    fig.suptitle(title_text, fontsize="large")
     for ax, (title, g) in zip(axes, facets, strict=True):
         lines = _line_groups(g, "P")
         colors = _colors(len(lines), "plasma")
@@ -263,7 +276,7 @@ def accuracy_vs_k(trials: pd.DataFrame, *, show_excluded: bool = True) -> Figure
         for (label, _p, lg), color in zip(lines, colors, strict=True):
             good = lg[ok[lg.index]]
             if len(good):
-                st = _stats(good["final_test_acc"], good["K"])
+                st = _stats(good[metric], good["K"])
                 cont = ax.errorbar(
                     st["x"],
                     st["mean"],
@@ -275,7 +288,7 @@ def accuracy_vs_k(trials: pd.DataFrame, *, show_excluded: bool = True) -> Figure
                     linewidth=1.6,
                 )
                 handles.append(cont)
-                best = st.loc[st["mean"].idxmax()]
+                best = st.loc[st["mean"].idxmax() if by == "accuracy" else st["mean"].idxmin()]
                 ax.plot(
                     [best["x"]],
                     [best["mean"]],
@@ -331,7 +344,7 @@ def accuracy_vs_k(trials: pd.DataFrame, *, show_excluded: bool = True) -> Figure
                     label="diverged / failed (excluded)",
                 )
             )
-        _style(ax, title, "averaging period K (log2)", "final test accuracy")
+        _style(ax, title, "averaging period K (log2)", metric_label)
         _log2_axis(ax, "x", g["K"].dropna())
         _legend(ax, "learners", handles)
     return fig
@@ -422,22 +435,26 @@ def _within_range(text: Any, kopt: float) -> tuple[float, float]:
     return min(ks + [kopt]), max(ks + [kopt])
 
 
-def kopt_vs_p(trials: pd.DataFrame, predicted: Mapping[int, int] | None = None) -> Figure:
-    """Measured K_opt (by accuracy, :func:`~kavg_ray.results.kopt_table`) against P.
+def kopt_vs_p(
+    trials: pd.DataFrame, predicted: Mapping[int, int] | None = None, by: str | None = None
+) -> Figure:
+    """Measured K_opt (by accuracy, or ``by`` loss: :func:`~kavg_ray.results.kopt_table`;
+    default :func:`~kavg_ray.results.ranked_by`) against P.
 
     The bar at each point spans the K whose mean accuracy is within one std of the best
     (``k_within_1std``). ``predicted`` (P -> K) is drawn as a dashed line; without it the
     trials' ``predicted_kopt`` column is used when present. Both axes log2.
     """
-    _require(trials, ("P", "K", "status", "final_test_acc"), "kopt_vs_p")
-    table = kopt_table(trials, by="accuracy")
+    by = by or ranked_by(trials)
+    _require(trials, ("P", "K", "status", RANK_METRICS[by]), "kopt_vs_p")
+    table = kopt_table(trials, by=by)
     table = table[table["K_opt"].notna()]
     if table.empty:
         raise PlotDataError("no completed trial: K_opt is undefined for every P")
     table = _numeric(table, ("P", "K_opt", "predicted_kopt"))
     facets = _facets(table)
     fig, axes = _new_figure(len(facets))
-    fig.suptitle("Best averaging period K_opt (by final test accuracy) vs P", fontsize="large")
+    fig.suptitle(f"Best averaging period K_opt (by {RANK_LABELS[by]}) vs P", fontsize="large")
     for ax, (title, g) in zip(axes, facets, strict=True):
         g = g.sort_values("P")
         x = g["P"].to_numpy(dtype=float)

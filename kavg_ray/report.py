@@ -23,6 +23,7 @@ from kavg_ray.results import (
     _mean_std,
     attach_predictions,
     kopt_table,
+    ranked_by,
 )
 
 __all__ = ["REPORT_FILE", "TRIAL_REPORT_COLUMNS", "markdown_table", "write_report"]
@@ -213,11 +214,13 @@ def write_report(
             markdown_table(pivot),
         ]
 
+    by = ranked_by(trials)  # the final test loss for a sweep without accuracy
+    best = "best mean final test accuracy" if by == "accuracy" else "lowest mean final test loss"
     parts += [
-        "## K_opt by accuracy\n",
-        "K with the best mean final test accuracy at the fixed epoch budget; "
+        f"## K_opt by {by}\n",
+        f"K with the {best} at the fixed epoch budget; "
         "`k_within_1std`: K whose mean is within one std of the best.\n",
-        markdown_table(kopt_table(trials, by="accuracy")),
+        markdown_table(kopt_table(trials, by=by)),
     ]
     if "time_to_target_s" in trials.columns:
         ttt = pd.to_numeric(trials["time_to_target_s"], errors="coerce")

@@ -110,6 +110,21 @@ FINISHED_STATUSES: frozenset[str] = frozenset({"completed", "diverged"})
 
 #: Default grouping of kopt_table: one K_opt per workload and learner count.
 DEFAULT_GROUP_KEYS: tuple[str, ...] = ("algorithm", "dataset", "model", "P")
+# What kopt_table ranks by, and the trials column it ranks.
+RANK_METRICS = {"accuracy": "final_test_acc", "time": "time_to_target_s", "loss": "final_test_loss"}
+RANK_LABELS = {"accuracy": "final test accuracy", "time": "time to target (s)",
+               "loss": "final test loss"}  # fmt: skip
+# Trial columns of factory arguments (kavg_ray.launch.sweep.trial_row): model_args.width ...
+ARGS_PREFIXES = ("model_args.", "dataset_args.")
+
+
+def ranked_by(trials_df: pd.DataFrame) -> str:
+    """What K_opt is ranked by when nothing says: accuracy, or the final test loss for a
+    sweep whose trials report no accuracy (a regression task)."""
+    if "final_test_acc" in trials_df.columns:
+        if pd.to_numeric(trials_df["final_test_acc"], errors="coerce").notna().any():
+            return "accuracy"
+    return "loss" if "final_test_loss" in trials_df.columns else "accuracy"
 VARYING_GROUP_KEYS: tuple[str, ...] = (
     "backend", "lr", "batch_size", "epochs", "momentum", "optimizer", "outer_lr",
     "outer_momentum", "outer_nesterov", "warmup_steps", "S", "K1",
@@ -563,10 +578,11 @@ def kopt_table(
     ``final_test_acc`` over trials with status "completed"; K_opt has the largest mean.
     by="time": per K, mean and std of ``time_to_target_s`` over completed trials that
     reached the target (NaN = not reached); a K no seed reached is not a candidate;
-    K_opt has the smallest mean. Diverged, failed (any non-completed) trials and
-    trials without K never win and are not averaged; they are counted in ``n_excluded``.
-    Ties (equal up to rounding) go to the smallest K. For Hier-AVG rows the candidate
-    is the ``K`` column as given.
+    K_opt has the smallest mean. by="loss": as by accuracy, over ``final_test_loss``;
+    K_opt has the smallest mean (tasks without accuracy, DESIGN.md section 8). Diverged,
+    failed (any non-completed) trials and trials without K never win and are not
+    averaged; they are counted in ``n_excluded``. Ties (equal up to rounding) go to the
+    smallest K. For Hier-AVG rows the candidate is the ``K`` column as given.
 
     Columns: the group keys, then K_opt (NA if no candidate; ``note`` says why), mean,
     std and n_seeds of the best K, k_within_1std (comma-joined K whose mean is within
@@ -575,9 +591,9 @@ def kopt_table(
     comma-joined), note; plus ``predicted_kopt`` (first non-null per group) when the
     input has it.
     """
-    if by not in ("accuracy", "time"):
-        raise ValueError(f"unknown by={by!r}; expected 'accuracy' or 'time'")
-    metric = "final_test_acc" if by == "accuracy" else "time_to_target_s"
+    if by not in RANK_METRICS:
+        raise ValueError(f"unknown by={by!r}; expected 'accuracy', 'time' or 'loss'")
+    metric = RANK_METRICS[by]
 
     if group_by is None:
         keys = [k for k in DEFAULT_GROUP_KEYS if k in trials_df.columns]
@@ -587,6 +603,12 @@ def kopt_table(
             k
             for k in VARYING_GROUP_KEYS
             if k in trials_df.columns and trials_df[k].dropna().nunique() > 1
+        ]
+        # ... and so do swept factory arguments (model_args.width: [128, 256]).
+        keys += [
+            k
+            for k in trials_df.columns
+            if k.startswith(ARGS_PREFIXES) and trials_df[k].dropna().nunique() > 1
         ]
     else:
         keys = [group_by] if isinstance(group_by, str) else list(group_by)
@@ -615,8 +637,8 @@ def kopt_table(
         ks_all = g["K"].dropna()
         metric_vals = pd.to_numeric(g[metric], errors="coerce")
         ok = (g["status"] == "completed") & g["K"].notna()
-        if by == "accuracy":
-            # A completed trial without an accuracy is unusable: count it as excluded.
+        if by != "time":
+            # A completed trial without an accuracy (loss) is unusable: count it excluded.
             ok &= metric_vals.notna()
             n_excluded = int((~ok).sum())
             usable = ok
@@ -665,7 +687,7 @@ def kopt_table(
                 std=float("nan"),
                 n_seeds=0,
                 k_within_1std="",
-                note="no completed trial" if by == "accuracy" else "no trial reached the target",
+                note="no completed trial" if by != "time" else "no trial reached the target",
             )
         if has_pred:
             pred = g["predicted_kopt"].dropna()

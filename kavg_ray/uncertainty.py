@@ -40,6 +40,7 @@ import pandas as pd
 from kavg_ray.errors import BadInputError
 from kavg_ray.results import (
     _TIE_RTOL,
+    ARGS_PREFIXES,
     DEFAULT_GROUP_KEYS,
     VARYING_GROUP_KEYS,
     _as_int_if_integral,
@@ -78,7 +79,9 @@ def _metric(by: str) -> tuple[str, float]:
         return "final_test_acc", 1.0
     if by == "time":
         return "time_to_target_s", -1.0
-    raise BadInputError(f"unknown by={by!r}; expected 'accuracy' or 'time'")
+    if by == "loss":
+        return "final_test_loss", -1.0
+    raise BadInputError(f"unknown by={by!r}; expected 'accuracy', 'time' or 'loss'")
 
 
 def group_keys(trials: pd.DataFrame) -> list[str]:
@@ -87,6 +90,10 @@ def group_keys(trials: pd.DataFrame) -> list[str]:
     keys += [
         k for k in VARYING_GROUP_KEYS
         if k in trials.columns and trials[k].dropna().nunique() > 1
+    ]  # fmt: skip
+    keys += [
+        k for k in trials.columns
+        if k.startswith(ARGS_PREFIXES) and trials[k].dropna().nunique() > 1
     ]  # fmt: skip
     return keys
 

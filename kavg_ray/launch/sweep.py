@@ -80,6 +80,12 @@ def trial_row(
         row["staleness_max"] = max(maxes) if maxes else math.nan
         row["pushes"] = last.get("pushes", 0)
         row["applied"] = last.get("applied", 0)
+    # Factory (and text/gpt) arguments, a column each: a sweep over model_args.width
+    # gets K_opt per width (results.kopt_table).
+    for key in ("dataset_args", "model_args"):
+        for name, value in getattr(cfg.workload, key).items():
+            scalar = isinstance(value, (int, float, str, bool))
+            row[f"{key}.{name}"] = value if scalar else json.dumps(value, sort_keys=True)
     return row
 
 
