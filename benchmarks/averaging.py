@@ -15,6 +15,10 @@ Methods:
             on an ordinary (not flattened) copy of the model: parameters only, it
             concatenates them into a fresh buffer, divides, all-reduces and re-points them.
   per-tensor one all_reduce + one div_ per parameter tensor (parameters only).
+  outer     ``KAvgAverager(..., outer_lr=0.7, outer_momentum=0.9, nesterov=True).average()``
+            (DiLoCo's outer step): ours, then the outer SGD step on the flat anchor and
+            the copy back into the parameters, block by block. Its extra memory (anchor and
+            outer momentum: two parameter-sized buffers) is printed as "outer MB".
 
 Usage: python benchmarks/averaging.py [--reps 30] [--models resnet18,vgg16]
        [--world-sizes 2,4]
@@ -45,7 +49,7 @@ from kavg_ray.averaging import KAvgAverager  # noqa: E402
 from kavg_ray.models import build_model  # noqa: E402
 
 WARMUP = 3
-METHODS = ("ours", "floor", "allreduce", "torch", "per-tensor")
+METHODS = ("ours", "floor", "allreduce", "torch", "per-tensor", "outer")
 
 
 def _free_port() -> int:
@@ -62,6 +66,13 @@ def _methods(name: str, world: int) -> tuple[dict[str, Callable[[], None]], dict
     ours_model = build_model(name, (3, 32, 32), 10)
     averager = KAvgAverager(ours_model, period=1)
     flat_nbytes = averager.flat.nbytes
+
+    torch.manual_seed(0)
+    outer = KAvgAverager(
+        build_model(name, (3, 32, 32), 10), 1, outer_lr=0.7, outer_momentum=0.9, nesterov=True
+    )
+    outer.average()  # the first outer step allocates the momentum: the rest reuse it
+    outer_extra = sum(t.numel() * t.element_size() for t in (outer.anchor, outer.outer_momentum))
 
     floor_buf = averager.flat.buffer.clone()
     plain_buf = torch.zeros_like(averager.flat.buffer)  # sums of zeros stay finite
@@ -100,6 +111,7 @@ def _methods(name: str, world: int) -> tuple[dict[str, Callable[[], None]], dict
         "allreduce": allreduce,
         "torch": torch_method,
         "per-tensor": per_tensor,
+        "outer": outer.average,
     }
     nbytes = {
         "ours": flat_nbytes,
@@ -107,6 +119,8 @@ def _methods(name: str, world: int) -> tuple[dict[str, Callable[[], None]], dict
         "allreduce": flat_nbytes,
         "torch": param_nbytes,
         "per-tensor": param_nbytes,
+        "outer": flat_nbytes,
+        "outer_extra": outer_extra,
     }
     return methods, nbytes
 
@@ -162,16 +176,17 @@ def run(models: list[str], world_sizes: list[int], reps: int) -> list[dict]:
 def format_table(rows: list[dict], stat: str = "median_ms") -> str:
     head = (
         "| model | P | MB ours | MB torch | ours | floor | allreduce | torch | per-tensor "
-        "| ours/floor | ours/torch |"
+        "| outer | ours/floor | ours/torch | outer/ours | outer MB |"
     )
-    lines = [head, "|" + " --- |" * 11]
+    lines = [head, "|" + " --- |" * 14]
     for r in rows:
         ms = r[stat]
         lines.append(
             f"| {r['model']} | {r['P']} | {r['nbytes']['ours'] / 1e6:.3f} "
             f"| {r['nbytes']['torch'] / 1e6:.3f} | "
             + " | ".join(f"{ms[m]:.1f}" for m in METHODS)
-            + f" | {ms['ours'] / ms['floor']:.2f} | {ms['ours'] / ms['torch']:.2f} |"
+            + f" | {ms['ours'] / ms['floor']:.2f} | {ms['ours'] / ms['torch']:.2f}"
+            + f" | {ms['outer'] / ms['ours']:.2f} | {r['nbytes']['outer_extra'] / 1e6:.1f} |"
         )
     return "\n".join(lines)
 

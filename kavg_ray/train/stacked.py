@@ -161,7 +161,7 @@ def estimate_memory_bytes(
     per_learner += 3 * acts * wl.batch_size * elem
     per_learner += wl.batch_size * math.prod(input_shape) * elem
     evaluation = (n_param + n_fbuf) * elem + acts * min(EVAL_BATCH, 10_000) * elem
-    outer = 0 if cfg.outer.plain else 3 * n_param * elem  # anchor, momentum, the mean
+    outer = 0 if cfg.outer.plain else 2 * n_param * elem  # anchor and momentum
     return int(cfg.P * per_learner + evaluation + outer + data_bytes)
 
 
@@ -475,9 +475,9 @@ class StackedEngine(EngineBase):
         if self.anchor is None:
             return
         params = self.stacked.flat[:, : self.stacked.n_params]
-        mean = params[0].clone()  # the learners are equal after the average
-        self.outer_momentum = outer_step(self.outer, self.anchor, mean, self.outer_momentum)
-        params.copy_(self.anchor.expand_as(params))
+        # The learners are equal after the average: step on learner 0's row, copy it on.
+        self.outer_momentum = outer_step(self.outer, self.anchor, params[0], self.outer_momentum)
+        params[1:].copy_(params[0].expand_as(params[1:]))
 
     def comm_seconds(self) -> float:
         return 0.0
