@@ -87,6 +87,7 @@ GRID_KEYS = {
     "outer_lr": ("outer", "lr"),
     "outer_momentum": ("outer", "momentum"),
     "warmup_steps": ("warmup_steps",),
+    "outer_nesterov": ("outer", "nesterov"),
 }
 # Swept keys that the trial name ``K4-P2-s0`` does not already show; a grid over them
 # appends ``-lr0.05``, ``-batch_size32`` ... so that every grid point has its own name.
@@ -604,6 +605,15 @@ class SweepSpec(_Strict):
                 raise ConfigError(f"grid point ({point}): {_first_error(exc)}") from None
             cfg._name_extra = extra
             out.append(cfg)
+        # Settings that only the variants vary (an outer optimizer against none, say) go
+        # into the names too, or two variants' points would share one.
+        varied = tuple(
+            k for k in GRID_KEYS
+            if k not in CORE_KEYS and k not in extra
+            and len({repr(p.grid_value(k)) for p in out}) > 1
+        )  # fmt: skip
+        for cfg in out:
+            cfg._name_extra = extra + varied
         return out
 
 
