@@ -605,15 +605,16 @@ class SweepSpec(_Strict):
                 raise ConfigError(f"grid point ({point}): {_first_error(exc)}") from None
             cfg._name_extra = extra
             out.append(cfg)
-        # Settings that only the variants vary (an outer optimizer against none, say) go
-        # into the names too, or two variants' points would share one.
-        varied = tuple(
-            k for k in GRID_KEYS
-            if k not in CORE_KEYS and k not in extra
-            and len({repr(p.grid_value(k)) for p in out}) > 1
-        )  # fmt: skip
-        for cfg in out:
-            cfg._name_extra = extra + varied
+        # Where two variants' points would share a name (an outer optimizer against none,
+        # say), the settings that the variants vary go into the names too.
+        if len({cfg.trial_name() for cfg in out}) < len(out):
+            varied = tuple(
+                k for k in GRID_KEYS
+                if k not in CORE_KEYS and k not in extra
+                and len({repr(p.grid_value(k)) for p in out}) > 1
+            )  # fmt: skip
+            for cfg in out:
+                cfg._name_extra = extra + varied
         return out
 
 
