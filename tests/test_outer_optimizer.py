@@ -315,3 +315,17 @@ def test_kopt_table_and_plot_split_by_the_outer_lr() -> None:
     lines = {ln.get_label(): (list(ln.get_xdata()), list(ln.get_ydata()))
              for ln in fig.axes[0].get_lines() if ln.get_label().startswith("P=")}  # fmt: skip
     assert lines == {"P=2": ([0.5, 1.0], [1, 4]), "P=4": ([0.5, 1.0], [4, 16])}
+
+
+def test_variants_of_outer_settings_get_their_own_names() -> None:
+    from kavg_ray.config import parse_sweep
+
+    doc = {"name": "v", "workload": WORKLOAD, "backend": "simulated",
+           "grid": {"K": [4], "P": [2]}}  # fmt: skip
+    alone = parse_sweep(doc).points()
+    assert [p.trial_name() for p in alone] == ["K4-P2-s0-sim"]  # names unchanged otherwise
+    both = parse_sweep({**doc, "variants": [{}, {"outer": DILOCO}]}).points()
+    assert [p.trial_name() for p in both] == [
+        "K4-P2-s0-outer_lr1.0-outer_momentum0.0-outer_nesterovFalse-sim",
+        "K4-P2-s0-outer_lr0.7-outer_momentum0.9-outer_nesterovTrue-sim",
+    ]
