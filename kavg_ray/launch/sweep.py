@@ -247,6 +247,8 @@ def _connect(address: str | None) -> bool:
     os.environ.update(env)
     runtime_env = {"env_vars": env}
     if address:
+        if _loopback_bound(address):
+            _loopback_only()
         ray.init(address=address, runtime_env=runtime_env)
         return True
     for attempt in range(3):
@@ -282,6 +284,33 @@ def _loopback_only() -> None:
 
     os.environ[LOOPBACK_ENV] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def _loopback_bound(address: str) -> bool:
+    """Whether ``address`` is a cluster on this machine that listens on the loopback only
+    (cluster/local.sh): a loopback HOST:PORT whose port does not answer on the machine's
+    external address. Ray would dial that external address; kavg then keeps 127.0.0.1."""
+    import socket
+
+    from ray._private.services import node_ip_address_from_perspective
+
+    from kavg_ray.launch.address import split_host_port
+    from kavg_ray.launch.loopback import is_loopback
+
+    try:
+        host, port = split_host_port(address)
+    except KavgError:  # auto, ray://...: Ray resolves those
+        return False
+    if address.startswith("ray://") or not is_loopback(host):
+        return False
+    external = node_ip_address_from_perspective()
+    if is_loopback(external):
+        return False
+    try:
+        with socket.create_connection((external, port), timeout=2):
+            return False
+    except OSError:
+        return True
 
 
 def local_resources(points: list[RunConfig]) -> dict[str, float]:
