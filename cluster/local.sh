@@ -20,6 +20,7 @@
 #   KAVG_WORKERS         worker nodes besides the head      [1]
 #   KAVG_NUM_CPUS        CPUs each node offers              [2]
 #   RAY                  the ray command                    [ray]
+#   PYTHON               a Python with Ray and kavg_ray     [python]
 set -euo pipefail
 
 STATE=${KAVG_CLUSTER_DIR:-/tmp/kavg-cluster-$(id -u)}
@@ -30,6 +31,7 @@ BASE=${KAVG_PORT_BASE:-52400}
 WORKERS=${KAVG_WORKERS:-1}
 CPUS=${KAVG_NUM_CPUS:-2}
 RAY=${RAY:-ray}
+PYTHON=${PYTHON:-python}
 TMP="$STATE/ray"
 
 # Token authentication stays on: every node and driver of this cluster needs it.
@@ -42,11 +44,23 @@ node_ports() {  # the per-node ports of node $1 (0 = head)
         "--node-manager-port $((b + 4)) --object-manager-port $((b + 5))"
 }
 
+# Loopback only: Ray 2.60 turns a node IP or address of 127.0.0.1 into the machine's
+# external address, and then listens on every interface. The head (and `ray status`)
+# run in Ray's single-machine mode (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, the macOS
+# default), whose node IP is the loopback, and which the head's processes (dashboard,
+# job drivers) inherit. A worker node, which that mode refuses to start, runs `ray start`
+# through kavg_ray.launch.loopback, which keeps 127.0.0.1 as given. Ray binds its servers
+# (GCS, raylets, agents, metrics exporters, Ray Client) to a local node IP: nothing of
+# this cluster listens beyond the loopback.
 start_node() {  # $1: index, rest: ray start arguments; the PID is in $NODE_PID
     local i=$1
     shift
+    local -a cmd=(env RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 "$RAY")
+    if ((i > 0)); then
+        cmd=(env RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 "$PYTHON" -m kavg_ray.launch.loopback)
+    fi
     # shellcheck disable=SC2046
-    nohup "$RAY" start --block --temp-dir "$TMP" --num-cpus "$CPUS" \
+    nohup "${cmd[@]}" start --block --temp-dir "$TMP" --num-cpus "$CPUS" \
         $(node_ports "$i") --disable-usage-stats "$@" >>"$STATE/node-$i.log" 2>&1 &
     NODE_PID=$!
     echo "$NODE_PID" >>"$STATE/pids"
@@ -69,7 +83,7 @@ start_and_wait() {  # $1: index, $2: nodes expected alive afterwards, rest: ray 
 }
 
 alive_nodes() {  # nodes listed as Active by `ray status`
-    "$RAY" status --address "127.0.0.1:$PORT" 2>/dev/null \
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 "$RAY" status --address "127.0.0.1:$PORT" 2>/dev/null \
         | awk '/^Active:/{a=1; next} /^(Pending|Recent failures):/{a=0} a && /node_/{n++}
                END{print n+0}'
 }
@@ -102,7 +116,8 @@ up() {
     if [[ -z "${RAY_AUTH_TOKEN:-}" ]]; then
         "$RAY" get-auth-token --generate >/dev/null
     fi
-    start_and_wait 0 1 --head --port "$PORT" --dashboard-host 127.0.0.1 \
+    start_and_wait 0 1 --head --node-ip-address 127.0.0.1 --port "$PORT" \
+        --dashboard-host 127.0.0.1 \
         --dashboard-port "$DASH_PORT" --ray-client-server-port "$CLIENT_PORT" || {
         down
         exit 1
@@ -123,6 +138,9 @@ our_pids() {  # processes whose command line names our temp dir (not this script
         | awk '{print $1}' || true
 }
 
+# `ray start --block` exits on SIGTERM without stopping its node's processes, so `down`
+# sends SIGTERM to those too (raylets, GCS, dashboard: all name the temp dir) and
+# returns as soon as none is left; what is still there after KAVG_DOWN_TIMEOUT is killed.
 down() {
     if [[ -f "$STATE/pids" ]]; then
         while read -r pid; do
@@ -130,10 +148,15 @@ down() {
         done <"$STATE/pids"
     fi
     local deadline=$((SECONDS + ${KAVG_DOWN_TIMEOUT:-30})) left
+    left=$(our_pids)
+    if [[ -n "$left" ]]; then
+        # shellcheck disable=SC2086
+        kill -TERM $left 2>/dev/null || true
+    fi
     while ((SECONDS < deadline)); do
         left=$(our_pids)
         [[ -z "$left" ]] && break
-        sleep 1
+        sleep 0.2
     done
     left=$(our_pids)
     if [[ -n "$left" ]]; then
@@ -150,7 +173,7 @@ down() {
 }
 
 status() {
-    "$RAY" status --address "127.0.0.1:$PORT"
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 "$RAY" status --address "127.0.0.1:$PORT"
 }
 
 case "${1:-}" in
