@@ -209,6 +209,9 @@ def sweep_run(
 @click.option("--name", default=None, help="sweep name (default: the spec's name)")
 @click.option("--resume", is_flag=True, help="run only the grid points with no finished row")
 @click.option("--ship-package", is_flag=True, help="upload the local kavg_ray (py_modules)")
+@click.option("--working-dir", default=None, type=click.Path(),
+              help="a folder of your code (factories) to ship with the job; every node "
+              "imports from it")
 @click.option("--python", default="python", show_default=True, help="Python on the head node")
 @click.option(
     "--env",
@@ -220,7 +223,7 @@ def sweep_run(
 @_user_errors
 def sweep_submit(
     spec: str, address: str | None, storage: str | None, name: str | None, resume: bool,
-    ship_package: bool, python: str, env: tuple[str, ...],
+    ship_package: bool, python: str, env: tuple[str, ...], working_dir: str | None = None,
 ) -> None:  # fmt: skip
     """Submit a sweep to a Ray cluster as a Ray Job; prints the job id and its dashboard page."""
     from kavg_ray.config import load_sweep
@@ -229,6 +232,9 @@ def sweep_submit(
     address = jobs.check_dashboard_address(address or os.environ.get("RAY_ADDRESS"))
     env_vars = jobs.parse_env(env)
     points = load_sweep(spec).points()
+    if working_dir is not None:
+        working_dir = jobs.check_working_dir(working_dir)
+        sys.path.insert(0, working_dir)  # the factories import from it here as on the nodes
     _check_factories(points)
     sweep_name = _check_name(name if name is not None else points[0].name)
     storage = jobs.absolute_storage(_storage(storage))
@@ -239,7 +245,7 @@ def sweep_submit(
         )
     job_id, link = jobs.submit(
         spec, address, storage, sweep_name, len(points), resume=resume,
-        ship_package=ship_package, python=python, env_vars=env_vars,
+        ship_package=ship_package, python=python, env_vars=env_vars, working_dir=working_dir,
     )  # fmt: skip
     click.echo(f"submitted sweep '{sweep_name}' ({len(points)} trials) as job {job_id}")
     click.echo(f"dashboard: {link}")

@@ -152,24 +152,20 @@ def submit(
     ship_package: bool = False,
     python: str = "python",
     env_vars: dict[str, str] | None = None,
+    working_dir: str | None = None,
 ) -> tuple[str, str]:
     """Submit the (already validated) spec as a Ray Job; returns (job_id, dashboard link).
 
-    ``env_vars`` reach the job's driver and every worker (the job's runtime_env).
+    ``env_vars`` reach the job's driver and every worker (the job's runtime_env);
+    ``working_dir`` is a folder of the user's code shipped with the job (see
+    :func:`job_runtime_env`).
     """
     address = check_dashboard_address(address)
     jc = client(address)
     spec_text = Path(spec_path).read_text()
     if len(spec_text.encode()) > MAX_SPEC_BYTES:
         raise JobsError(f"{spec_path}: larger than {MAX_SPEC_BYTES} bytes, too big for a job", 2)
-    runtime_env: dict[str, Any] = {
-        # sweep.connect leaves out of its ray.init any key set here: Ray refuses both.
-        "env_vars": {**(env_vars or {}), SPEC_ENV: spec_text, "PYTHONUNBUFFERED": "1"},
-    }
-    if ship_package:
-        import kavg_ray
-
-        runtime_env["py_modules"] = [os.path.dirname(os.path.abspath(kavg_ray.__file__))]
+    runtime_env = job_runtime_env(spec_text, env_vars, ship_package, working_dir)
     try:
         job_id = jc.submit_job(
             entrypoint=entrypoint(sweep, storage, resume, python),
@@ -179,6 +175,39 @@ def submit(
     except Exception as exc:
         raise JobsError(f"job submission to {address} failed: {_first_line(exc)}") from None
     return job_id, dashboard_link(address, job_id)
+
+
+def job_runtime_env(
+    spec_text: str,
+    env_vars: dict[str, str] | None = None,
+    ship_package: bool = False,
+    working_dir: str | None = None,
+) -> dict[str, Any]:
+    """The job's runtime_env: the spec and ``env_vars`` as environment variables; with
+    ``ship_package`` the local kavg_ray as a py_module; with ``working_dir`` that folder
+    uploaded as Ray's ``working_dir``, so that the driver and every worker run in (and
+    import from) a copy of it: the factories of a workload of one's own (DESIGN.md 8)."""
+    runtime_env: dict[str, Any] = {
+        # sweep.connect leaves out of its ray.init any key set here: Ray refuses both.
+        "env_vars": {**(env_vars or {}), SPEC_ENV: spec_text, "PYTHONUNBUFFERED": "1"},
+    }
+    if ship_package:
+        import kavg_ray
+
+        runtime_env["py_modules"] = [os.path.dirname(os.path.abspath(kavg_ray.__file__))]
+    if working_dir is not None:
+        runtime_env["working_dir"] = check_working_dir(working_dir)
+    return runtime_env
+
+
+def check_working_dir(path: str) -> str:
+    """``--working-dir``: an existing folder, as an absolute path (exit 2 otherwise)."""
+    if not path.strip():
+        raise JobsError("--working-dir is empty", 2)
+    if not os.path.isdir(path):
+        what = "is not a folder" if os.path.exists(path) else "does not exist"
+        raise JobsError(f"--working-dir {path}: {what}", 2)
+    return os.path.abspath(path)
 
 
 def job_info(address: str | None, job_id: str) -> dict[str, Any]:
