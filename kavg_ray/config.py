@@ -570,12 +570,47 @@ def _name_value(value: Any) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "", text.replace("+", ""))
 
 
+class EarlyStopConfig(_Strict):
+    """`search.early_stop`: stop a trial that diverged or trails its group (launch/search.py)."""
+
+    margin: Float = Field(
+        default=0.05, ge=0, description="how far (accuracy, or loss) a trial may trail the best "
+        "trial of its P and seed at an epoch",
+    )  # fmt: skip
+    min_epoch: Int = Field(default=1, ge=0, le=100_000, description="compare from this epoch on")
+
+
+class SearchConfig(_Strict):
+    """`search:` of a sweep spec: how its grid points are spent (DESIGN.md section 11)."""
+
+    strategy: Literal["grid", "refine"] = "grid"
+    k_min: Int = Field(default=1, ge=1, le=1_000_000, description="refine without grid.K")
+    k_max: Int = Field(default=256, ge=1, le=1_000_000, description="refine without grid.K")
+    early_stop: EarlyStopConfig | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> SearchConfig:
+        if self.k_min > self.k_max:
+            raise ValueError(f"k_min ({self.k_min}) is larger than k_max ({self.k_max})")
+        return self
+
+
+def coarse_k_grid(k_min: int, k_max: int) -> list[int]:
+    """The powers of two in [k_min, k_max], with k_min and k_max themselves (the coarse K of
+    ``search: refine`` without grid.K; the same as kavg_ray.launch.search.coarse_grid)."""
+    ks = {k_min, k_max} | {2**i for i in range(k_max.bit_length()) if k_min <= 2**i <= k_max}
+    return sorted(ks)
+
+
 class SweepSpec(_Strict):
     """A sweep: a run config whose scalars may be replaced by `grid:` lists."""
 
     base: dict[str, Any]
     grid: dict[str, list[Any]]
     variants: list[dict[str, Any]] = [{}]
+    search: SearchConfig = SearchConfig()
+    # Simulated grid points that share workload and P run stacked in one trial.
+    pack: Bool = False
     _points: list[RunConfig] | None = PrivateAttr(default=None)
 
     def points(self) -> list[RunConfig]:
@@ -734,6 +769,9 @@ def parse_sweep(doc: dict[str, Any], source: str = "spec") -> SweepSpec:
         or not all(isinstance(v, dict) for v in variants)
     ):
         raise ConfigError(f"{source}: variants: must be a non-empty list of mappings")
+    search, pack = _parse_search(doc.pop("search", "grid"), doc.pop("pack", False), source)
+    if search.strategy == "refine" and isinstance(grid, dict):
+        grid = _refine_grid(grid, doc, variants, search, source)
     if not isinstance(grid, dict) or not grid:
         raise ConfigError(f"{source}: grid: must be a non-empty mapping of key -> list")
     n_points = 1
@@ -770,11 +808,12 @@ def parse_sweep(doc: dict[str, Any], source: str = "spec") -> SweepSpec:
     n_points *= len(variants)
     if n_points > MAX_GRID_POINTS:
         raise ConfigError(f"{source}: grid has {n_points} points, more than {MAX_GRID_POINTS}")
-    spec = SweepSpec(base=doc, grid=grid, variants=variants)
+    spec = SweepSpec(base=doc, grid=grid, variants=variants, search=search, pack=pack)
     try:
         points = spec.points()
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
+    _check_search_points(spec, points, source)
     names: set[str] = set()
     for point in points:
         name = point.trial_name()
@@ -785,6 +824,66 @@ def parse_sweep(doc: dict[str, Any], source: str = "spec") -> SweepSpec:
             )
         names.add(name)
     return spec
+
+
+def _parse_search(raw: Any, pack: Any, source: str) -> tuple[SearchConfig, bool]:
+    """`search:` (grid | refine, or a mapping) and `pack:` (true | false) of a spec."""
+    if not isinstance(pack, bool):
+        raise ConfigError(f"{source}: pack: must be true or false, got {pack!r}")
+    doc = {"strategy": raw} if isinstance(raw, str) else raw
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{source}: search: must be grid, refine or a mapping, got {raw!r}")
+    try:
+        search = SearchConfig.model_validate(doc)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: search.{_first_error(exc)}") from None
+    if pack and search.strategy == "refine":
+        raise ConfigError(
+            f"{source}: pack: true runs the whole grid stacked; search: refine chooses K round "
+            "by round: use one of them"
+        )
+    if pack and search.early_stop is not None:
+        raise ConfigError(
+            f"{source}: search.early_stop stops trials one by one: it needs pack: false"
+        )
+    return search, pack
+
+
+def _refine_grid(
+    grid: dict, doc: dict, variants: list, search: SearchConfig, source: str
+) -> dict:
+    """The grid of `search: refine`: grid.K is the coarse K; without it, the powers of two."""
+    for algo in [doc.get("algorithm", "kavg")] + [v.get("algorithm") for v in variants]:
+        if algo not in (None, "kavg"):
+            raise ConfigError(f"{source}: search: refine searches K of algorithm kavg, not {algo}")
+    if _has_path(doc, ("K",)) or any(isinstance(v, dict) and "K" in v for v in variants):
+        raise ConfigError(
+            f"{source}: search: refine chooses K: list the coarse K in grid.K, or leave K "
+            f"out (powers of two in [k_min, k_max] = [{search.k_min}, {search.k_max}])"
+        )
+    if "K" in grid:
+        return grid
+    return {"K": coarse_k_grid(search.k_min, search.k_max), **grid}
+
+
+def _check_search_points(spec: SweepSpec, points: list[RunConfig], source: str) -> None:
+    """What `search:` and `pack:` ask of every grid point."""
+    for p in points:
+        if spec.search.strategy == "refine" and p.algorithm != "kavg":
+            raise ConfigError(
+                f"{source}: search: refine searches K of algorithm kavg; grid point "
+                f"{p.trial_name()} is {p.algorithm}"
+            )
+        if spec.search.strategy == "refine" and p.target_accuracy is not None:
+            raise ConfigError(
+                f"{source}: search: refine ranks K by final test accuracy (or loss); "
+                "target_accuracy (K_opt by time) needs search: grid"
+            )
+        if spec.pack and (p.backend != "simulated" or p.algorithm not in ("kavg", "hier_avg")):
+            raise ConfigError(
+                f"{source}: pack: true stacks simulated kavg and hier_avg trials; grid point "
+                f"{p.trial_name()} is {p.algorithm} on backend {p.backend}"
+            )
 
 
 def _has_path(doc: Any, path: tuple[str, ...]) -> bool:

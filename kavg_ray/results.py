@@ -105,8 +105,9 @@ HISTORY_COLUMNS: list[str] = [
     "wall_time_s",
 ]
 
-#: Statuses that --resume does not rerun (a failed trial is rerun).
-FINISHED_STATUSES: frozenset[str] = frozenset({"completed", "diverged"})
+#: Statuses that --resume does not rerun (a failed trial is rerun). A ``stopped`` trial
+#: (early stopping, ``search.early_stop``) ended on purpose and never counts as K_opt.
+FINISHED_STATUSES: frozenset[str] = frozenset({"completed", "diverged", "stopped"})
 
 #: Default grouping of kopt_table: one K_opt per workload and learner count.
 DEFAULT_GROUP_KEYS: tuple[str, ...] = ("algorithm", "dataset", "model", "P")
@@ -426,7 +427,7 @@ class ResultsStore:
             _write_parquet(trials_path, _with_columns(new_t, TRIAL_COLUMNS))
 
     def finished_trial_ids(self, sweep: str) -> set[str]:
-        """Trial ids whose status is completed or diverged (failed ones are rerun)."""
+        """Trial ids whose status is completed, diverged or stopped (failed ones are rerun)."""
         df = self.read_trials(sweep)
         done = df[df["status"].isin(FINISHED_STATUSES)]
         return {str(t) for t in done["trial_id"]}
