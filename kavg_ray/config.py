@@ -312,7 +312,8 @@ class WorkloadConfig(_Strict):
         folder = TORCHVISION_FOLDERS.get(self.dataset)
         if folder is not None and not self.download:
             root = Path(self.data_dir or "./data")
-            if not (root / folder).is_dir():
+            named = root.parts[-len(Path(folder).parts) :] == Path(folder).parts
+            if not (root / folder).is_dir() and not (named and root.is_dir()):
                 raise ValueError(
                     f"{_DISPLAY_NAMES[self.dataset]} not found: no {folder} under '{root}' "
                     "(set workload.data_dir, or download: true where there is internet)"
