@@ -215,73 +215,95 @@ def make_synthetic(**options: Any) -> Dataset:
 
     The training set does not depend on ``n_test`` (it is drawn first).
     """
+    opts = _synthetic_options(options)
+    task = opts["task"]
+    n_train, n_test, dim = int(opts["n_train"]), int(opts["n_test"]), int(opts["dim"])
+    rng = np.random.RandomState(int(opts["seed"]))
+    if task == "classification":
+        return _synthetic_classification(opts, rng, n_train, n_test, dim)
+    if task == "least_squares":
+        return _synthetic_least_squares(opts, rng, n_train, n_test, dim)
+    raise ValueError(f"unknown synthetic task {task!r}; valid tasks: classification, least_squares")
+
+
+def _synthetic_options(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` over the defaults, after rejecting unknown keys and empty sizes."""
     unknown = sorted(set(options) - set(_SYNTHETIC_DEFAULTS))
     if unknown:
         raise ValueError(
             f"unknown synthetic option(s) {unknown}; valid options: {sorted(_SYNTHETIC_DEFAULTS)}"
         )
     opts = {**_SYNTHETIC_DEFAULTS, **options}
-    task = opts["task"]
     n_train, n_test, dim = int(opts["n_train"]), int(opts["n_test"]), int(opts["dim"])
     if n_train < 1 or n_test < 1 or dim < 1:
         raise ValueError(f"synthetic n_train, n_test and dim must be >= 1, got {opts}")
-    rng = np.random.RandomState(int(opts["seed"]))
+    return opts
 
-    if task == "classification":
-        num_classes = int(opts["num_classes"])
-        if num_classes < 2:
-            raise ValueError(f"synthetic num_classes must be >= 2, got {num_classes}")
-        centers = rng.randn(num_classes, dim)
-        std = float(opts["cluster_std"])
 
-        def draw(n: int) -> tuple[Tensor, Tensor]:
-            y = rng.randint(num_classes, size=n)
-            x = centers[y] + std * rng.randn(n, dim)
-            return torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y.astype(np.int64))
+def _synthetic_classification(
+    opts: dict[str, Any], rng: np.random.RandomState, n_train: int, n_test: int, dim: int
+) -> Dataset:
+    """The ``classification`` task: Gaussian clusters around centers drawn from N(0, I_dim)."""
+    num_classes = int(opts["num_classes"])
+    if num_classes < 2:
+        raise ValueError(f"synthetic num_classes must be >= 2, got {num_classes}")
+    centers = rng.randn(num_classes, dim)
+    std = float(opts["cluster_std"])
 
-        train_x, train_y = draw(n_train)
-        test_x, test_y = draw(n_test)
-        return Dataset(
-            name="synthetic",
-            train_x=train_x,
-            train_y=train_y,
-            test_x=test_x,
-            test_y=test_y,
-            num_classes=num_classes,
-            input_shape=(dim,),
-            task="classification",
-            extras={"centers": torch.from_numpy(centers.astype(np.float32))},
-        )
+    def draw(n: int) -> tuple[Tensor, Tensor]:
+        y = rng.randint(num_classes, size=n)
+        x = centers[y] + std * rng.randn(n, dim)
+        return torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y.astype(np.int64))
 
-    if task == "least_squares":
-        w_star = rng.randn(dim, 1)
-        noise = float(opts["noise"])
+    extras = {"centers": torch.from_numpy(centers.astype(np.float32))}
+    return _drawn_synthetic(draw, n_train, n_test, dim, num_classes, "classification", extras)
 
-        def draw_ls(n: int) -> tuple[Tensor, Tensor]:
-            x = rng.randn(n, dim)
-            y = x @ w_star + noise * rng.randn(n, 1)
-            return torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y.astype(np.float32))
 
-        train_x, train_y = draw_ls(n_train)
-        test_x, test_y = draw_ls(n_test)
-        return Dataset(
-            name="synthetic",
-            train_x=train_x,
-            train_y=train_y,
-            test_x=test_x,
-            test_y=test_y,
-            num_classes=1,
-            input_shape=(dim,),
-            task="regression",
-            extras={
-                "w_star": torch.from_numpy(w_star.astype(np.float32)),
-                "covariance": torch.eye(dim),
-                "noise": noise,
-                "loss": "mean of 0.5 * (x . w - y)^2",
-            },
-        )
+def _synthetic_least_squares(
+    opts: dict[str, Any], rng: np.random.RandomState, n_train: int, n_test: int, dim: int
+) -> Dataset:
+    """The ``least_squares`` task: y = x @ w_star + noise * N(0, 1) with x ~ N(0, I_dim)."""
+    w_star = rng.randn(dim, 1)
+    noise = float(opts["noise"])
 
-    raise ValueError(f"unknown synthetic task {task!r}; valid tasks: classification, least_squares")
+    def draw(n: int) -> tuple[Tensor, Tensor]:
+        x = rng.randn(n, dim)
+        y = x @ w_star + noise * rng.randn(n, 1)
+        return torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y.astype(np.float32))
+
+    extras = {
+        "w_star": torch.from_numpy(w_star.astype(np.float32)),
+        "covariance": torch.eye(dim),
+        "noise": noise,
+        "loss": "mean of 0.5 * (x . w - y)^2",
+    }
+    return _drawn_synthetic(draw, n_train, n_test, dim, 1, "regression", extras)
+
+
+def _drawn_synthetic(
+    draw: Callable[[int], tuple[Tensor, Tensor]],
+    n_train: int,
+    n_test: int,
+    dim: int,
+    num_classes: int,
+    task: str,
+    extras: dict[str, Any],
+) -> Dataset:
+    """The synthetic :class:`Dataset` with splits ``draw(n_train)`` and ``draw(n_test)``."""
+    # Training set first, so that it does not depend on n_test (make_synthetic's promise).
+    train_x, train_y = draw(n_train)
+    test_x, test_y = draw(n_test)
+    return Dataset(
+        name="synthetic",
+        train_x=train_x,
+        train_y=train_y,
+        test_x=test_x,
+        test_y=test_y,
+        num_classes=num_classes,
+        input_shape=(dim,),
+        task=task,
+        extras=extras,
+    )
 
 
 def least_squares_constants(ds: Dataset, *, bias: bool = False) -> dict[str, Any]:
