@@ -350,7 +350,7 @@ def results_show(sweep_name: str, storage: str | None, fmt: str) -> None:
                 "staleness_max", "pushes", "applied", "restarts", "restart_time_s",
                 "error"]  # fmt: skip
         df = results.show_columns(df, cols)
-    click.echo(results.format_frame(df, fmt))
+    click.echo(results.format_frame(df, fmt), nl=False)
     if fmt == "table" and "error" in df.columns:
         click.echo("full error texts: " + os.path.join(
             _storage(storage), sweep_name, "errors", "TRIAL.txt"))  # fmt: skip

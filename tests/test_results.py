@@ -438,7 +438,7 @@ def test_failed_write_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(pd.DataFrame, "to_parquet", boom)
+    monkeypatch.setattr("kavg_ray.results.pq.write_table", boom)
     with pytest.raises(OSError, match="disk full"):
         store.upsert_trial("s", row("b"), [])
     monkeypatch.undo()
