@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import fcntl
-import io
 import json
 import math
 import os
@@ -31,6 +30,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from kavg_ray.errors import ResultsError
 
@@ -272,7 +272,8 @@ def _is_missing(v: Any) -> bool:
 
 def _write_parquet(path: Path, df: pd.DataFrame) -> None:
     safe = _arrow_safe(df)
-    _atomic_write(path, lambda tmp: safe.to_parquet(tmp, index=False, engine="pyarrow"))
+    table = pa.Table.from_pandas(safe, preserve_index=False, nthreads=1)
+    _atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
 class ResultsStore:
@@ -380,7 +381,12 @@ class ResultsStore:
             # the two versions.
             with open(path, "rb") as fh:
                 data = fh.read()
-            df = pd.read_parquet(io.BytesIO(data), engine="pyarrow")
+            # No Arrow thread: a pool thread still starting or busy when the interpreter
+            # exits made `kavg results show` abort ("terminate called without an active
+            # exception", exit 134) about once in 60 runs beside a writing sweep.
+            # (pq.read_table goes through the dataset scanner, which starts one.)
+            parquet = pq.ParquetFile(pa.BufferReader(data), pre_buffer=False)
+            df = parquet.read(use_threads=False).to_pandas(use_threads=False)
         except Exception as exc:  # pyarrow raises several types for corrupt files
             raise ResultsError(f"cannot read {path}: {_one_line(exc)}") from exc
         return _with_columns(df, columns)
