@@ -16,8 +16,11 @@ Workloads:
               random crop + flip, as CIFAR-10 is served), batch 32: the image path. The bare
               loop does the same prepare + augment per batch. Supplied by monkeypatching
               ``kavg_ray.train.workload.load_dataset``.
+  text-gpt    the small causal transformer (gpt, default sizes) on the seeded character
+              corpus (text, sequences of 64), batch 16: the language-model path. The bare
+              loop flattens (B, T, vocab) logits for the cross-entropy as a user would.
 
-Usage: python benchmarks/loop.py [--reps 5] [--workloads digits-mlp,digits-cnn,fake32-cnn]
+Usage: python benchmarks/loop.py [--reps 5] [--workloads digits-mlp,digits-cnn,fake32-cnn,text-gpt]
        [--threads 1] [--clock cpu|wall]
 """
 
@@ -91,6 +94,7 @@ WORKLOADS = {
     "digits-mlp": Workload("digits-mlp", "digits", "mlp", 16, 40),
     "digits-cnn": Workload("digits-cnn", "digits", "cnn", 64, 8),
     "fake32-cnn": Workload("fake32-cnn", "fake32", "cnn", 32, 2),
+    "text-gpt": Workload("text-gpt", "text", "gpt", 16, 1),
 }
 
 
@@ -171,7 +175,8 @@ def run_bare(wl: Workload) -> tuple[float, float]:
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     steps = steps_per_epoch(data.n_train, wl.batch_size, 1)
     train_x, train_y = data.train_x, data.train_y
-    image = not train_x.is_floating_point()
+    image = train_x.dtype == torch.uint8
+    text = train_x.dtype == torch.int64  # token sequences: logits (B, T, vocab)
     seconds = 0.0
     for epoch in range(wl.epochs):
         batches = epoch_indices(data.n_train, wl.batch_size, 0, 1, epoch, SEED)
@@ -181,6 +186,12 @@ def run_bare(wl: Workload) -> tuple[float, float]:
             for idx in batches:
                 x = data.augment(data.prepare(train_x[idx]), gen)
                 loss = F.cross_entropy(model(x), train_y[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        elif text:
+            for idx in batches:
+                loss = F.cross_entropy(model(train_x[idx]).flatten(0, 1), train_y[idx].flatten())
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -145,6 +145,12 @@ def check_workload(cfg: RunConfig) -> None:
             f"{data.nbytes / 2**20:.0f} MB, over workload.in_memory_mb ({wl.in_memory_mb:g}): "
             "raise in_memory_mb or use backend ray",
         )  # fmt: skip
+    if not is_factory(wl.model) and data.num_classes < 1:
+        raise _fail(
+            "model", wl.model,
+            "cannot tell the number of classes of a data set read through a DataLoader: give "
+            "its Datasets a 'targets' attribute, or use a model factory",
+        )  # fmt: skip
     x, y = next(data.train_batches(torch.zeros((1, 1), dtype=torch.int64), torch.Generator()))
     builder = model_builder(cfg)
     try:

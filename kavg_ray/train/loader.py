@@ -113,6 +113,18 @@ def _nbytes(obj: Any) -> int:
     return int(nbytes) if nbytes is not None else 8
 
 
+def _declared_classes(*sets: TorchDataset) -> int:
+    """The classes of data sets that list their labels as ``targets`` or ``labels`` (the
+    torchvision convention), without reading an item; 0 when they do not."""
+    top = -1
+    for ds in sets:
+        labels = getattr(ds, "targets", getattr(ds, "labels", None))
+        if labels is None:
+            return 0
+        top = max(top, int(torch.as_tensor(labels).max().item()))
+    return top + 1
+
+
 def collate_all(ds: TorchDataset) -> tuple[Tensor, Tensor]:
     """Every item of ``ds`` collated at once: ``(X, Y)`` with one row per item."""
     return default_collate([ds[i] for i in range(len(ds))])
@@ -128,8 +140,9 @@ def factory_data(
     x0, _ = default_collate([train[0]])
     input_shape = tuple(x0.shape[1:])
     if nbytes > in_memory_mb * MB:
+        classes = _declared_classes(train, test) if task == "classification" else 1
         return LoaderData(
-            name, train, test, num_classes=0, input_shape=input_shape, task=task,
+            name, train, test, num_classes=classes, input_shape=input_shape, task=task,
             num_workers=num_workers, nbytes=nbytes,
         )  # fmt: skip
     train_x, train_y = collate_all(train)
