@@ -75,6 +75,8 @@ class Dataset:
     # Normalization applied by prepare() to uint8 images after scaling them to [0, 1].
     norm_mean: tuple[float, ...] | None = None
     norm_std: tuple[float, ...] | None = None
+    # The run's loss when its config names one (workload.loss); None: the task's default.
+    loss_name: str | None = None
 
     @property
     def n_train(self) -> int:

@@ -51,9 +51,8 @@ from kavg_ray.data import (
     augment_generator,
     epoch_indices,
     least_squares_constants,
-    load_dataset,
 )
-from kavg_ray.train.workload import build_workload, loss_fn, seed_dropout
+from kavg_ray.train.workload import build_workload, load_data, loss_fn, seed_dropout
 
 __all__ = [
     "Estimates",
@@ -140,6 +139,11 @@ def probe_trajectory(
     wl = cfg.workload
     work = build_workload(cfg, device)
     data, model, criterion = work.data, work.model, work.loss
+    if not isinstance(data, Dataset):
+        raise ValueError(
+            f"the theory probe needs the data set in memory; {wl.dataset} is read through a "
+            f"DataLoader (over workload.in_memory_mb = {wl.in_memory_mb:g})"
+        )
     optimizer = torch.optim.SGD(
         model.parameters(), lr=wl.lr.initial, momentum=wl.momentum, weight_decay=wl.weight_decay
     )
@@ -408,14 +412,7 @@ def estimate_constants(
 def _n_train(cfg: RunConfig, est: Estimates) -> int:
     if est.n_train is not None:
         return int(est.n_train)
-    wl = cfg.workload
-    return load_dataset(
-        wl.dataset,
-        data_dir=wl.data_dir,
-        download=wl.download,
-        seed=cfg.seed,
-        synthetic=wl.synthetic,
-    ).n_train
+    return load_data(cfg).n_train
 
 
 def predict_for_config(

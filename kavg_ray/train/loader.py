@@ -54,6 +54,7 @@ class LoaderData:
     nbytes: int = 0  # the estimated size of train and test together
     device: torch.device = torch.device("cpu")
     augment: Any = None  # factory data sets augment in their own __getitem__, if at all
+    loss_name: str | None = None  # as kavg_ray.data.Dataset.loss_name
     extras: dict[str, Any] = field(default_factory=dict)
     _loaders: dict[str, tuple[_Rows, DataLoader]] = field(default_factory=dict, repr=False)
 

@@ -45,16 +45,17 @@ def load_data(cfg: RunConfig) -> Data:
     wl = cfg.workload
     if is_factory(wl.dataset):
         train, test = factories.call_dataset_factory(cfg)
-        return factory_data(
+        data = factory_data(
             wl.dataset, train, test, wl.task or "classification", wl.in_memory_mb,
             wl.num_workers,
         )  # fmt: skip
-    data = load_dataset(
-        wl.dataset, data_dir=wl.data_dir, download=wl.download, seed=cfg.seed,
-        synthetic=wl.synthetic, options=wl.dataset_args,
-    )  # fmt: skip
-    if wl.task is not None:
-        data.task = wl.task
+    else:
+        data = load_dataset(
+            wl.dataset, data_dir=wl.data_dir, download=wl.download, seed=cfg.seed,
+            synthetic=wl.synthetic, options=wl.dataset_args,
+        )  # fmt: skip
+        data.task = wl.task or data.task
+    data.loss_name = wl.loss  # every loss_fn(data) then computes the run's loss
     return data
 
 
@@ -104,8 +105,10 @@ def seed_dropout(cfg: RunConfig, rank: int) -> None:
 
 
 def loss_fn(data: Data, name: str | None = None) -> LossFn:
-    """The loss ``name`` (cross_entropy, mse or a factory ``module:function``); by default
-    cross-entropy for classification, half the squared error for regression."""
+    """The loss ``name`` (cross_entropy, mse or a factory ``module:function``; default the
+    data's ``loss_name``, the config's), else cross-entropy for classification and half
+    the squared error for regression."""
+    name = name or getattr(data, "loss_name", None)
     if name is None:
         name = "half_mse" if data.task == "regression" else "cross_entropy"
     if name == "half_mse":
