@@ -40,11 +40,14 @@ from kavg_ray.data import Dataset, augment_generator, epoch_indices, steps_per_e
 from kavg_ray.train.loop import EngineBase, empty_comm_metrics
 from kavg_ray.train.workload import (
     EVAL_BATCH,
+    Data,
     EvalSums,
     ModelBuilder,
+    Workload,
     build_workload,
     evaluate_sums,
     load_data,
+    loss_fn,
     model_builder,
     seed_dropout,
 )
@@ -210,7 +213,9 @@ class StackedLearners:
     :attr:`flat`; :attr:`int_buffers` (``num_batches_tracked``) are separate stacked tensors.
     """
 
-    def __init__(self, model: nn.Module, P: int) -> None:
+    def __init__(self, model: nn.Module, P: int, out: Tensor | None = None) -> None:
+        """``out``: a ``(P, N)`` tensor to hold :attr:`flat` (rows of a packed run's larger
+        stack, :mod:`kavg_ray.train.packed`); default: a new one."""
         self.model = model
         self.P = P
         named_params = [(n, p.detach()) for n, p in model.named_parameters()]
@@ -225,7 +230,11 @@ class StackedLearners:
             raise ValueError(f"parameters and floating buffers must share one dtype: {dtypes}")
         total = sum(t.numel() for _, t in tensors)
         device = tensors[0][1].device
-        self.flat = torch.empty((P, total), dtype=tensors[0][1].dtype, device=device)
+        if out is None:
+            out = torch.empty((P, total), dtype=tensors[0][1].dtype, device=device)
+        elif tuple(out.shape) != (P, total) or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous ({P}, {total}) tensor")
+        self.flat = out
         views: dict[str, Tensor] = {}
         offset = 0
         for name, t in tensors:
@@ -373,6 +382,18 @@ class StackedLearners:
 # The engine
 
 
+def _workload(
+    cfg: RunConfig, device: torch.device, build: ModelBuilder | None, data: Data | None
+) -> Workload:
+    """build_workload, or with ``data`` already loaded (on ``device``): the model seeded and
+    built as build_workload does."""
+    if data is None:
+        return build_workload(cfg, device, build=build)
+    torch.manual_seed(cfg.seed)
+    model = (build or model_builder(cfg))(data.input_shape, data.num_classes).to(device)
+    return Workload(data, model, loss_fn(data, cfg.workload.loss), device)
+
+
 def _train_batch(data: Dataset, idx: Tensor, gens: list[torch.Generator] | None) -> Tensor:
     """Learners' prepared (and augmented) batches: (P, B, *input_shape)."""
     P, B = idx.shape
@@ -383,11 +404,18 @@ def _train_batch(data: Dataset, idx: Tensor, gens: list[torch.Generator] | None)
 
 
 class StackedEngine(EngineBase):
-    """All P learners of a K-AVG or Hier-AVG run, stacked in this process."""
+    """All P learners of a K-AVG or Hier-AVG run, stacked in this process.
+
+    A packed run (:mod:`kavg_ray.train.packed`) builds one engine per grid point with
+    ``data`` (the data set, on ``device``, shared by the points), ``out`` (the point's rows
+    of the pack's stack) and ``check_memory=False`` (the pack checks its own total), and
+    calls :meth:`epoch_batches` and :meth:`apply_step` itself: the same code as a run alone.
+    """
 
     def __init__(
-        self, cfg: RunConfig, device: torch.device, *, build: ModelBuilder | None = None
-    ) -> None:
+        self, cfg: RunConfig, device: torch.device, *, build: ModelBuilder | None = None,
+        data: Data | None = None, out: Tensor | None = None, check: bool = True,
+    ) -> None:  # fmt: skip
         if cfg.algorithm not in ("kavg", "hier_avg"):
             raise ValueError(f"the simulated backend runs kavg and hier_avg, not {cfg.algorithm}")
         hier = cfg.algorithm == "hier_avg"
@@ -395,12 +423,13 @@ class StackedEngine(EngineBase):
             raise ValueError(
                 f"Hier-AVG needs S | P and K1 | K2, got S={cfg.S} K1={cfg.K1} K2={cfg.K2}"
             )
-        check_memory(cfg, device, build=build)
+        if check:
+            check_memory(cfg, device, build=build)
         self.cfg, self.device, self.learners = cfg, device, cfg.P
-        self.workload = build_workload(cfg, device, build=build)
+        self.workload = _workload(cfg, device, build, data)
         self.model = self.workload.model.train()
         # The learners' models live in `stacked`; the module is only the skeleton.
-        self.stacked = StackedLearners(self.model, cfg.P)
+        self.stacked = StackedLearners(self.model, cfg.P, out)
         seed_dropout(cfg, 0)  # rank 0's seed; vmap draws different masks per learner
         self.schedule = AveragingSchedule(
             cfg.K2 if hier else cfg.K, cfg.K1 if hier else None, cfg.warmup_steps
@@ -424,38 +453,48 @@ class StackedEngine(EngineBase):
 
         self._grad_step = vmap(grad(loss_of, has_aux=True), randomness="different")
 
-    def train_epoch(self, epoch: int, lr: float) -> tuple[float, float]:
+    def epoch_batches(self, epoch: int) -> tuple[Tensor, list[torch.Generator] | None]:
+        """The epoch's mini-batch indices, ``(steps, P, B)``, and the augmentation streams."""
         cfg, wl, P, data = self.cfg, self.cfg.workload, self.cfg.P, self.workload.data
-        learners = self.stacked
         batches = torch.stack(
             [
                 epoch_indices(data.n_train, wl.batch_size, r, P, epoch, cfg.seed, wl.sampling)
                 for r in range(P)
             ],
             dim=1,
-        ).to(self.device)  # (steps, P, B)
+        ).to(self.device)
         gens = [augment_generator(cfg.seed, epoch, r) for r in range(P)] if data.augment else None
-        loss_sum = torch.zeros(P, device=self.device)
+        return batches, gens
+
+    def train_epoch(self, epoch: int, lr: float) -> tuple[float, float]:
+        learners, data = self.stacked, self.workload.data
+        batches, gens = self.epoch_batches(epoch)
+        loss_sum = torch.zeros(self.cfg.P, device=self.device)
         for idx in batches:
             x = _train_batch(data, idx, gens)
             buffers = learners.working_buffers()
             grads, losses = self._grad_step(learners.params, buffers, x, data.train_y[idx])
             learners.store_buffers(buffers)
-            if wl.optimizer == "adamw":
-                learners.adamw_step(grads, lr, wl.betas, wl.eps, wl.weight_decay)
-            else:
-                learners.sgd_step(grads, lr, wl.momentum, wl.weight_decay)
-            self.step_count += 1
-            action = self.schedule.action(self.step_count)
-            if action == "global":
-                learners.average()
-                self._apply_outer()
-                self.global_count += 1
-            elif action == "local":
-                learners.average(self.group_size)
-                self.local_count += 1
+            self.apply_step(grads, lr)
             loss_sum += losses
-        return loss_sum.double().sum().item(), float(self.steps_per_epoch * P)
+        return loss_sum.double().sum().item(), float(self.steps_per_epoch * self.cfg.P)
+
+    def apply_step(self, grads: dict[str, Tensor], lr: float) -> None:
+        """After the learners' gradients: the optimizer step, then averaging if it is due."""
+        wl, learners = self.cfg.workload, self.stacked
+        if wl.optimizer == "adamw":
+            learners.adamw_step(grads, lr, wl.betas, wl.eps, wl.weight_decay)
+        else:
+            learners.sgd_step(grads, lr, wl.momentum, wl.weight_decay)
+        self.step_count += 1
+        action = self.schedule.action(self.step_count)
+        if action == "global":
+            learners.average()
+            self._apply_outer()
+            self.global_count += 1
+        elif action == "local":
+            learners.average(self.group_size)
+            self.local_count += 1
 
     def evaluate(self) -> EvalSums:
         data = self.workload.data
