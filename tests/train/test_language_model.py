@@ -104,21 +104,18 @@ def test_gpt_is_causal_and_sized_by_its_options() -> None:
     assert len(model.blocks) == 2 and model.tokens.weight.shape == (11, 16)
 
 
-def test_simulated_learns() -> None:
-    _assert_learns(_run(_cfg(backend="simulated")))
-
-
 def _real(rank: int, world: int, out_dir: str, doc: dict) -> None:
     reports = _run(RunConfig.model_validate(doc), rank=rank, world_size=world)
     dist.barrier()
     torch.save(reports, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def test_real_learns_and_matches_simulated(tmp_path) -> None:
+def test_real_and_simulated_learn_alike(tmp_path) -> None:
     run_distributed(_real, 2, str(tmp_path), _cfg().model_dump(mode="json"))
     real = torch.load(tmp_path / "rank0.pt", weights_only=False)
     _assert_learns(real)
     sim = _run(_cfg(backend="simulated"))
+    _assert_learns(sim)
     for ours, theirs in zip(sim, real, strict=True):
         assert ours["test_loss"] == pytest.approx(theirs["test_loss"], abs=1e-3)
 
