@@ -162,7 +162,7 @@ def sweep_run(
 
     run_sweep(
         sweep_name, points, read_yaml(spec), storage, address=address, resume=resume,
-        verbose=verbose, echo=click.echo,
+        verbose=verbose, echo=click.echo, search=parsed.search, pack=parsed.pack,
     )  # fmt: skip
     trials = results.load_trials(sweep_name, storage)
     by = "time" if points[0].target_accuracy else results.ranked_by(trials)

@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kavg_ray.config import ALGORITHMS, RunConfig
+from kavg_ray.config import ALGORITHMS, RunConfig, SearchConfig
 from kavg_ray.errors import KavgError, SweepError
-from kavg_ray.launch import console
+from kavg_ray.launch import console, plans
 from kavg_ray.launch.progress import HISTORY_KEYS, TrialTracker  # noqa: F401 - HISTORY_KEYS: API
 from kavg_ray.results import ResultsStore
 
@@ -150,8 +150,12 @@ def _trial_fn(config: dict) -> None:
 
 
 def _row(sweep: str, tid: str, cfg: RunConfig, history: list[dict], *, error: str,
-         failed: bool) -> dict[str, Any]:  # fmt: skip
+         failed: bool, stopped: str = "") -> dict[str, Any]:  # fmt: skip
+    """``stopped``: why early stopping ended the trial (status ``stopped``, unless it
+    diverged)."""
     status = "failed" if failed else _status(cfg, history)
+    if stopped and not failed and status != "diverged":
+        status, error = "stopped", stopped
     return trial_row(sweep, tid, cfg, history, status, error)
 
 
@@ -163,28 +167,6 @@ def trial_error_text(trial: Any) -> str:
         with open(path, encoding="utf-8", errors="replace") as f:
             return f.read()
     return str(trial.get_error() or "")
-
-
-def _make_callback(tracker: TrialTracker):  # noqa: ANN202 - a ray.tune.Callback
-    from ray.tune import Callback
-
-    class ResultsCallback(Callback):
-        """Hands each trial's start, reports and end to the tracker (kavg_ray.launch.progress)."""
-
-        def on_trial_start(self, iteration, trials, trial, **info):  # noqa: ANN001
-            tracker.start(trial.config["trial"]["trial_id"])
-
-        def on_trial_result(self, iteration, trials, trial, result, **info):  # noqa: ANN001
-            tracker.result(trial.config["trial"]["trial_id"], result)
-
-        def on_trial_complete(self, iteration, trials, trial, **info):  # noqa: ANN001
-            tracker.finish(trial.config["trial"]["trial_id"], None, _row)
-
-        def on_trial_error(self, iteration, trials, trial, **info):  # noqa: ANN001
-            text = trial_error_text(trial) or "trial failed (Ray gave no error text)"
-            tracker.finish(trial.config["trial"]["trial_id"], text, _row)
-
-    return ResultsCallback()
 
 
 def job_env_vars() -> dict[str, str]:
@@ -382,8 +364,13 @@ def run_sweep(
     progress: bool = False,
     verbose: bool = False,
     echo=print,
+    search: SearchConfig | None = None,
+    pack: bool = False,
 ) -> dict[str, str]:
     """Run every grid point not yet finished; returns trial_id -> status of this run.
+
+    ``search`` and ``pack``: the spec's (kavg_ray.launch.plans): refine K round by round,
+    stop trials early, or run simulated points packed in one trial per workload and P.
 
     ``progress``: print every epoch (``kavg train``) instead of a line per trial start and
     end. Unless ``verbose``, Ray's, Tune's and the workers' output goes to
@@ -411,9 +398,14 @@ def run_sweep(
     if address is None and todo:
         check_placement(todo_points, local_resources(todo_points))
     check_simulated_memory(todo_points)
+    plan = None
+    if search is not None and search.strategy == "refine":
+        plan = plans.RefinePlan(points, by_id, search, store.sweep_dir(sweep).resolve())
+        if resume and has_spec:
+            plan.feed(store.read_trials(sweep))
     if resume:
         echo(f"[kavg] resume {sweep}: {len(by_id) - len(todo)} finished, {len(todo)} to run")
-    if not todo:
+    if not todo and not (plan is not None and plan.has_work()):
         return {}
     sweep_dir = store.sweep_dir(sweep)
     sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -439,7 +431,10 @@ def run_sweep(
                 store, sweep, by_id, todo, echo=say, epoch_lines=progress,
                 trial_lines=not progress,
             )  # fmt: skip
-            _tune(tracker, [by_id[t] for t in todo], sweep_dir.resolve(), verbose)
+            _tune(
+                tracker, [by_id[t] for t in todo] or points, sweep_dir.resolve(), verbose,
+                _layout([by_id[t] for t in todo], sweep_dir.resolve(), plan, search, pack),
+            )  # fmt: skip
         finally:
             if connected_here:
                 import ray
@@ -449,31 +444,43 @@ def run_sweep(
     return tracker.statuses
 
 
-def _tune(tracker: TrialTracker, todo: list[RunConfig], sweep_root: Path, verbose: bool) -> None:
-    """Run ``todo`` as one Tune experiment, one trial per grid point, into ``tracker``."""
+def _layout(
+    todo: list[RunConfig], sweep_root: Path, plan: plans.RefinePlan | None,
+    search: SearchConfig | None, pack: bool,
+) -> plans.Layout:  # fmt: skip
+    """The trials of this run: proposed by the refining search, packs, or one per point."""
+    if plan is not None:
+        return plans.refine_layout(plan, _trial_fn)
+    if pack:
+        return plans.pack_layout(plans.plan_packs(todo))
+    return plans.grid_layout(todo, sweep_root, _trial_fn, search)
+
+
+def _tune(
+    tracker: TrialTracker, todo: list[RunConfig], sweep_root: Path, verbose: bool,
+    layout: plans.Layout,
+) -> None:  # fmt: skip
+    """Run ``layout``'s trials (``todo``: the grid points) as one Tune experiment."""
     from ray import tune
     from ray.tune.logger import JsonLoggerCallback
 
     # Tune's own loggers: result.json only (TensorBoard cannot log a trial's history).
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     res = todo[0].resources
-    space = [
-        {"trial_id": p.trial_name(), "run": p.model_dump(mode="json"),
-         "train_storage": str(sweep_root / "ray" / "train")}
-        for p in todo
-    ]  # fmt: skip
+    callback = plans.make_callback(tracker, _row, layout.stopped, trial_error_text)
     tuner = tune.Tuner(
-        tune.with_resources(_trial_fn, {"CPU": 0, "memory": 2**20}),
-        param_space={"trial": tune.grid_search(space)},
+        layout.trainable,
+        param_space=layout.param_space,
         tune_config=tune.TuneConfig(
             max_concurrent_trials=res.max_concurrent_trials or default_concurrency(todo),
             trial_name_creator=lambda t: t.config["trial"]["trial_id"],
             trial_dirname_creator=lambda t: t.config["trial"]["trial_id"],
+            **layout.tune_kwargs,
         ),
         run_config=tune.RunConfig(
             name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=str(sweep_root / "ray"),
-            callbacks=[_make_callback(tracker), JsonLoggerCallback()],
+            callbacks=[callback, JsonLoggerCallback()],
             verbose=1 if verbose else 0,
         ),
     )
