@@ -56,6 +56,11 @@ def test_kavg_train_on_ray(tmp_path: Path) -> None:
     for epoch in range(1, 6):
         assert f"epoch {epoch}/5" in out.stdout
     assert "summary: kavg P=2 K=4 status completed" in out.stdout
+    # Epoch lines, the summary and where the results are: nothing of Ray's, Tune's or the
+    # workers' (those are in the run's log), and nothing on stderr.
+    assert len(out.stdout.splitlines()) == 5 + 2, out.stdout
+    assert out.stderr == "", out.stderr[-3000:]
+    assert list((tmp_path / "store" / "digits-train" / "logs").glob("train-*.log"))
 
     trials = ResultsStore(tmp_path / "store").read_trials("digits-train")
     (row,) = trials.to_dict("records")
@@ -81,6 +86,14 @@ def test_sweep_tables_kopt_and_resume(tmp_path: Path) -> None:
     out = kavg("sweep", "run", "spec.yaml", "--storage", "store", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "K_opt by accuracy" in out.stdout
+    # kavg's own lines only: where the logs are, a start, an end and a bar per trial,
+    # the table and the commands that plot and report it (Tune's tables: in the log).
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("[kavg] sweep grid2x2: 4 trials; Ray, Tune and worker logs: ")
+    assert sum(ln.startswith("[kavg] start ") for ln in lines) == 4
+    assert sum(ln.startswith("[kavg] end ") for ln in lines) == 4
+    assert lines[-1].startswith("report:  kavg results report grid2x2") and len(lines) < 30
+    assert "Trial status" not in out.stdout + out.stderr and out.stderr == ""
 
     store = ResultsStore(tmp_path / "store")
     trials = store.read_trials("grid2x2")
