@@ -38,7 +38,7 @@ from kavg_ray.train.stacked import (
     _input_spec,
     _train_batch,
     available_memory_bytes,
-    estimate_memory_bytes,
+    memory_parts,
 )
 from kavg_ray.train.workload import Data, ModelBuilder, load_data
 
@@ -72,13 +72,15 @@ def _check_pack(cfgs: Sequence[RunConfig]) -> None:
 
 
 def pack_memory_bytes(cfgs: Sequence[RunConfig], *, build: ModelBuilder | None = None) -> int:
-    """Estimated peak bytes of a pack: every point's stacked learners, one data set."""
+    """Estimated peak bytes of a pack: every point's stacked learners and outer state, one
+    evaluation at a time, one data set (the terms of ``stacked.estimate_memory_bytes``)."""
     input_shape, classes, data_bytes, dtype = _input_spec(cfgs[0])
-    per_point = sum(
-        estimate_memory_bytes(c, input_shape, classes, 0, build=build, input_dtype=dtype)
-        for c in cfgs
-    )
-    return per_point + data_bytes
+    total = evaluation = 0
+    for c in cfgs:
+        learner, ev, outer = memory_parts(c, input_shape, classes, build=build, input_dtype=dtype)
+        total += c.P * learner + outer
+        evaluation = max(evaluation, ev)
+    return total + evaluation + data_bytes
 
 
 def split_packs(

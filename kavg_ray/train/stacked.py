@@ -146,6 +146,22 @@ def estimate_memory_bytes(
     backward pass, plus their gradients); plus one averaged model for evaluation, the outer
     optimizer's anchor and momentum when there is one, and the data set.
     """
+    per_learner, evaluation, outer = memory_parts(
+        cfg, input_shape, num_classes, build=build, input_dtype=input_dtype
+    )
+    return int(cfg.P * per_learner + evaluation + outer + data_bytes)
+
+
+def memory_parts(
+    cfg: RunConfig,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    *,
+    build: ModelBuilder | None = None,
+    input_dtype: torch.dtype = torch.float32,
+) -> tuple[int, int, int]:
+    """The terms of :func:`estimate_memory_bytes`: bytes per learner, of the evaluation
+    (one at a time, also in a pack) and of the outer optimizer's state."""
     wl = cfg.workload
     build = build or model_builder(cfg)
     with torch.device("meta"):
@@ -165,7 +181,7 @@ def estimate_memory_bytes(
     per_learner += wl.batch_size * math.prod(input_shape) * elem
     evaluation = (n_param + n_fbuf) * elem + acts * min(EVAL_BATCH, 10_000) * elem
     outer = 0 if cfg.outer.plain else 2 * n_param * elem  # anchor and momentum
-    return int(cfg.P * per_learner + evaluation + outer + data_bytes)
+    return per_learner, evaluation, outer
 
 
 def available_memory_bytes(device: torch.device) -> int:
