@@ -82,7 +82,10 @@ def _check_factories(points: list) -> None:
     for p in points:
         wl = p.workload
         if any(is_factory(name or "") for name in (wl.dataset, wl.model, wl.loss)):
-            todo.setdefault((wl.model_dump_json(), p.backend), p)
+            # Once per distinct data, model and loss: a grid over lr or K adds no check.
+            keys = ("dataset", "dataset_args", "model", "model_args", "loss", "task",
+                    "in_memory_mb")  # fmt: skip
+            todo.setdefault((wl.model_dump_json(include=set(keys)), p.backend), p)
     if todo:
         from kavg_ray.train.factories import check_workload
 
