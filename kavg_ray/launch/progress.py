@@ -112,6 +112,11 @@ class TrialTracker:
         self.started = now()
         self.done = 0
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles its callbacks, and with them this tracker, into the experiment's
+        # state: the echo (it may hold the terminal) stays out of that copy.
+        return {**self.__dict__, "echo": _silent}
+
     # ----------------------------------------------------------------- events
 
     def start(self, tid: str) -> None:
@@ -219,6 +224,10 @@ class TrialTracker:
             "updated_unix": time.time(), "total": len(self.trials), "finished": self.done,
             "elapsed_s": round(self.now() - self.started, 3), "trials": trials,
         })  # fmt: skip
+
+
+def _silent(line: str) -> None:
+    """The echo of an unpickled tracker (Tune's saved experiment state)."""
 
 
 def _finite_or_none(x: Any) -> float | None:

@@ -231,3 +231,16 @@ def test_sweep_status_shows_the_running_trials(tmp_path: Path) -> None:
     lines = CliRunner().invoke(cli.main, args).stdout.splitlines()
     assert lines[0] == "sweep 's': 1/? trials finished (1 completed)"
     assert [ln.split()[1] for ln in lines if ln.startswith("running:")] == [second]
+
+
+def test_the_tracker_pickles_without_its_terminal(tmp_path: Path) -> None:
+    """Tune pickles its callbacks with the experiment's state; an echo to the terminal
+    (a file object) cannot be pickled, and the sweep died there before it was dropped."""
+    import pickle
+
+    with open(tmp_path / "terminal", "w") as terminal:
+        tr = TrialTracker(ResultsStore(tmp_path), "s", {TID: CFG}, [TID],
+                          echo=lambda line: terminal.write(line))  # fmt: skip
+        tr.start(TID)
+        copy = pickle.loads(pickle.dumps(tr))
+    assert copy.trials[TID].status == "running" and copy.echo("x") is None
