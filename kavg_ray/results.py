@@ -601,27 +601,7 @@ def kopt_table(
     if by not in RANK_METRICS:
         raise ValueError(f"unknown by={by!r}; expected 'accuracy', 'time' or 'loss'")
     metric = RANK_METRICS[by]
-
-    if group_by is None:
-        keys = [k for k in DEFAULT_GROUP_KEYS if k in trials_df.columns]
-        # A sweep over lr, batch size, backend or Hier-AVG's S and K1 asks for K_opt
-        # per setting: those columns join the key when they vary.
-        keys += [
-            k
-            for k in VARYING_GROUP_KEYS
-            if k in trials_df.columns and trials_df[k].dropna().nunique() > 1
-        ]
-        # ... and so do swept factory arguments (model_args.width: [128, 256]).
-        keys += [
-            k
-            for k in trials_df.columns
-            if k.startswith(ARGS_PREFIXES) and trials_df[k].dropna().nunique() > 1
-        ]
-    else:
-        keys = [group_by] if isinstance(group_by, str) else list(group_by)
-        absent = [k for k in keys if k not in trials_df.columns]
-        if absent:
-            raise ValueError(f"group_by columns not in the trials frame: {absent}")
+    keys = _kopt_group_keys(trials_df, group_by)
     required = [c for c in ("K", "status", metric) if c not in trials_df.columns]
     if required:
         raise ValueError(f"trials frame lacks column(s) {required} needed for by={by!r}")
@@ -641,67 +621,123 @@ def kopt_table(
     for key, g in groups:
         key_t = key if isinstance(key, tuple) else (key,)
         row: dict[str, Any] = dict(zip(keys, key_t, strict=True))
-        ks_all = g["K"].dropna()
-        metric_vals = pd.to_numeric(g[metric], errors="coerce")
-        ok = (g["status"] == "completed") & g["K"].notna()
-        if by != "time":
-            # A completed trial without an accuracy (loss) is unusable: count it excluded.
-            ok &= metric_vals.notna()
-            n_excluded = int((~ok).sum())
-            usable = ok
-        else:
-            n_excluded = int((~ok).sum())
-            usable = ok & metric_vals.notna()  # NaN time: target never reached
-
-        stats: dict[Any, tuple[float, float, int]] = {}
-        for k, vals in metric_vals[usable].groupby(g.loc[usable, "K"], sort=True):
-            mean, std = _mean_std([float(v) for v in vals])
-            stats[k] = (mean, std, len(vals))
-
-        row.update(
-            n_excluded=n_excluded,
-            K_values_tried=_k_join(sorted(ks_all.unique())),
-            note="",
-        )
-        if stats:
-            sign = 1.0 if by == "accuracy" else -1.0  # maximise accuracy, minimise time
-            best_k = None
-            for k in sorted(stats):  # ascending, so a tie keeps the smallest K
-                if best_k is None:
-                    best_k = k
-                    continue
-                m, bm = stats[k][0], stats[best_k][0]
-                if sign * m > sign * bm and not _tied(m, bm):
-                    best_k = k
-            best_mean, best_std, n = stats[best_k]
-            bound = best_mean - sign * best_std
-            within = [
-                k
-                for k in sorted(stats)
-                if sign * stats[k][0] >= sign * bound or _tied(stats[k][0], bound)
-            ]
-            row.update(
-                K_opt=best_k,
-                mean=best_mean,
-                std=best_std,
-                n_seeds=n,
-                k_within_1std=_k_join(within),
-            )
-        else:
-            row.update(
-                K_opt=pd.NA,
-                mean=float("nan"),
-                std=float("nan"),
-                n_seeds=0,
-                k_within_1std="",
-                note="no completed trial" if by != "time" else "no trial reached the target",
-            )
+        row.update(_kopt_group_row(g, metric, by))
         if has_pred:
             pred = g["predicted_kopt"].dropna()
             row["predicted_kopt"] = pred.iloc[0] if len(pred) else pd.NA
         rows.append(row)
+    return _typed_kopt_frame(pd.DataFrame(rows)[out_cols])
 
-    out = pd.DataFrame(rows)[out_cols]
+
+def _kopt_group_keys(trials_df: pd.DataFrame, group_by: str | list[str] | None) -> list[str]:
+    """The columns kopt_table groups by: ``group_by`` (checked), else the default keys."""
+    if group_by is not None:
+        keys = [group_by] if isinstance(group_by, str) else list(group_by)
+        absent = [k for k in keys if k not in trials_df.columns]
+        if absent:
+            raise ValueError(f"group_by columns not in the trials frame: {absent}")
+        return keys
+    keys = [k for k in DEFAULT_GROUP_KEYS if k in trials_df.columns]
+    # A sweep over lr, batch size, backend or Hier-AVG's S and K1 asks for K_opt
+    # per setting: those columns join the key when they vary.
+    keys += [
+        k
+        for k in VARYING_GROUP_KEYS
+        if k in trials_df.columns and trials_df[k].dropna().nunique() > 1
+    ]
+    # ... and so do swept factory arguments (model_args.width: [128, 256]).
+    keys += [
+        k
+        for k in trials_df.columns
+        if k.startswith(ARGS_PREFIXES) and trials_df[k].dropna().nunique() > 1
+    ]
+    return keys
+
+
+def _kopt_group_row(g: pd.DataFrame, metric: str, by: str) -> dict[str, Any]:
+    """One group's kopt_table columns after its keys (``predicted_kopt`` aside)."""
+    ks_all = g["K"].dropna()
+    metric_vals = pd.to_numeric(g[metric], errors="coerce")
+    n_excluded, usable = _kopt_usable_trials(g, metric_vals, by)
+    stats = _stats_per_k(metric_vals[usable], g.loc[usable, "K"])
+    row: dict[str, Any] = {
+        "n_excluded": n_excluded,
+        "K_values_tried": _k_join(sorted(ks_all.unique())),
+        "note": "",
+    }
+    if not stats:
+        row.update(
+            K_opt=pd.NA,
+            mean=float("nan"),
+            std=float("nan"),
+            n_seeds=0,
+            k_within_1std="",
+            note="no completed trial" if by != "time" else "no trial reached the target",
+        )
+        return row
+    sign = 1.0 if by == "accuracy" else -1.0  # maximise accuracy, minimise time and loss
+    best_k = _best_k(stats, sign)
+    best_mean, best_std, n = stats[best_k]
+    row.update(
+        K_opt=best_k,
+        mean=best_mean,
+        std=best_std,
+        n_seeds=n,
+        k_within_1std=_k_join(_ks_within_one_std(stats, best_k, sign)),
+    )
+    return row
+
+
+def _kopt_usable_trials(g: pd.DataFrame, metric_vals: pd.Series, by: str) -> tuple[int, pd.Series]:
+    """``(n_excluded, usable)``: how many of ``g``'s trials are excluded, and the mask of
+    those averaged into their K's mean."""
+    ok = (g["status"] == "completed") & g["K"].notna()
+    if by != "time":
+        # A completed trial without an accuracy (loss) is unusable: count it excluded.
+        ok &= metric_vals.notna()
+        return int((~ok).sum()), ok
+    # NaN time: target never reached; such a trial is not averaged but not excluded either.
+    return int((~ok).sum()), ok & metric_vals.notna()
+
+
+def _stats_per_k(values: pd.Series, ks: pd.Series) -> dict[Any, tuple[float, float, int]]:
+    """``{K: (mean, std, n)}`` of ``values`` grouped by ``ks``, in ascending K."""
+    stats: dict[Any, tuple[float, float, int]] = {}
+    for k, vals in values.groupby(ks, sort=True):
+        mean, std = _mean_std([float(v) for v in vals])
+        stats[k] = (mean, std, len(vals))
+    return stats
+
+
+def _best_k(stats: dict[Any, tuple[float, float, int]], sign: float) -> Any:
+    """The K of ``stats`` with the best mean (largest ``sign * mean``); ties to the smallest K."""
+    best_k = None
+    for k in sorted(stats):  # ascending, so a tie keeps the smallest K
+        if best_k is None:
+            best_k = k
+            continue
+        m, bm = stats[k][0], stats[best_k][0]
+        if sign * m > sign * bm and not _tied(m, bm):
+            best_k = k
+    return best_k
+
+
+def _ks_within_one_std(
+    stats: dict[Any, tuple[float, float, int]], best_k: Any, sign: float
+) -> list[Any]:
+    """The K of ``stats`` whose mean is within one std of ``best_k``'s (``best_k`` included)."""
+    best_mean, best_std, _ = stats[best_k]
+    bound = best_mean - sign * best_std
+    return [
+        k
+        for k in sorted(stats)
+        if sign * stats[k][0] >= sign * bound or _tied(stats[k][0], bound)
+    ]
+
+
+def _typed_kopt_frame(out: pd.DataFrame) -> pd.DataFrame:
+    """``out`` with kopt_table's column types: K_opt as ints when integral, int64 counts,
+    float mean and std."""
     out["K_opt"] = _as_int_if_integral(out["K_opt"])
     for col in ("n_seeds", "n_excluded"):
         out[col] = out[col].astype("int64")
