@@ -269,85 +269,110 @@ def accuracy_vs_k(
     title_text = f"{metric_label.capitalize()} vs averaging period K (mean ± std over seeds)"
     fig.suptitle(title_text, fontsize="large")
     for ax, (title, g) in zip(axes, facets, strict=True):
-        lines = _line_groups(g, "P")
-        colors = _colors(len(lines), "plasma")
-        handles: list[Any] = []
-        excluded: list[tuple[np.ndarray, Any]] = []
-        for (label, _p, lg), color in zip(lines, colors, strict=True):
-            good = lg[ok[lg.index]]
-            if len(good):
-                st = _stats(good[metric], good["K"])
-                cont = ax.errorbar(
-                    st["x"],
-                    st["mean"],
-                    yerr=st["std"],
-                    marker="o",
-                    capsize=3,
-                    color=color,
-                    label=label,
-                    linewidth=1.6,
-                )
-                handles.append(cont)
-                best = st.loc[st["mean"].idxmax() if by == "accuracy" else st["mean"].idxmin()]
-                ax.plot(
-                    [best["x"]],
-                    [best["mean"]],
-                    marker="*",
-                    markersize=15,
-                    color=color,
-                    markeredgecolor="black",
-                    linestyle="none",
-                    label="_nolegend_",
-                    zorder=5,
-                )
-            bad = lg[~ok[lg.index] & lg["K"].notna()]
-            if show_excluded and len(bad):
-                excluded.append((bad["K"].to_numpy(dtype=float), color))
-        if excluded:
-            # A strip below the data for the 'x' marks, so they never hide a point.
-            ax.autoscale_view()
-            lo, hi = ax.get_ylim()
-            ax.set_ylim(lo - 0.15 * (hi - lo), hi)
-            for ks, color in excluded:
-                ax.plot(
-                    ks,
-                    np.full(len(ks), 0.05),
-                    transform=ax.get_xaxis_transform(),
-                    marker="x",
-                    markersize=9,
-                    markeredgewidth=2,
-                    linestyle="none",
-                    color=color,
-                    label="_nolegend_",
-                )
-        handles.append(
-            Line2D(
-                [],
-                [],
-                marker="*",
-                markersize=12,
-                color="gray",
-                markeredgecolor="black",
-                linestyle="none",
-                label="best K (K_opt)",
-            )
-        )
-        if excluded:
-            handles.append(
-                Line2D(
-                    [],
-                    [],
-                    marker="x",
-                    markeredgewidth=2,
-                    color="gray",
-                    linestyle="none",
-                    label="diverged / failed (excluded)",
-                )
-            )
+        handles = _draw_metric_vs_k_lines(ax, g, ok, metric, by, show_excluded)
         _style(ax, title, "averaging period K (log2)", metric_label)
         _log2_axis(ax, "x", g["K"].dropna())
         _legend(ax, "learners", handles)
     return fig
+
+
+def _draw_metric_vs_k_lines(
+    ax: Axes, g: pd.DataFrame, ok: pd.Series, metric: str, by: str, show_excluded: bool
+) -> list[Any]:
+    """One accuracy_vs_k panel's lines (one per P) and 'x' marks; returns the legend handles.
+
+    ``ok`` marks the rows of ``g`` averaged (completed, finite metric); the others with a K
+    are drawn as excluded when ``show_excluded``.
+    """
+    lines = _line_groups(g, "P")
+    colors = _colors(len(lines), "plasma")
+    handles: list[Any] = []
+    excluded: list[tuple[np.ndarray, Any]] = []
+    for (label, _p, lg), color in zip(lines, colors, strict=True):
+        good = lg[ok[lg.index]]
+        if len(good):
+            handles.append(_draw_mean_std_vs_k(ax, good, metric, by, color, label))
+        bad = lg[~ok[lg.index] & lg["K"].notna()]
+        if show_excluded and len(bad):
+            excluded.append((bad["K"].to_numpy(dtype=float), color))
+    if excluded:
+        _draw_excluded_strip(ax, excluded)
+    handles.append(
+        Line2D(
+            [],
+            [],
+            marker="*",
+            markersize=12,
+            color="gray",
+            markeredgecolor="black",
+            linestyle="none",
+            label="best K (K_opt)",
+        )
+    )
+    if excluded:
+        handles.append(
+            Line2D(
+                [],
+                [],
+                marker="x",
+                markeredgewidth=2,
+                color="gray",
+                linestyle="none",
+                label="diverged / failed (excluded)",
+            )
+        )
+    return handles
+
+
+def _draw_mean_std_vs_k(
+    ax: Axes, good: pd.DataFrame, metric: str, by: str, color: Any, label: str
+) -> Any:
+    """One line of ``metric``'s mean ± std over seeds against K, with a star at the best K;
+    returns the line's errorbar container (its legend handle)."""
+    st = _stats(good[metric], good["K"])
+    cont = ax.errorbar(
+        st["x"],
+        st["mean"],
+        yerr=st["std"],
+        marker="o",
+        capsize=3,
+        color=color,
+        label=label,
+        linewidth=1.6,
+    )
+    best = st.loc[st["mean"].idxmax() if by == "accuracy" else st["mean"].idxmin()]
+    ax.plot(
+        [best["x"]],
+        [best["mean"]],
+        marker="*",
+        markersize=15,
+        color=color,
+        markeredgecolor="black",
+        linestyle="none",
+        label="_nolegend_",
+        zorder=5,
+    )
+    return cont
+
+
+def _draw_excluded_strip(ax: Axes, excluded: list[tuple[np.ndarray, Any]]) -> None:
+    """An 'x' at each ``(K values, colour)`` of ``excluded``, in a strip below the data."""
+    # A strip below the data for the 'x' marks, so they never hide a point.
+    ax.autoscale_view()
+    lo, hi = ax.get_ylim()
+    ax.set_ylim(lo - 0.15 * (hi - lo), hi)
+    for ks, color in excluded:
+        ax.plot(
+            ks,
+            np.full(len(ks), 0.05),
+            transform=ax.get_xaxis_transform(),
+            marker="x",
+            markersize=9,
+            markeredgewidth=2,
+            linestyle="none",
+            color=color,
+            label="_nolegend_",
+        )
 
 
 # --------------------------------------------------------------------------- accuracy vs epoch
