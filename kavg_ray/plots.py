@@ -501,15 +501,7 @@ def kopt_vs_p(
         _draw_kopt_fit(ax, x, y)
         yticks: list[float] = list(y) + [v for r in ranges for v in r]
         xticks: list[float] = list(x)
-        pred: dict[float, float] = {}
-        if predicted:
-            pred = {float(p): float(k) for p, k in predicted.items()}
-        elif "predicted_kopt" in g.columns:
-            pred = {
-                float(p): float(k)
-                for p, k in zip(g["P"], g["predicted_kopt"], strict=True)
-                if k == k
-            }
+        pred = _predicted_kopt_points(g, predicted)
         if pred:
             px = sorted(pred)
             ax.plot(
@@ -531,6 +523,20 @@ def kopt_vs_p(
         _log2_axis(ax, "y", yticks)
         _legend(ax)
     return fig
+
+
+def _predicted_kopt_points(
+    g: pd.DataFrame, predicted: Mapping[int, int] | None
+) -> dict[float, float]:
+    """P -> predicted K_opt for one kopt_vs_p panel: ``predicted`` when given, else the
+    non-null ``predicted_kopt`` of the panel's rows (empty when neither)."""
+    if predicted:
+        return {float(p): float(k) for p, k in predicted.items()}
+    if "predicted_kopt" in g.columns:
+        return {
+            float(p): float(k) for p, k in zip(g["P"], g["predicted_kopt"], strict=True) if k == k
+        }
+    return {}
 
 
 def kopt_vs_outer_lr(trials: pd.DataFrame) -> Figure:
