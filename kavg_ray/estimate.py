@@ -320,73 +320,29 @@ def estimate_constants(
     initial point and ``F_star`` by default 0, or the least-squares optimum for the synthetic
     least-squares task with the ``linear`` model.
     """
-    if samples_per_point < 2:
-        raise ValueError(f"samples_per_point must be >= 2, got {samples_per_point}")
-    if power_iters < 0:
-        raise ValueError(f"power_iters must be >= 0, got {power_iters}")
-    if full_batch is not None and full_batch < 1:
-        raise ValueError(f"full_batch must be >= 1 or None, got {full_batch}")
+    _check_estimate_options(samples_per_point, power_iters, full_batch)
     data, model, steps, states = probe_trajectory(
         cfg, probe_steps=probe_steps, points=points, device=device
     )
     n = data.n_train
-    dev = data.train_x.device
     gen = torch.Generator().manual_seed((cfg.seed + _SUBSET_SALT) % 2**63)
-    if full_batch is None or full_batch >= n:
-        full_idx = torch.arange(n, device=dev)
-    else:
-        # One fixed subset for every point: secants must compare the same function F.
-        full_idx = torch.randperm(n, generator=gen)[:full_batch].to(dev)
+    full_idx = _full_batch_indices(n, full_batch, gen, data.train_x.device)
     power_gen = torch.Generator().manual_seed((cfg.seed + _POWER_SALT) % 2**63)
     m = min(samples_per_point, n)
-
-    model.eval()
-    flats: list[Tensor] = []
-    grads: list[Tensor] = []
-    variances: list[float] = []
-    hessians: list[float] = []
-    F0 = math.nan
-    for i, state in enumerate(states):
-        model.load_state_dict(state)
-        if i == 0:
-            F0 = full_loss(model, data)
-        flats.append(_flat([p.detach() for p in _params(model)]))
-        grads.append(full_gradient(model, data, full_idx))
-        sub = torch.arange(n) if m >= n else torch.randperm(n, generator=gen)[:m]
-        variances.append(per_sample_gradient_variance(model, data, sub.to(dev)))
-        if power_iters:
-            hessians.append(hessian_norm(model, data, full_idx, power_iters, power_gen))
-
-    secants = []
-    for a in range(len(flats) - 1):
-        dw = float((flats[a + 1] - flats[a]).norm())
-        if dw > 0.0:
-            secants.append(float((grads[a + 1] - grads[a]).norm()) / dw)
-    L_secant = max(secants) if secants else None
-    L_hessian = max(hessians) if hessians else None
-    candidates = [v for v in (L_secant, L_hessian) if v is not None]
-    if not candidates:
-        raise RuntimeError("the probe did not move the model; cannot estimate L by secants")
-    L = max(candidates)
+    probe = _measure_points(model, data, states, full_idx, m, gen, power_iters, power_gen)
+    L, L_secant, L_hessian = _lipschitz_estimate(probe)
 
     if F_star is None:
         F_star, f_star_how = _default_f_star(cfg, data)
     else:
         f_star_how = "given"
     F_star = float(F_star)
+    F0, variances = probe.F0, probe.variances
     values = [L, *variances, F0]
     if not all(math.isfinite(v) for v in values):
         raise RuntimeError(f"non-finite estimate (L={L}, M={variances}, F0={F0})")
 
-    full_desc = f"{len(full_idx)} of {n} samples"
-    L_method = f"max secant of full-batch gradients ({full_desc}) over consecutive points"
-    if power_iters:
-        L_method += f", and Hessian power iteration ({power_iters} iters)"
-    sub_desc = "all" if m >= n else f"{m} random"
-    M_method = (
-        f"variance of per-sample gradients (torch.func vmap(grad), {sub_desc} of {n} samples, "
-        f"eval mode), max over points"
-    )
+    L_method, M_method = _estimate_methods(len(full_idx), n, m, power_iters)
     return Estimates(
         L=L,
         M=max(variances),
@@ -404,6 +360,98 @@ def estimate_constants(
         M_per_point=variances,
         steps_at_points=steps,
     )
+
+
+def _check_estimate_options(
+    samples_per_point: int, power_iters: int, full_batch: int | None
+) -> None:
+    if samples_per_point < 2:
+        raise ValueError(f"samples_per_point must be >= 2, got {samples_per_point}")
+    if power_iters < 0:
+        raise ValueError(f"power_iters must be >= 0, got {power_iters}")
+    if full_batch is not None and full_batch < 1:
+        raise ValueError(f"full_batch must be >= 1 or None, got {full_batch}")
+
+
+def _full_batch_indices(
+    n: int, full_batch: int | None, gen: torch.Generator, dev: torch.device
+) -> Tensor:
+    """The training samples of every full-batch loss and gradient of the probe."""
+    if full_batch is None or full_batch >= n:
+        return torch.arange(n, device=dev)
+    # One fixed subset for every point: secants must compare the same function F.
+    return torch.randperm(n, generator=gen)[:full_batch].to(dev)
+
+
+@dataclass
+class _PointMeasures:
+    """What estimate_constants measures at the probe's points, in the points' order."""
+
+    F0: float = math.nan  # full training loss at the first point
+    flats: list[Tensor] = field(default_factory=list)  # flattened parameters
+    grads: list[Tensor] = field(default_factory=list)  # full-batch gradients
+    variances: list[float] = field(default_factory=list)  # single-sample gradient variances
+    hessians: list[float] = field(default_factory=list)  # ||H v|| (empty without power_iters)
+
+
+def _measure_points(
+    model: nn.Module,
+    data: Dataset,
+    states: list[dict[str, Tensor]],
+    full_idx: Tensor,
+    m: int,
+    gen: torch.Generator,
+    power_iters: int,
+    power_gen: torch.Generator,
+) -> _PointMeasures:
+    """Loads each of ``states`` into ``model`` (eval mode) and measures it; ``m`` samples
+    (drawn from ``gen`` unless they are all of them) give each point's variance."""
+    n = data.n_train
+    dev = data.train_x.device
+    model.eval()
+    out = _PointMeasures()
+    for i, state in enumerate(states):
+        model.load_state_dict(state)
+        if i == 0:
+            out.F0 = full_loss(model, data)
+        out.flats.append(_flat([p.detach() for p in _params(model)]))
+        out.grads.append(full_gradient(model, data, full_idx))
+        sub = torch.arange(n) if m >= n else torch.randperm(n, generator=gen)[:m]
+        out.variances.append(per_sample_gradient_variance(model, data, sub.to(dev)))
+        if power_iters:
+            out.hessians.append(hessian_norm(model, data, full_idx, power_iters, power_gen))
+    return out
+
+
+def _lipschitz_estimate(probe: _PointMeasures) -> tuple[float, float | None, float | None]:
+    """``(L, L_secant, L_hessian)``: L is the larger of the largest secant of the full-batch
+    gradient between consecutive points and the largest Hessian power-iteration value."""
+    flats, grads = probe.flats, probe.grads
+    secants = []
+    for a in range(len(flats) - 1):
+        dw = float((flats[a + 1] - flats[a]).norm())
+        if dw > 0.0:
+            secants.append(float((grads[a + 1] - grads[a]).norm()) / dw)
+    L_secant = max(secants) if secants else None
+    L_hessian = max(probe.hessians) if probe.hessians else None
+    candidates = [v for v in (L_secant, L_hessian) if v is not None]
+    if not candidates:
+        raise RuntimeError("the probe did not move the model; cannot estimate L by secants")
+    return max(candidates), L_secant, L_hessian
+
+
+def _estimate_methods(n_full: int, n: int, m: int, power_iters: int) -> tuple[str, str]:
+    """``(L_method, M_method)``: how L and M were measured, for :class:`Estimates`."""
+    full_desc = f"{n_full} of {n} samples"
+    L_method = f"max secant of full-batch gradients ({full_desc}) over consecutive points"
+    if power_iters:
+        L_method += f", and Hessian power iteration ({power_iters} iters)"
+    sub_desc = "all" if m >= n else f"{m} random"
+    M_method = (
+        f"variance of per-sample gradients (torch.func vmap(grad), {sub_desc} of {n} samples, "
+        f"eval mode), max over points"
+    )
+    return L_method, M_method
 
 
 # --------------------------------------------------------------------------- prediction
