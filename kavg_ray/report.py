@@ -196,8 +196,26 @@ def write_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
+    parts = _header_section(store, sweep, trials)
+    parts += _accuracy_section(trials)
+    parts += _kopt_sections(trials)
+    if network is not None:
+        parts += _network_section(sweep, storage, trials, out, network)
+    parts += _plots_section(trials, history, out, predicted)
+    parts += ["## Trials\n", markdown_table(_trials_table(trials))]
+
+    path = out / REPORT_FILE
+    text = "\n".join(p.rstrip("\n") + "\n" for p in parts)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def _header_section(store: ResultsStore, sweep: str, trials: pd.DataFrame) -> list[str]:
+    """The report's title, storage, trial counts, time of writing and stored spec."""
     now = _dt.datetime.now(tz=_dt.timezone.utc).isoformat(timespec="seconds")
-    parts: list[str] = [
+    return [
         f"# Sweep report: {sweep}\n",
         f"- storage: `{store.sweep_dir(sweep)}`\n"
         f"- trials: {_status_counts(trials)}\n"
@@ -206,17 +224,24 @@ def write_report(
         _spec_block(store, sweep),
     ]
 
-    pivot = _accuracy_pivot(trials)
-    if pivot is not None:
-        parts += [
-            "## Final test accuracy by K and P\n",
-            "Mean ± sample std over seeds of completed trials (diverged and failed excluded).\n",
-            markdown_table(pivot),
-        ]
 
+def _accuracy_section(trials: pd.DataFrame) -> list[str]:
+    """Mean accuracy per (K, P); none for a sweep without accuracy."""
+    pivot = _accuracy_pivot(trials)
+    if pivot is None:
+        return []
+    return [
+        "## Final test accuracy by K and P\n",
+        "Mean ± sample std over seeds of completed trials (diverged and failed excluded).\n",
+        markdown_table(pivot),
+    ]
+
+
+def _kopt_sections(trials: pd.DataFrame) -> list[str]:
+    """K_opt by the ranked metric, then by time to target when some trial reached it."""
     by = ranked_by(trials)  # the final test loss for a sweep without accuracy
     best = "best mean final test accuracy" if by == "accuracy" else "lowest mean final test loss"
-    parts += [
+    parts = [
         f"## K_opt by {by}\n",
         f"K with the {best} at the fixed epoch budget; "
         "`k_within_1std`: K whose mean is within one std of the best.\n",
@@ -231,12 +256,18 @@ def write_report(
                 "measured on the machine that ran the sweep (no network model assumed).\n",
                 markdown_table(kopt_table(trials, by="time")),
             ]
+    return parts
 
-    if network is not None:
-        parts += _network_section(sweep, storage, trials, out, network)
 
+def _plots_section(
+    trials: pd.DataFrame,
+    history: pd.DataFrame,
+    out: Path,
+    predicted: dict[int, int] | None,
+) -> list[str]:
+    """Draws every plot the data allows into ``out``; links them and lists those not drawn."""
     written, skipped = save_all_detailed(trials, history, out, predicted)
-    parts.append("## Plots\n")
+    parts = ["## Plots\n"]
     names = {p.name: p for p in written}
     for key, fname in PLOT_FILES.items():
         if fname in names:
@@ -246,15 +277,7 @@ def write_report(
             "Not drawn:\n\n"
             + "".join(f"- {key}: {_strip_name(why, key)}\n" for key, why in skipped.items())
         )
-
-    parts += ["## Trials\n", markdown_table(_trials_table(trials))]
-
-    path = out / REPORT_FILE
-    text = "\n".join(p.rstrip("\n") + "\n" for p in parts)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return parts
 
 
 def _network_section(
