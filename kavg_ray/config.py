@@ -763,6 +763,25 @@ def parse_sweep(doc: dict[str, Any], source: str = "spec") -> SweepSpec:
     if "grid" not in doc:
         raise ConfigError(f"{source}: has no grid: run a single config with 'kavg train'")
     grid = doc.pop("grid")
+    variants = _pop_variants(doc, source)
+    search, pack = _parse_search(doc.pop("search", "grid"), doc.pop("pack", False), source)
+    if search.strategy == "refine" and isinstance(grid, dict):
+        grid = _refine_grid(grid, doc, variants, search, source)
+    if not isinstance(grid, dict) or not grid:
+        raise ConfigError(f"{source}: grid: must be a non-empty mapping of key -> list")
+    _check_grid(grid, doc, variants, source)
+    spec = SweepSpec(base=doc, grid=grid, variants=variants, search=search, pack=pack)
+    try:
+        points = spec.points()
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    _check_search_points(spec, points, source)
+    _check_distinct_trial_names(points, source)
+    return spec
+
+
+def _pop_variants(doc: dict[str, Any], source: str) -> list[dict[str, Any]]:
+    """The spec's ``variants:`` (removed from ``doc``); one empty variant when absent."""
     variants = doc.pop("variants", [{}])
     if (
         not isinstance(variants, list)
@@ -770,38 +789,19 @@ def parse_sweep(doc: dict[str, Any], source: str = "spec") -> SweepSpec:
         or not all(isinstance(v, dict) for v in variants)
     ):
         raise ConfigError(f"{source}: variants: must be a non-empty list of mappings")
-    search, pack = _parse_search(doc.pop("search", "grid"), doc.pop("pack", False), source)
-    if search.strategy == "refine" and isinstance(grid, dict):
-        grid = _refine_grid(grid, doc, variants, search, source)
-    if not isinstance(grid, dict) or not grid:
-        raise ConfigError(f"{source}: grid: must be a non-empty mapping of key -> list")
+    return variants
+
+
+def _check_grid(grid: dict, doc: dict, variants: list, source: str) -> None:
+    """Each key of ``grid`` (in order) and the number of points of grid x variants."""
     n_points = 1
     for key, values in grid.items():
-        path = grid_path(key)
-        if path is None:
-            raise ConfigError(
-                f"{source}: grid.{key}: cannot be swept (sweepable: {', '.join(GRID_KEYS)}, "
-                "model_args.NAME, dataset_args.NAME)"
-            )
-        if not isinstance(values, list) or not values:
-            raise ConfigError(f"{source}: grid.{key}: must be a non-empty list")
-        if any(isinstance(v, (dict, list)) for v in values):
-            raise ConfigError(f"{source}: grid.{key}: values must be scalars")
-        seen: set[str] = set()
-        for v in values:
-            if repr(v) in seen:
-                raise ConfigError(f"{source}: grid.{key}: value {v!r} is listed twice")
-            seen.add(repr(v))
-        if any(_has_path(v, path) for v in variants):
-            where = ".".join(path)
-            raise ConfigError(f"{source}: {where} is given both in variants and in grid.{key}")
-        if _has_path(doc, path):
-            where = ".".join(path)
-            raise ConfigError(f"{source}: {where} is given both as a scalar and in grid.{key}")
+        _check_grid_key(key, values, doc, variants, source)
         n_points *= len(values)
         if n_points > MAX_GRID_POINTS:
             break
     if n_points > MAX_GRID_POINTS:
+        # The loop stopped early: count every key for the message.
         n_points = 1
         for values in grid.values():
             n_points *= len(values) if isinstance(values, list) else 1
@@ -809,12 +809,36 @@ def parse_sweep(doc: dict[str, Any], source: str = "spec") -> SweepSpec:
     n_points *= len(variants)
     if n_points > MAX_GRID_POINTS:
         raise ConfigError(f"{source}: grid has {n_points} points, more than {MAX_GRID_POINTS}")
-    spec = SweepSpec(base=doc, grid=grid, variants=variants, search=search, pack=pack)
-    try:
-        points = spec.points()
-    except ConfigError as exc:
-        raise ConfigError(f"{source}: {exc}") from None
-    _check_search_points(spec, points, source)
+
+
+def _check_grid_key(key: str, values: Any, doc: dict, variants: list, source: str) -> None:
+    """``grid.<key>``: sweepable, a non-empty list of distinct scalars, and its setting
+    given nowhere else (neither in a variant nor as a scalar of the spec)."""
+    path = grid_path(key)
+    if path is None:
+        raise ConfigError(
+            f"{source}: grid.{key}: cannot be swept (sweepable: {', '.join(GRID_KEYS)}, "
+            "model_args.NAME, dataset_args.NAME)"
+        )
+    if not isinstance(values, list) or not values:
+        raise ConfigError(f"{source}: grid.{key}: must be a non-empty list")
+    if any(isinstance(v, (dict, list)) for v in values):
+        raise ConfigError(f"{source}: grid.{key}: values must be scalars")
+    seen: set[str] = set()
+    for v in values:
+        if repr(v) in seen:
+            raise ConfigError(f"{source}: grid.{key}: value {v!r} is listed twice")
+        seen.add(repr(v))
+    if any(_has_path(v, path) for v in variants):
+        where = ".".join(path)
+        raise ConfigError(f"{source}: {where} is given both in variants and in grid.{key}")
+    if _has_path(doc, path):
+        where = ".".join(path)
+        raise ConfigError(f"{source}: {where} is given both as a scalar and in grid.{key}")
+
+
+def _check_distinct_trial_names(points: list[RunConfig], source: str) -> None:
+    """No two points of the sweep name the same trial (their results would share a row)."""
     names: set[str] = set()
     for point in points:
         name = point.trial_name()
@@ -824,7 +848,6 @@ def parse_sweep(doc: dict[str, Any], source: str = "spec") -> SweepSpec:
                 "(grid values that differ only in how they are written?)"
             )
         names.add(name)
-    return spec
 
 
 def _parse_search(raw: Any, pack: Any, source: str) -> tuple[SearchConfig, bool]:
