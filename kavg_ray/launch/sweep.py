@@ -379,21 +379,7 @@ def run_sweep(
     store = ResultsStore(storage)
     by_id = {p.trial_name(): p for p in points}
     has_spec = (store.sweep_dir(sweep) / "spec.json").exists()
-    if resume:
-        if has_spec and store.read_spec(sweep) != json.loads(json.dumps(spec_doc, default=str)):
-            raise SweepError(
-                f"sweep '{sweep}' was started from a different spec; "
-                "resume it with the same spec, or give a new --name"
-            )
-        done = store.finished_trial_ids(sweep) if has_spec else set()
-        todo = [tid for tid in by_id if tid not in done]
-    else:
-        if not overwrite and (store.sweep_dir(sweep) / "trials.parquet").exists():
-            raise SweepError(
-                f"sweep '{sweep}' already has results under {storage}; "
-                "use --resume to finish it or --name for a new sweep"
-            )
-        todo = list(by_id)
+    todo = _todo(store, sweep, by_id, spec_doc, resume, overwrite, has_spec)
     todo_points = [by_id[t] for t in todo]
     if address is None and todo:
         check_placement(todo_points, local_resources(todo_points))
@@ -417,16 +403,7 @@ def run_sweep(
         connected_here = connect(address, log)
         try:
             check_placement(todo_points)
-            store.write_spec(sweep, spec_doc)
-            if todo_points[0].theory == "estimate" and (
-                resume is False or store.read_theory(sweep) is None
-            ):
-                store.write_theory(sweep, estimate_theory(points, say))
-            if not resume:
-                # Ray Train resumes a run of the same name from its checkpoints: a fresh
-                # sweep must not pick up an older run's.
-                for tid in todo:
-                    shutil.rmtree(sweep_dir.resolve() / "ray" / "train" / tid, ignore_errors=True)
+            _prepare(store, sweep, spec_doc, points, todo, resume, say)
             tracker = TrialTracker(
                 store, sweep, by_id, todo, echo=say, epoch_lines=progress,
                 trial_lines=not progress,
@@ -442,6 +419,43 @@ def run_sweep(
                 # Ends Ray's forwarding of worker logs, so the caller's table prints last.
                 ray.shutdown()
     return tracker.statuses
+
+
+def _todo(
+    store: ResultsStore, sweep: str, by_id: dict[str, RunConfig], spec_doc: dict,
+    resume: bool, overwrite: bool, has_spec: bool,
+) -> list[str]:  # fmt: skip
+    """The trial ids this run trains: those without a finished row (``resume``), or all."""
+    if resume:
+        if has_spec and store.read_spec(sweep) != json.loads(json.dumps(spec_doc, default=str)):
+            raise SweepError(
+                f"sweep '{sweep}' was started from a different spec; "
+                "resume it with the same spec, or give a new --name"
+            )
+        done = store.finished_trial_ids(sweep) if has_spec else set()
+        return [tid for tid in by_id if tid not in done]
+    if not overwrite and (store.sweep_dir(sweep) / "trials.parquet").exists():
+        raise SweepError(
+            f"sweep '{sweep}' already has results under {store.storage}; "
+            "use --resume to finish it or --name for a new sweep"
+        )
+    return list(by_id)
+
+
+def _prepare(
+    store: ResultsStore, sweep: str, spec_doc: dict, points: list[RunConfig], todo: list[str],
+    resume: bool, say: Any,
+) -> None:  # fmt: skip
+    """Before the trials: the spec stored, the theory probed, stale checkpoints cleared."""
+    store.write_spec(sweep, spec_doc)
+    if points[0].theory == "estimate" and (resume is False or store.read_theory(sweep) is None):
+        store.write_theory(sweep, estimate_theory(points, say))
+    if not resume:
+        # Ray Train resumes a run of the same name from its checkpoints: a fresh sweep
+        # must not pick up an older run's.
+        for tid in todo:
+            shutil.rmtree(store.sweep_dir(sweep).resolve() / "ray" / "train" / tid,
+                          ignore_errors=True)  # fmt: skip
 
 
 def _layout(
