@@ -119,6 +119,8 @@ def _leaf_outputs(model: nn.Module, input_shape: tuple[int, ...], dtype: torch.d
         if isinstance(out, Tensor):
             total += out.numel()
 
+    if dtype.is_floating_point:  # features in the dtype the model is built in
+        dtype = torch.get_default_dtype()
     handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
     try:
         with torch.no_grad():
