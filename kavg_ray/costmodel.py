@@ -372,7 +372,10 @@ def fit_alpha_beta(samples: Iterable[tuple[int, float, float]]) -> Fit:
 
 # --------------------------------------------------------------------------- model size
 
-_INPUT = {"digits": ((1, 8, 8), 10), "cifar10": ((3, 32, 32), 10)}
+_INPUT = {
+    "digits": ((1, 8, 8), 10), "cifar10": ((3, 32, 32), 10), "cifar100": ((3, 32, 32), 100),
+    "mnist": ((1, 28, 28), 10), "fashion_mnist": ((1, 28, 28), 10),
+}  # fmt: skip
 
 
 @lru_cache(maxsize=64)
