@@ -327,13 +327,16 @@ def test_trial_metrics_reach_prometheus(cluster: Cluster) -> None:
 def test_local_down_leaves_nothing(cluster: Cluster) -> None:
     temp = str(cluster.state / "ray")
     assert _pids_naming(temp)
+    # A drain long enough for a loaded machine (Ray's processes took over 30 s to leave at
+    # load 12): down must return once the nodes have stopped, well before the drain ends
+    # (it used to wait the drain out every time).
+    cluster.env["KAVG_DOWN_TIMEOUT"] = "120"
     t0 = time.monotonic()
-    out = cluster.sh("down", timeout=180)
+    out = cluster.sh("down", timeout=300)
     took = time.monotonic() - t0
     assert out.returncode == 0, out.stderr
     assert _pids_naming(temp) == []
-    # It returns once the nodes have stopped (it used to wait out its 30 s drain).
-    assert took < 20, took
+    assert took < 110, took
     assert not (cluster.state / "pids").exists()
 
 
