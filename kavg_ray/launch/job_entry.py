@@ -23,6 +23,11 @@ def main(argv: list[str] | None = None) -> None:
     from kavg_ray.launch.sweep import job_env_vars
 
     argv = sys.argv[1:] if argv is None else argv
+    # A job submitted with --working-dir starts inside Ray's unpacked copy of that folder,
+    # which Ray may remove once the trials' workers that shared it have exited: Tune then
+    # fails at the end of the sweep resolving paths against a vanished cwd. The folder
+    # stays importable (Ray puts it on PYTHONPATH); the driver works from the home folder.
+    os.chdir(Path.home())
     text = os.environ.get(SPEC_ENV)
     if not text:
         print(f"error: ${SPEC_ENV} is empty: submit with 'kavg sweep submit'", file=sys.stderr)

@@ -28,6 +28,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from kavg_ray.results import ResultsStore
+
 from .listening import command, listening, loopback
 
 pytestmark = pytest.mark.ray
@@ -286,6 +288,53 @@ def test_submit_status_logs_kopt(cluster: Cluster, tmp_path: Path) -> None:
     cluster.finished_job = job
 
 
+WORKLOAD_PY = """
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+
+def blobs(n=256, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.randint(2, (n,), generator=gen)
+    x = torch.randn(n, 2, generator=gen) + 6 * y[:, None].float()
+    return TensorDataset(x[: n // 2], y[: n // 2]), TensorDataset(x[n // 2 :], y[n // 2 :])
+
+
+def tiny(width=8):
+    return nn.Sequential(nn.Linear(2, width), nn.ReLU(), nn.Linear(width, 2))
+"""
+
+
+def test_submit_ships_the_users_code_with_working_dir(cluster: Cluster, tmp_path: Path) -> None:
+    """The model and data set live only in a folder sent with the job: the nodes import
+    them from it (the submitting machine checks them from it too)."""
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "kavg_blobs.py").write_text(WORKLOAD_PY)
+    spec = {"name": "own", "workload": {"dataset": "kavg_blobs:blobs", "model": "kavg_blobs:tiny",
+            "epochs": 2, "batch_size": 16, "lr": {"initial": 0.1}},
+            "grid": {"K": [1], "P": [2]}, "resources": {"cpus_per_worker": 0.75}}  # fmt: skip
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    out = cluster.kavg("sweep", "submit", "spec.yaml", "--address", cluster.address,
+                       "--storage", "store", "--working-dir", "code", cwd=tmp_path)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    job = re.search(r"as job (\S+)", out.stdout).group(1)
+    state, deadline = "", time.monotonic() + 600
+    while time.monotonic() < deadline:
+        st = cluster.kavg("sweep", "status", job, "--address", cluster.address,
+                          "--format", "json", cwd=tmp_path)  # fmt: skip
+        state = json.loads(st.stdout)["state"] if st.returncode == 0 else ""
+        if state in ("SUCCEEDED", "FAILED", "STOPPED"):
+            break
+        time.sleep(2)
+    logs = cluster.kavg("sweep", "logs", job, "--address", cluster.address, cwd=tmp_path)
+    assert state == "SUCCEEDED", logs.stdout[-4000:]
+    rows = ResultsStore(tmp_path / "store").read_trials("own").to_dict("records")
+    assert [(r["trial_id"], r["status"]) for r in rows] == [("K1-P2-s0", "completed")]
+    assert rows[0]["final_test_acc"] > 0.75  # two separated blobs (chance: 0.5), 8 steps
+
+
 def _scrape(cluster: Cluster) -> str:
     """The kavg lines of every node's Prometheus endpoint."""
     text = ""
@@ -343,7 +392,7 @@ def test_local_down_leaves_nothing(cluster: Cluster) -> None:
 def test_connect_passes_addresses_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
     import ray
 
-    from kavg_ray import sweep
+    from kavg_ray.launch import sweep
 
     seen = []
     for key in ("RAY_TRAIN_V2_ENABLED", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"):
@@ -360,7 +409,7 @@ def test_connect_inside_a_job_leaves_the_jobs_env_keys(monkeypatch: pytest.Monke
     import ray
     from ray.runtime_env.runtime_env import _merge_runtime_env
 
-    from kavg_ray import sweep
+    from kavg_ray.launch import sweep
 
     job_env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "NCCL_DEBUG": "INFO"}
     monkeypatch.setenv(
