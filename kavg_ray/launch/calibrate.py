@@ -92,27 +92,13 @@ def _worker_loop(config: dict) -> None:
 
 
 def _connect(address: str | None) -> bool:
-    """Connect to ``address`` with the sweep's connect(), or start a local Ray on 127.0.0.1.
+    """Join ``address``, or start a local Ray listening on 127.0.0.1 only, as sweeps do.
 
     Returns whether this call started or joined Ray (and so must shut it down).
     """
-    import ray
+    from kavg_ray.launch.sweep import connect
 
-    if ray.is_initialized():
-        return False
-    if address:
-        try:
-            from kavg_ray.launch.sweep import connect
-        except ImportError:  # the layout before kavg_ray.launch
-            from kavg_ray.sweep import connect  # type: ignore[no-redef]
-        return connect(address)
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    ray.init(
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        runtime_env={"env_vars": {"RAY_TRAIN_V2_ENABLED": "1"}},
-    )
-    return True
+    return connect(address)
 
 
 def _measure(P: int, sizes: list[int], repeats: int, use_gpu: bool, cpus: float) -> list[float]:
