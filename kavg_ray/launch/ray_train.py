@@ -103,8 +103,20 @@ def train_loop_per_worker(config: dict) -> None:
 
     train(
         cfg, report, rank=rank, world_size=world, device=device, resume=resume,
-        server=config.get("server"),
+        server=None if config.get("server") is None else BlockingActor(config["server"]),
     )  # fmt: skip
+
+
+class BlockingActor:
+    """A Ray actor handle whose methods return their results: ``a.pull()`` is
+    ``ray.get(handle.pull.remote())`` (how the torch-only engines call a server)."""
+
+    def __init__(self, handle: Any) -> None:
+        self._handle = handle
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._handle, name)
+        return lambda *args: ray.get(method.remote(*args))
 
 
 def start_server(cfg: RunConfig) -> Any:

@@ -182,19 +182,15 @@ def initial_params(cfg: RunConfig) -> np.ndarray:
 
 
 class ServerClient:
-    """Calls a ParameterServer directly, or a Ray actor handle of one and waits."""
+    """Calls a ParameterServer's methods by name: the object itself, or anything with the
+    same blocking methods (a multiprocessing proxy; a Ray actor wrapped by
+    kavg_ray.launch.ray_train, so nothing here imports ray)."""
 
     def __init__(self, server: Any) -> None:
         self._server = server
-        self._remote = hasattr(getattr(server, "pull", None), "remote")
 
     def __call__(self, method: str, *args: Any) -> Any:
-        fn = getattr(self._server, method)
-        if self._remote:
-            import ray  # only reached with a Ray actor handle, i.e. inside a Ray run
-
-            return ray.get(fn.remote(*args))
-        return fn(*args)
+        return getattr(self._server, method)(*args)
 
 
 def _to_numpy(t: torch.Tensor) -> np.ndarray:
