@@ -34,25 +34,7 @@ def trial_row(
     row = {
         "sweep": sweep,
         "trial_id": trial_id,
-        "algorithm": cfg.algorithm,
-        "model": cfg.workload.model,
-        "dataset": cfg.workload.dataset,
-        "backend": cfg.backend,
-        "P": cfg.P,
-        "K": cfg.period,
-        "S": cfg.S,
-        "K1": cfg.K1,
-        "K2": cfg.K2,
-        "seed": cfg.seed,
-        "lr": cfg.workload.lr.initial,
-        "batch_size": cfg.workload.batch_size,
-        "epochs": cfg.workload.epochs,
-        "momentum": cfg.workload.momentum,
-        "optimizer": cfg.workload.optimizer,
-        "outer_lr": cfg.outer.lr,
-        "outer_momentum": cfg.outer.momentum,
-        "outer_nesterov": cfg.outer.nesterov,
-        "warmup_steps": cfg.warmup_steps,
+        **_setting_columns(cfg),
         "status": status,
         "final_test_acc": last.get("test_acc", math.nan),
         "final_test_loss": last.get("test_loss", math.nan),
@@ -87,6 +69,19 @@ def trial_row(
             scalar = isinstance(value, (int, float, str, bool))
             row[f"{key}.{name}"] = value if scalar else json.dumps(value, sort_keys=True)
     return row
+
+
+def _setting_columns(cfg: RunConfig) -> dict[str, Any]:
+    """The columns of a trial row that say what was run (before its status and results)."""
+    wl = cfg.workload
+    return {
+        "algorithm": cfg.algorithm, "model": wl.model, "dataset": wl.dataset,
+        "backend": cfg.backend, "P": cfg.P, "K": cfg.period, "S": cfg.S, "K1": cfg.K1,
+        "K2": cfg.K2, "seed": cfg.seed, "lr": wl.lr.initial, "batch_size": wl.batch_size,
+        "epochs": wl.epochs, "momentum": wl.momentum, "optimizer": wl.optimizer,
+        "outer_lr": cfg.outer.lr, "outer_momentum": cfg.outer.momentum,
+        "outer_nesterov": cfg.outer.nesterov, "warmup_steps": cfg.warmup_steps,
+    }  # fmt: skip
 
 
 def estimate_theory(points: list[RunConfig], echo=print) -> dict:
