@@ -379,11 +379,7 @@ def run_sweep(
     if address is None and todo:
         check_placement(todo_points, local_resources(todo_points))
     check_simulated_memory(todo_points)
-    plan = None
-    if search is not None and search.strategy == "refine":
-        plan = plans.RefinePlan(points, by_id, search, store.sweep_dir(sweep).resolve())
-        if resume and has_spec:
-            plan.feed(store.read_trials(sweep))
+    plan = _refine_plan(store, sweep, points, by_id, search, resume and has_spec)
     if resume:
         echo(f"[kavg] resume {sweep}: {len(by_id) - len(todo)} finished, {len(todo)} to run")
     if not todo and not (plan is not None and plan.has_work()):
@@ -414,6 +410,19 @@ def run_sweep(
                 # Ends Ray's forwarding of worker logs, so the caller's table prints last.
                 ray.shutdown()
     return tracker.statuses
+
+
+def _refine_plan(
+    store: ResultsStore, sweep: str, points: list[RunConfig], by_id: dict[str, RunConfig],
+    search: SearchConfig | None, feed_stored: bool,
+) -> plans.RefinePlan | None:  # fmt: skip
+    """The refining search of ``search: refine`` (None otherwise), fed the stored rows."""
+    if search is None or search.strategy != "refine":
+        return None
+    plan = plans.RefinePlan(points, by_id, search, store.sweep_dir(sweep).resolve())
+    if feed_stored:
+        plan.feed(store.read_trials(sweep))
+    return plan
 
 
 def _todo(
