@@ -482,22 +482,7 @@ def kopt_vs_p(
     fig.suptitle(f"Best averaging period K_opt (by {RANK_LABELS[by]}) vs P", fontsize="large")
     for ax, (title, g) in zip(axes, facets, strict=True):
         g = g.sort_values("P")
-        x = g["P"].to_numpy(dtype=float)
-        y = g["K_opt"].to_numpy(dtype=float)
-        ranges = [_within_range(t, k) for t, k in zip(g["k_within_1std"], y, strict=True)]
-        lo = np.array([k - r[0] for k, r in zip(y, ranges, strict=True)])
-        hi = np.array([r[1] - k for k, r in zip(y, ranges, strict=True)])
-        ax.errorbar(
-            x,
-            y,
-            yerr=[lo, hi],
-            marker="o",
-            markersize=8,
-            capsize=5,
-            linewidth=1.8,
-            color="tab:blue",
-            label="measured K_opt (bar: K within 1 std)",
-        )
+        x, y, ranges = _draw_measured_kopt(ax, g)
         _draw_kopt_fit(ax, x, y)
         yticks: list[float] = list(y) + [v for r in ranges for v in r]
         xticks: list[float] = list(x)
@@ -523,6 +508,20 @@ def kopt_vs_p(
         _log2_axis(ax, "y", yticks)
         _legend(ax)
     return fig
+
+
+def _draw_measured_kopt(ax: Axes, g: pd.DataFrame) -> tuple[Any, Any, list]:
+    """K_opt against P with a bar over the K within one std; returns (P, K_opt, ranges)."""
+    x = g["P"].to_numpy(dtype=float)
+    y = g["K_opt"].to_numpy(dtype=float)
+    ranges = [_within_range(t, k) for t, k in zip(g["k_within_1std"], y, strict=True)]
+    lo = np.array([k - r[0] for k, r in zip(y, ranges, strict=True)])
+    hi = np.array([r[1] - k for k, r in zip(y, ranges, strict=True)])
+    ax.errorbar(
+        x, y, yerr=[lo, hi], marker="o", markersize=8, capsize=5, linewidth=1.8,
+        color="tab:blue", label="measured K_opt (bar: K within 1 std)",
+    )  # fmt: skip
+    return x, y, ranges
 
 
 def _predicted_kopt_points(
