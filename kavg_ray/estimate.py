@@ -463,6 +463,22 @@ def _n_train(cfg: RunConfig, est: Estimates) -> int:
     return load_data(cfg).n_train
 
 
+def _kopt_under_conditions(args: tuple, k_max: int) -> tuple[int, bool, str]:
+    """K_opt of (3.46) over the K meeting (3.1) and K <= step budget, or, when none does,
+    B(K) minimised without them: (K_opt, whether the conditions hold, a note)."""
+    L, gamma, step_budget, delta = args[1], args[3], args[6], args[7]
+    try:
+        kopt = theory.predict_kopt(*args, k_max=k_max)
+        k_ok = max(
+            k for k in range(1, k_max + 1)
+            if k <= step_budget and theory.stepsize_ok(L, gamma, k, delta)
+        )  # fmt: skip
+    except ValueError as exc:
+        kopt = theory.predict_kopt(*args, k_max=k_max, enforce_conditions=False)
+        return kopt, False, f"B(K) minimised without Theorem 3.1's conditions: {exc}"
+    return kopt, True, f"(3.1) and K <= step budget hold for K <= {k_ok}"
+
+
 def predict_for_config(
     cfg: RunConfig,
     est: Estimates,
@@ -494,20 +510,8 @@ def predict_for_config(
     for P in P_values:
         step_budget = theory.steps_from_samples(wl.epochs * n_train, B, P)
         args = (est.F_gap, est.L, est.M, gamma, B, P, step_budget, delta)
-        notes = []
-        try:
-            kopt = theory.predict_kopt(*args, k_max=k_max)
-            hold = True
-            k_ok = max(
-                k
-                for k in range(1, k_max + 1)
-                if k <= step_budget and theory.stepsize_ok(est.L, gamma, k, delta)
-            )
-            notes.append(f"(3.1) and K <= step budget hold for K <= {k_ok}")
-        except ValueError as exc:
-            kopt = theory.predict_kopt(*args, k_max=k_max, enforce_conditions=False)
-            hold = False
-            notes.append(f"B(K) minimised without Theorem 3.1's conditions: {exc}")
+        kopt, hold, note = _kopt_under_conditions(args, k_max)
+        notes = [note]
         if wl.momentum > 0 or wl.weight_decay > 0:
             notes.append("Theorem 3.1 is for plain SGD: momentum and weight decay are not modelled")
         if wl.lr.halve_every_epochs is not None:
