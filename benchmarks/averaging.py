@@ -16,12 +16,20 @@ Methods:
             concatenates them into a fresh buffer, divides, all-reduces and re-points them.
   per-tensor one all_reduce + one div_ per parameter tensor (parameters only).
   outer     ``KAvgAverager(..., outer_lr=0.7, outer_momentum=0.9, nesterov=True).average()``
-            (DiLoCo's outer step): ours, then the outer SGD step on the flat anchor and
-            the copy back into the parameters, block by block. Its extra memory (anchor and
-            outer momentum: two parameter-sized buffers) is printed as "outer MB".
+            (DiLoCo's outer step): the flat buffer all-reduced in up to 8 asynchronous
+            pieces, each piece's outer SGD step (on the flat anchor, block by block, and
+            the copy back into the parameters) run while the later pieces travel. Its
+            extra memory (anchor and outer momentum: two parameter-sized buffers) is
+            printed as "outer MB".
+  outer-serial the same arithmetic without the overlap: ours, then the whole outer step.
+
+With ``--device cuda`` every process keeps its model and buffers on GPU 0 and gloo
+all-reduces the CUDA tensors (through host memory: NCCL cannot put two ranks on one GPU),
+with a ``torch.cuda.synchronize()`` before each clock is read; the outer step then runs at
+the GPU's memory bandwidth.
 
 Usage: python benchmarks/averaging.py [--reps 30] [--models resnet18,vgg16]
-       [--world-sizes 2,4]
+       [--world-sizes 2,4] [--device cpu|cuda] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -49,7 +57,7 @@ from kavg_ray.averaging import KAvgAverager  # noqa: E402
 from kavg_ray.models import build_model  # noqa: E402
 
 WARMUP = 3
-METHODS = ("ours", "floor", "allreduce", "torch", "per-tensor", "outer")
+METHODS = ("ours", "floor", "allreduce", "torch", "per-tensor", "outer", "outer-serial")
 
 
 def _free_port() -> int:
@@ -58,27 +66,38 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _methods(name: str, world: int) -> tuple[dict[str, Callable[[], None]], dict[str, int]]:
+def _methods(
+    name: str, world: int, device: torch.device
+) -> tuple[dict[str, Callable[[], None]], dict[str, int]]:
     """The averaging callables for one model, and the bytes each one all-reduces."""
     from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
 
+    def model() -> torch.nn.Module:
+        return build_model(name, (3, 32, 32), 10).to(device)
+
     torch.manual_seed(0)  # every rank builds the same model, so averages are idempotent
-    ours_model = build_model(name, (3, 32, 32), 10)
+    ours_model = model()
     averager = KAvgAverager(ours_model, period=1)
     flat_nbytes = averager.flat.nbytes
 
     torch.manual_seed(0)
-    outer = KAvgAverager(
-        build_model(name, (3, 32, 32), 10), 1, outer_lr=0.7, outer_momentum=0.9, nesterov=True
-    )
+    outer = KAvgAverager(model(), 1, outer_lr=0.7, outer_momentum=0.9, nesterov=True)
     outer.average()  # the first outer step allocates the momentum: the rest reuse it
+    torch.manual_seed(0)
+    serial = KAvgAverager(model(), 1, outer_lr=0.7, outer_momentum=0.9, nesterov=True)
+    serial.average()
+
+    def outer_serial() -> None:  # the averager's two steps before they were overlapped
+        serial._reduce(None, world, serial.stats)
+        serial._apply_outer()
+
     outer_extra = sum(t.numel() * t.element_size() for t in (outer.anchor, outer.outer_momentum))
 
     floor_buf = averager.flat.buffer.clone()
     plain_buf = torch.zeros_like(averager.flat.buffer)  # sums of zeros stay finite
 
     torch.manual_seed(0)
-    ref_model = build_model(name, (3, 32, 32), 10)
+    ref_model = model()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch_avg = PeriodicModelAverager(period=1, warmup_steps=0)
@@ -87,7 +106,7 @@ def _methods(name: str, world: int) -> tuple[dict[str, Callable[[], None]], dict
     param_nbytes = sum(p.numel() * p.element_size() for p in ref_model.parameters())
 
     torch.manual_seed(0)
-    tensor_model = build_model(name, (3, 32, 32), 10)
+    tensor_model = model()
     tensors = [p.data for p in tensor_model.parameters()]
 
     def floor() -> None:
@@ -112,6 +131,7 @@ def _methods(name: str, world: int) -> tuple[dict[str, Callable[[], None]], dict
         "torch": torch_method,
         "per-tensor": per_tensor,
         "outer": outer.average,
+        "outer-serial": outer_serial,
     }
     nbytes = {
         "ours": flat_nbytes,
@@ -120,18 +140,25 @@ def _methods(name: str, world: int) -> tuple[dict[str, Callable[[], None]], dict
         "torch": param_nbytes,
         "per-tensor": param_nbytes,
         "outer": flat_nbytes,
+        "outer-serial": flat_nbytes,
         "outer_extra": outer_extra,
     }
     return methods, nbytes
 
 
-def _worker(rank: int, world: int, port: int, models: list[str], reps: int, out_path: str) -> None:
+def _worker(
+    rank: int, world: int, port: int, models: list[str], reps: int, out_path: str, device: str
+) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    if cuda:
+        torch.cuda.set_device(0)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     results = []
     for name in models:
-        methods, nbytes = _methods(name, world)
+        methods, nbytes = _methods(name, world, dev)
         times: dict[str, list[float]] = {m: [] for m in METHODS}
         for rep in range(WARMUP + reps):
             shift = rep % len(METHODS)  # rotate the order: no method always runs first
@@ -139,6 +166,8 @@ def _worker(rank: int, world: int, port: int, models: list[str], reps: int, out_
                 dist.barrier()
                 t0 = time.perf_counter()
                 methods[method]()
+                if cuda:
+                    torch.cuda.synchronize()
                 elapsed = time.perf_counter() - t0
                 if rep >= WARMUP:
                     times[method].append(elapsed)
@@ -146,6 +175,7 @@ def _worker(rank: int, world: int, port: int, models: list[str], reps: int, out_
             {
                 "model": name,
                 "P": world,
+                "device": device,
                 "median_ms": {m: 1000 * statistics.median(times[m]) for m in METHODS},
                 "min_ms": {m: 1000 * min(times[m]) for m in METHODS},
                 "nbytes": nbytes,
@@ -158,14 +188,14 @@ def _worker(rank: int, world: int, port: int, models: list[str], reps: int, out_
     dist.destroy_process_group()
 
 
-def run(models: list[str], world_sizes: list[int], reps: int) -> list[dict]:
+def run(models: list[str], world_sizes: list[int], reps: int, device: str = "cpu") -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for world in world_sizes:
             out = os.path.join(tmp, f"P{world}.json")
             mp.spawn(
                 _worker,
-                args=(world, _free_port(), models, reps, out),
+                args=(world, _free_port(), models, reps, out, device),
                 nprocs=world,
                 join=True,
             )
@@ -176,9 +206,9 @@ def run(models: list[str], world_sizes: list[int], reps: int) -> list[dict]:
 def format_table(rows: list[dict], stat: str = "median_ms") -> str:
     head = (
         "| model | P | MB ours | MB torch | ours | floor | allreduce | torch | per-tensor "
-        "| outer | ours/floor | ours/torch | outer/ours | outer MB |"
+        "| outer | outer-serial | ours/floor | ours/torch | outer/ours | serial/ours | outer MB |"
     )
-    lines = [head, "|" + " --- |" * 14]
+    lines = [head, "|" + " --- |" * 16]
     for r in rows:
         ms = r[stat]
         lines.append(
@@ -186,7 +216,8 @@ def format_table(rows: list[dict], stat: str = "median_ms") -> str:
             f"| {r['nbytes']['torch'] / 1e6:.3f} | "
             + " | ".join(f"{ms[m]:.1f}" for m in METHODS)
             + f" | {ms['ours'] / ms['floor']:.2f} | {ms['ours'] / ms['torch']:.2f}"
-            + f" | {ms['outer'] / ms['ours']:.2f} | {r['nbytes']['outer_extra'] / 1e6:.1f} |"
+            + f" | {ms['outer'] / ms['ours']:.2f} | {ms['outer-serial'] / ms['ours']:.2f}"
+            + f" | {r['nbytes']['outer_extra'] / 1e6:.1f} |"
         )
     return "\n".join(lines)
 
@@ -196,14 +227,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=30, help="timed repetitions per method")
     parser.add_argument("--models", default="resnet18,vgg16", help="comma-separated models")
     parser.add_argument("--world-sizes", default="2,4", help="comma-separated values of P")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="tensors on")
+    parser.add_argument("--out", default=None, help="also write the rows as JSON here")
     args = parser.parse_args(argv)
     models = [m for m in args.models.split(",") if m]
     worlds = [int(p) for p in args.world_sizes.split(",") if p]
     if args.reps < 1 or not models or any(p < 2 for p in worlds):
         parser.error("need --reps >= 1, at least one model, and world sizes >= 2")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible")
+    gpu = f", {torch.cuda.get_device_name(0)}" if args.device == "cuda" else ""
 
     print(
-        f"# averaging: gloo on 127.0.0.1, 1 thread per process, {WARMUP} warm-up + "
+        f"# averaging: gloo on 127.0.0.1, tensors on {args.device}{gpu}, 1 thread per "
+        f"process, {WARMUP} warm-up + "
         f"{args.reps} timed reps per method (rotating round-robin, barrier before each), "
         f"rank 0's times"
     )
@@ -212,7 +249,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{os.cpu_count()} CPUs, load average at start {os.getloadavg()[0]:.2f}"
     )
     start = time.perf_counter()
-    rows = run(models, worlds, args.reps)
+    rows = run(models, worlds, args.reps, args.device)
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
     print("## median ms per average")
     print(format_table(rows, "median_ms"))
     print("## best (minimum) ms per average, for reference on a shared machine")

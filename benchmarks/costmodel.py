@@ -9,11 +9,17 @@ of a network profile written by ``kavg calibrate``. With ``--sync`` every learne
 an untimed barrier before each average, so the measured time is the transfer alone,
 without the wait for the slowest learner that the model leaves out.
 
+``calibrate``: the timings of ``kavg calibrate`` (kavg_ray.launch.calibrate.time_averages)
+taken in P spawned gloo processes on 127.0.0.1 instead of Ray Train workers, fitted and
+written as the same profile file: for a machine without Ray (the GPU box).
+
 ``twin``: runs a sweep spec of simulated-backend points in this process, one after the
 other (``kavg_ray.train.run.train``, no Ray), and writes them to a results store, so that
 ``kavg results kopt --by time --network`` can be asked about them.
 
 Usage:
+  python benchmarks/costmodel.py calibrate --P 2 --P 4 [--sizes 4k,64k,1M,8M,32M]
+         [--repeats 8] --out PROFILE.json
   python benchmarks/costmodel.py validate --profile PROFILE.json [--out FILE.json]
   python benchmarks/costmodel.py twin SPEC.yaml --storage DIR [--epochs N]
 """
@@ -85,6 +91,53 @@ def _learner(rank: int, world: int, port: int, model: str, K: int, steps: int, B
     # (tests/distributed.py does the same).
     sys.stdout.flush()
     os._exit(0)
+
+
+def _timer(rank: int, world: int, port: int, sizes: list[int], repeats: int, out: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from kavg_ray.launch.calibrate import time_averages
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    times = time_averages(sizes, repeats)
+    if rank == 0:
+        Path(out).write_text(json.dumps(times))
+    dist.barrier()
+    sys.stdout.flush()
+    os._exit(0)
+
+
+def calibrate(P_values: list[int], sizes_text: str, repeats: int, out: str) -> None:
+    """Time averages over each P in spawned gloo processes; fit and write the profile."""
+    import torch.multiprocessing as mp
+
+    from kavg_ray.launch.calibrate import format_fit, parse_sizes, write_calibration
+
+    sizes = parse_sizes(sizes_text)
+    samples = []
+    for P in P_values:
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "times.json")
+            try:
+                mp.spawn(_timer, args=(P, _free_port(), sizes, repeats, path), nprocs=P)
+            except mp.ProcessExitedException:
+                if not os.path.exists(path):
+                    raise
+            times = json.loads(Path(path).read_text())
+        samples += [(P, float(n), t) for n, t in zip(sizes, times, strict=True)]
+    fit = costmodel.fit_alpha_beta(samples)
+    details = {
+        "address": f"spawned processes on {socket.gethostname()} (127.0.0.1)",
+        "backend": "gloo",
+        "P": P_values,
+        "repeats": repeats,
+        "measurements": [{"P": p, "nbytes": int(n), "seconds": t} for p, n, t in samples],
+    }
+    print(format_fit(fit))
+    print(f"wrote {write_calibration(out, fit, details, None)}")
 
 
 def run_trial(model: str, P: int, K: int, steps: int, B: int, sync: bool = False) -> dict:
@@ -174,6 +227,11 @@ def twin(spec: str, storage: str, epochs: int | None) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("calibrate")
+    c.add_argument("--P", type=int, action="append", required=True)
+    c.add_argument("--sizes", default="4k,64k,1M,8M,32M")
+    c.add_argument("--repeats", type=int, default=8)
+    c.add_argument("--out", required=True)
     v = sub.add_parser("validate")
     v.add_argument("--profile", required=True)
     v.add_argument("--out", default=None)
@@ -183,7 +241,9 @@ def main() -> None:
     t.add_argument("--storage", required=True)
     t.add_argument("--epochs", type=int, default=None)
     args = parser.parse_args()
-    if args.cmd == "validate":
+    if args.cmd == "calibrate":
+        calibrate(args.P, args.sizes, args.repeats, args.out)
+    elif args.cmd == "validate":
         validate(args.profile, args.out, args.sync)
     else:
         twin(args.spec, args.storage, args.epochs)

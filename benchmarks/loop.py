@@ -20,8 +20,12 @@ Workloads:
               corpus (text, sequences of 64), batch 16: the language-model path. The bare
               loop flattens (B, T, vocab) logits for the cross-entropy as a user would.
 
+With ``--device cuda`` both loops keep model and data on GPU 0 (``train(..., device=)``
+for ours); the clock is then the wall clock, read after ``torch.cuda.synchronize()`` (ours:
+the epoch loop synchronizes before it reads its clock).
+
 Usage: python benchmarks/loop.py [--reps 5] [--workloads digits-mlp,digits-cnn,fake32-cnn,text-gpt]
-       [--threads 1] [--clock cpu|wall]
+       [--threads 1] [--clock cpu|wall] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ K = 4
 LR = 0.05
 CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
 clock = time.perf_counter  # set by main()
+DEVICE = torch.device("cpu")  # set by main()
 
 
 class _ClockShim:
@@ -158,7 +163,7 @@ def run_ours(wl: Workload) -> tuple[float, float]:
     shim, real_time = _ClockShim(), loop.time
     loop.time = shim
     try:
-        metrics = train(cfg, lambda m, s: None)
+        metrics = train(cfg, lambda m, s: None, device=DEVICE)
     finally:
         wl_module.load_dataset = original
         loop.time = real_time
@@ -171,10 +176,10 @@ def run_bare(wl: Workload) -> tuple[float, float]:
     """(training seconds, samples) of the hand-written loop."""
     data = get_data(wl)
     torch.manual_seed(SEED)
-    model = build_model(wl.model, data.input_shape, data.num_classes)
+    model = build_model(wl.model, data.input_shape, data.num_classes).to(DEVICE)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     steps = steps_per_epoch(data.n_train, wl.batch_size, 1)
-    train_x, train_y = data.train_x, data.train_y
+    train_x, train_y = data.train_x.to(DEVICE), data.train_y.to(DEVICE)
     image = train_x.dtype == torch.uint8
     text = train_x.dtype == torch.int64  # token sequences: logits (B, T, vocab)
     seconds = 0.0
@@ -201,6 +206,8 @@ def run_bare(wl: Workload) -> tuple[float, float]:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize(DEVICE)
         seconds += clock() - t0
     return seconds, float(wl.epochs * steps * wl.batch_size)
 
@@ -254,18 +261,23 @@ def main(argv: list[str] | None = None) -> int:
         help="cpu: this thread's CPU time (robust on a shared machine; exact with --threads 1); "
         "wall: time.perf_counter",
     )
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="tensors on")
     args = parser.parse_args(argv)
+    if args.device == "cuda" and (args.clock != "wall" or not torch.cuda.is_available()):
+        parser.error("--device cuda needs --clock wall and a visible CUDA device")
     names = [n for n in args.workloads.split(",") if n]
     unknown = [n for n in names if n not in WORKLOADS]
     if unknown or args.reps < 1 or args.threads < 1:
         parser.error(f"unknown workload(s) {unknown}; valid: {', '.join(WORKLOADS)}")
     torch.set_num_threads(args.threads)
-    global clock
+    global clock, DEVICE
     clock = CLOCKS[args.clock]
+    DEVICE = torch.device("cuda", 0) if args.device == "cuda" else torch.device("cpu")
 
     print(
         f"# loop: P=1, K={K}, lr={LR}, SGD without momentum, {args.threads} torch thread(s), "
-        f"{args.reps} alternating runs each, median samples/s, {args.clock} clock"
+        f"{args.reps} alternating runs each, median samples/s, {args.clock} clock, "
+        f"on {torch.cuda.get_device_name(0) if args.device == 'cuda' else 'cpu'}"
     )
     print(
         "# throughput = training samples / time inside the batch loops on that clock (ours: "

@@ -151,6 +151,9 @@ class OuterOptimizer:
 # 2-core development machine for resnet18's 11.2M parameters: 13 ms a step at 2**18, 16 ms
 # at 2**16, 20 ms at 2**21 and 54 ms unblocked (benchmarks/RESULTS.md).
 OUTER_BLOCK = 1 << 18
+# An outer average all-reduces the parameters in up to this many pieces of at least
+# OUTER_BLOCK elements, asynchronously, and steps each piece while the next ones travel.
+OUTER_PIECES = 8
 
 
 def outer_step(
@@ -165,12 +168,27 @@ def outer_step(
     first = momentum is None and outer.momentum != 0
     if first:
         momentum = torch.empty_like(anchor)
+    outer_step_slice(outer, anchor, current, momentum, first)
+    return momentum
+
+
+def outer_step_slice(
+    outer: OuterOptimizer,
+    anchor: Tensor,
+    current: Tensor,
+    momentum: Tensor | None,
+    first: bool,
+    scale: float = 1.0,
+) -> None:
+    """:func:`outer_step` on matching slices of the flat buffers; ``momentum`` is allocated
+    (or None without momentum), ``first`` says whether it still has to be initialised. The
+    mean is ``scale * current`` (a sum and 1/P: the division rides on the first operation)."""
     scratch = torch.empty(min(OUTER_BLOCK, anchor.numel()), dtype=anchor.dtype,
                           device=anchor.device)  # fmt: skip
     for start in range(0, anchor.numel(), OUTER_BLOCK):
         a, c = anchor[start : start + OUTER_BLOCK], current[start : start + OUTER_BLOCK]
-        step = torch.sub(a, c, out=scratch[: a.numel()])  # delta, the anchor's gradient
-        if outer.momentum != 0:
+        step = torch.sub(a, c, alpha=scale, out=scratch[: a.numel()])  # delta = a - mean
+        if momentum is not None:
             v = momentum[start : start + OUTER_BLOCK]
             if first:
                 v.copy_(step)
@@ -179,7 +197,16 @@ def outer_step(
             step = step.add_(v, alpha=outer.momentum) if outer.nesterov else v
         a.add_(step, alpha=-outer.lr)
         c.copy_(a)
-    return momentum
+
+
+def pieces(n_params: int, total: int) -> list[tuple[int, int]]:
+    """The (start, stop) pieces of an outer average: the parameters in up to
+    ``OUTER_PIECES`` near-equal pieces of at least ``OUTER_BLOCK`` elements (one for a small
+    model), then the floating buffers, if any, as one piece."""
+    count = max(1, min(OUTER_PIECES, n_params // OUTER_BLOCK))
+    bounds = [n_params * i // count for i in range(count + 1)]
+    out = [(a, b) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+    return out + ([(n_params, total)] if total > n_params else [])
 
 
 def _group_size(group: dist.ProcessGroup | None) -> int:
@@ -217,6 +244,42 @@ class _Averager:
             return
         params = self.flat.buffer[: self.n_params]
         self.outer_momentum = outer_step(self.outer, self.anchor, params, self.outer_momentum)
+
+    def _average_with_outer(
+        self, group: dist.ProcessGroup | None, size: int, stats: CommStats
+    ) -> None:
+        """A global average through the outer optimizer, the transfer and the outer step
+        overlapped: every piece (:func:`pieces`) is all-reduced asynchronously, and each
+        piece's outer step runs as soon as it has arrived, while later pieces travel. Its
+        time, outer step included, counts as communication."""
+        if size == 1 or self.anchor is None:
+            self._reduce(group, size, stats)
+            self._apply_outer()
+            return
+        start = time.perf_counter()
+        buf, n, outer = self.flat.buffer, self.n_params, self.outer
+        nccl = dist.get_backend(group) == dist.Backend.NCCL
+        op = dist.ReduceOp.AVG if nccl else dist.ReduceOp.SUM
+        parts = pieces(n, buf.numel())
+        works = [dist.all_reduce(buf[a:b], op=op, group=group, async_op=True) for a, b in parts]
+        first = self.outer_momentum is None and outer.momentum != 0
+        if first:
+            self.outer_momentum = torch.empty_like(self.anchor)
+        mom = self.outer_momentum
+        scale = 1.0 if nccl else 1.0 / size  # gloo has no AVG: the pieces arrive as sums
+        for (a, b), work in zip(parts, works, strict=True):
+            work.wait()
+            if b > n:  # the floating buffers: plainly averaged
+                if not nccl:
+                    buf[a:b].div_(size)
+                continue
+            outer_step_slice(outer, self.anchor[a:b], buf[a:b],
+                             None if mom is None else mom[a:b], first, scale)  # fmt: skip
+        if self._sync_cuda:
+            torch.cuda.synchronize(self.flat.device)
+        stats.seconds += time.perf_counter() - start
+        stats.count += 1
+        stats.bytes += self.flat.nbytes
 
     def _reduce(self, group: dist.ProcessGroup | None, size: int, stats: CommStats) -> None:
         if size == 1:
@@ -339,8 +402,7 @@ class KAvgAverager(_Averager):
     def average(self) -> None:
         """Replace every model in the group by the group's average (through the outer
         optimizer when there is one), now."""
-        self._reduce(self.process_group, self.world_size, self.stats)
-        self._apply_outer()
+        self._average_with_outer(self.process_group, self.world_size, self.stats)
 
     @property
     def in_sync(self) -> bool:
@@ -417,8 +479,7 @@ class HierAvgAverager(_Averager):
 
     def average(self) -> None:
         """Average over all P learners (through the outer optimizer when there is one), now."""
-        self._reduce(None, self.world_size, self.global_stats)
-        self._apply_outer()
+        self._average_with_outer(None, self.world_size, self.global_stats)
 
     def average_local(self) -> None:
         """Average inside this learner's group of S, now."""

@@ -16,7 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from kavg_ray.averaging import AveragingSchedule, HierAvgAverager, KAvgAverager
+from kavg_ray import averaging
+from kavg_ray.averaging import AveragingSchedule, HierAvgAverager, KAvgAverager, pieces
 from kavg_ray.config import ConfigError, RunConfig, parse_run
 from kavg_ray.train import train
 from kavg_ray.train.loop import run_epochs
@@ -41,7 +42,11 @@ def _flat_params(model: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
-def _outer_matches_reference(rank: int, world: int, outer: dict, warmup: int) -> None:
+def _outer_matches_reference(
+    rank: int, world: int, outer: dict, warmup: int, block: int | None = None
+) -> None:
+    if block is not None:  # small blocks: the 83 parameters travel in several pieces
+        averaging.OUTER_BLOCK = block
     K, steps = 3, 22
     model = _model()
     reference = copy.deepcopy(model)  # the anchor, stepped by torch's own SGD
@@ -87,6 +92,52 @@ OUTERS = {
 @pytest.mark.parametrize("name", list(OUTERS))
 def test_outer_step_equals_torch_sgd_on_the_anchor(world: int, name: str) -> None:
     run_distributed(_outer_matches_reference, world, OUTERS[name], 2 if name == "slowmo" else 0)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_outer_average_in_pieces_equals_torch_sgd_on_the_anchor(world: int) -> None:
+    """Blocks of 8 elements: the parameters go in 8 asynchronous pieces, each stepped as
+    it arrives (sizes 10 or 11, so pieces straddle blocks and tensors)."""
+    run_distributed(_outer_matches_reference, world, OUTERS["diloco"], 0, 8)
+
+
+def test_pieces_cover_the_buffer_exactly() -> None:
+    B = averaging.OUTER_BLOCK
+    assert pieces(83, 83) == [(0, 83)]  # a small model: one piece
+    assert pieces(83, 90) == [(0, 83), (83, 90)]  # the floating buffers: a piece of their own
+    assert pieces(3 * B, 3 * B) == [(0, B), (B, 2 * B), (2 * B, 3 * B)]
+    n = 20 * B + 5
+    assert pieces(n, n + 4) == [(n * i // 8, n * (i + 1) // 8) for i in range(8)] + [(n, n + 4)]
+
+
+def _buffers_stay_plain_under_the_outer_step(rank: int, world: int) -> None:
+    averaging.OUTER_BLOCK = 4  # several pieces, then BatchNorm's running stats as the last
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+    avg = KAvgAverager(model, 2, outer_lr=0.7, outer_momentum=0.9, nesterov=True)
+    assert len(pieces(avg.n_params, avg.flat.buffer.numel())) == 9
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(1, 7):
+        x, y = _batch(rank, step)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        stats = torch.cat([model[1].running_mean, model[1].running_var])
+        gathered = [torch.empty_like(stats) for _ in range(world)]
+        dist.all_gather(gathered, stats)
+        if avg.step():
+            mean = torch.stack(gathered).mean(0)
+            now = torch.cat([model[1].running_mean, model[1].running_var])
+            torch.testing.assert_close(now, mean, rtol=0, atol=1e-6)
+            mine = _flat_params(model)
+            others = [torch.empty_like(mine) for _ in range(world)]
+            dist.all_gather(others, mine)
+            assert all(torch.equal(o, mine) for o in others)  # one anchor on every learner
+    assert avg.stats.count == 3 and avg.stats.bytes == 3 * avg.flat.nbytes
+
+
+def test_floating_buffers_are_averaged_plainly_beside_the_outer_step() -> None:
+    run_distributed(_buffers_stay_plain_under_the_outer_step, 2)
 
 
 def _defaults_are_one_plain_average(rank: int, world: int) -> None:

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Every GPU figure of benchmarks/RESULTS.md in one prepared run, for a session that is lent
+# a GPU machine for a few minutes (plain torch there: no Ray; pydantic travels as wheels).
+#
+#   averaging_cuda  the outer-optimizer average against the plain one, tensors on the GPU,
+#                   P = 2 processes over gloo (NCCL cannot put two ranks on one GPU)
+#   averaging_cpu   the same on that machine's CPU cores (a quiet machine, unlike ours)
+#   costmodel       calibrate gloo on 127.0.0.1 without Ray, then validate the cost model's
+#                   comm_time_s prediction with and without a barrier before each average
+#   packed          benchmarks/gpu.py: the packed simulated backend, samples/s and memory
+#   loop_cuda       the epoch loop against a bare CUDA loop (P = 1)
+#
+# Usage (repo root): OUT=DIR bash benchmarks/gpu_session.sh   (DIR gets log.txt + JSON)
+# Wheels: python -m pip download --no-deps --only-binary=:all: --python-version 3.12 ...
+#         -d .whl pydantic pydantic_core annotated-types typing-inspection typing_extensions
+set -u
+OUT=${OUT:-/tmp/kavg-gpu-session}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+exec > >(tee "$OUT/log.txt") 2>&1
+
+if [ -d .whl ] && ! $PY -c "import pydantic" 2>/dev/null; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+date -u; nproc; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+$PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
+
+step() {  # step NAME SECONDS CMD...: run CMD under a time limit, go on whatever happens
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name: start $(date -u +%T), limit ${limit}s: $*"
+    timeout "$limit" "$@"
+    echo "=== $name: rc=$? at $(date -u +%T)"
+}
+
+step averaging_cuda 100 $PY benchmarks/averaging.py --device cuda --models resnet18 \
+    --world-sizes 2 --reps 20 --out "$OUT/averaging_cuda.json"
+step averaging_cpu 100 $PY benchmarks/averaging.py --device cpu --models resnet18 \
+    --world-sizes 2,4 --reps 20 --out "$OUT/averaging_cpu.json"
+step calibrate 60 $PY benchmarks/costmodel.py calibrate --P 2 --P 4 --repeats 8 \
+    --out "$OUT/profile.json"
+step validate_sync 90 $PY benchmarks/costmodel.py validate --profile "$OUT/profile.json" \
+    --sync --out "$OUT/validation_sync.json"
+step validate 90 $PY benchmarks/costmodel.py validate --profile "$OUT/profile.json" \
+    --out "$OUT/validation.json"
+step packed 150 $PY benchmarks/gpu.py --out "$OUT/gpu.json"
+step loop_cuda 90 $PY benchmarks/loop.py --device cuda --clock wall --reps 3 \
+    --workloads digits-cnn,fake32-cnn,text-gpt
+date -u
