@@ -274,6 +274,33 @@ def test_cli_kopt_by_time_on_a_network(tmp_path: Path) -> None:
     assert table.stdout.startswith("network assumed: eth10g")
 
 
+def test_cli_kopt_on_a_network_adds_the_speedup_over_the_parameter_server(tmp_path) -> None:
+    _store_hand_sweep(tmp_path)
+    store = ResultsStore(tmp_path)
+    store.upsert_trial(
+        "hand",
+        {"trial_id": "downpour-P4-s0", "algorithm": "downpour", "model": "mlp",
+         "dataset": "digits", "backend": "ray", "P": 4, "seed": 0, "batch_size": 10,
+         "epochs": 3, "status": "completed", "final_test_acc": 0.9},
+        [{"trial_id": "downpour-P4-s0", "epoch": e, "samples": 4000 * e, "rounds": 200 * e,
+          "test_acc": 0.3 * e, "compute_time_s": 2.0 * e, "comm_time_s": 0.0,
+          "bytes_communicated": 200 * e * N, "wall_time_s": 5.0 * e} for e in (1, 2, 3)],
+    )  # fmt: skip
+    args = ["results", "kopt", "hand", "--storage", str(tmp_path), "--by", "time",
+            "--network", "alpha=0,bandwidth=1", "--step-time", "0.01"]  # fmt: skip
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    # Per learner: 300 steps of 0.01 s; K-AVG at K in {1, 4, 16} all-reduces 1e8 B over P = 4
+    # (2 x 3/4 x 0.1 s a round); Downpour pushes and pulls 1e8 B 600 times, and the server
+    # link carries P = 4 times that: 4 x 600 x 0.1 s.
+    kavg = sum(3 + 300 // K * 0.15 for K in (1, 4, 16)) / 3  # whole rounds: 18 at K = 16
+    line = res.stdout.strip().splitlines()[-1].split()
+    assert line[0] == "4" and float(line[-1]) == pytest.approx(240 / kavg, rel=1e-3)
+    assert "speed-up" in res.stdout
+    json_out = CliRunner().invoke(main, [*args, "--format", "json"])
+    assert "speedup" not in json_out.stdout  # machine-readable output: the K_opt table alone
+
+
 def test_cli_plot_and_report_with_a_network(tmp_path: Path) -> None:
     _store_hand_sweep(tmp_path)
     runner = CliRunner()
