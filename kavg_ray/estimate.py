@@ -37,6 +37,7 @@ Theorem 3.4 for a list of learner counts ``P``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -118,6 +119,26 @@ def _point_steps(probe_steps: int, points: int) -> list[int]:
     return [round(i * probe_steps / (points - 1)) for i in range(points)]
 
 
+def _probe_setup(
+    cfg: RunConfig, device: torch.device
+) -> tuple[Dataset, nn.Module, Callable[..., Tensor], torch.optim.Optimizer]:
+    """The probe's data (in memory), seeded model in train mode, loss and SGD optimizer."""
+    wl = cfg.workload
+    work = build_workload(cfg, device)
+    if not isinstance(work.data, Dataset):
+        raise ValueError(
+            f"the theory probe needs the data set in memory; {wl.dataset} is read through a "
+            f"DataLoader (over workload.in_memory_mb = {wl.in_memory_mb:g})"
+        )
+    optimizer = torch.optim.SGD(
+        work.model.parameters(), lr=wl.lr.initial, momentum=wl.momentum,
+        weight_decay=wl.weight_decay,
+    )  # fmt: skip
+    seed_dropout(cfg, 0)  # the engines' dropout seed for rank 0
+    work.model.train()
+    return work.data, work.model, work.loss, optimizer
+
+
 def probe_trajectory(
     cfg: RunConfig,
     *,
@@ -137,18 +158,7 @@ def probe_trajectory(
     steps_wanted = _point_steps(probe_steps, points)
     device = torch.device(device)
     wl = cfg.workload
-    work = build_workload(cfg, device)
-    data, model, criterion = work.data, work.model, work.loss
-    if not isinstance(data, Dataset):
-        raise ValueError(
-            f"the theory probe needs the data set in memory; {wl.dataset} is read through a "
-            f"DataLoader (over workload.in_memory_mb = {wl.in_memory_mb:g})"
-        )
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=wl.lr.initial, momentum=wl.momentum, weight_decay=wl.weight_decay
-    )
-    seed_dropout(cfg, 0)  # the engines' dropout seed for rank 0
-    model.train()
+    data, model, criterion, optimizer = _probe_setup(cfg, device)
 
     def snapshot() -> dict[str, Tensor]:
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -332,10 +342,7 @@ def estimate_constants(
     probe = _measure_points(model, data, states, full_idx, m, gen, power_iters, power_gen)
     L, L_secant, L_hessian = _lipschitz_estimate(probe)
 
-    if F_star is None:
-        F_star, f_star_how = _default_f_star(cfg, data)
-    else:
-        f_star_how = "given"
+    F_star, f_star_how = _default_f_star(cfg, data) if F_star is None else (F_star, "given")
     F_star = float(F_star)
     F0, variances = probe.F0, probe.variances
     values = [L, *variances, F0]

@@ -347,6 +347,28 @@ def default_concurrency(points: list[RunConfig]) -> int:
     return max(1, int(cpus // largest))
 
 
+def _plan_run(
+    store: ResultsStore,
+    sweep: str,
+    points: list[RunConfig],
+    by_id: dict[str, RunConfig],
+    spec_doc: dict,
+    resume: bool,
+    overwrite: bool,
+    address: str | None,
+    search: SearchConfig | None,
+) -> tuple[list[str], plans.RefinePlan | None]:
+    """The trial ids to run and the refining search's plan, after the checks that must
+    pass before Ray starts (placement on a local Ray, memory of simulated points)."""
+    has_spec = (store.sweep_dir(sweep) / "spec.json").exists()
+    todo = _todo(store, sweep, by_id, spec_doc, resume, overwrite, has_spec)
+    todo_points = [by_id[t] for t in todo]
+    if address is None and todo:
+        check_placement(todo_points, local_resources(todo_points))
+    check_simulated_memory(todo_points)
+    return todo, _refine_plan(store, sweep, points, by_id, search, resume and has_spec)
+
+
 def run_sweep(
     sweep: str,
     points: list[RunConfig],
@@ -373,13 +395,10 @@ def run_sweep(
     """
     store = ResultsStore(storage)
     by_id = {p.trial_name(): p for p in points}
-    has_spec = (store.sweep_dir(sweep) / "spec.json").exists()
-    todo = _todo(store, sweep, by_id, spec_doc, resume, overwrite, has_spec)
+    todo, plan = _plan_run(
+        store, sweep, points, by_id, spec_doc, resume, overwrite, address, search
+    )
     todo_points = [by_id[t] for t in todo]
-    if address is None and todo:
-        check_placement(todo_points, local_resources(todo_points))
-    check_simulated_memory(todo_points)
-    plan = _refine_plan(store, sweep, points, by_id, search, resume and has_spec)
     if resume:
         echo(f"[kavg] resume {sweep}: {len(by_id) - len(todo)} finished, {len(todo)} to run")
     if not todo and not (plan is not None and plan.has_work()):
