@@ -42,6 +42,21 @@ def _flat_params(model: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
+def _local_step(model: nn.Module, opt: torch.optim.Optimizer, rank: int, step: int) -> None:
+    """One optimizer step on this rank's batch of ``step``."""
+    x, y = _batch(rank, step)
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+
+
+def _gathered(t: torch.Tensor, world: int) -> list[torch.Tensor]:
+    """``t`` of every rank, in rank order."""
+    out = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(out, t)
+    return out
+
+
 def _outer_matches_reference(
     rank: int, world: int, outer: dict, warmup: int, block: int | None = None
 ) -> None:
@@ -58,13 +73,9 @@ def _outer_matches_reference(
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5)
     averages = 0
     for step in range(1, steps + 1):
-        x, y = _batch(rank, step)
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
+        _local_step(model, opt, rank, step)
         mine = _flat_params(model)
-        gathered = [torch.empty_like(mine) for _ in range(world)]
-        dist.all_gather(gathered, mine)
+        gathered = _gathered(mine, world)
         averaged = avg.step()
         assert averaged == (step <= warmup or (step - warmup) % K == 0)
         if not averaged:
@@ -118,20 +129,15 @@ def _buffers_stay_plain_under_the_outer_step(rank: int, world: int) -> None:
     assert len(pieces(avg.n_params, avg.flat.buffer.numel())) == 9
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for step in range(1, 7):
-        x, y = _batch(rank, step)
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
+        _local_step(model, opt, rank, step)
         stats = torch.cat([model[1].running_mean, model[1].running_var])
-        gathered = [torch.empty_like(stats) for _ in range(world)]
-        dist.all_gather(gathered, stats)
+        gathered = _gathered(stats, world)
         if avg.step():
             mean = torch.stack(gathered).mean(0)
             now = torch.cat([model[1].running_mean, model[1].running_var])
             torch.testing.assert_close(now, mean, rtol=0, atol=1e-6)
             mine = _flat_params(model)
-            others = [torch.empty_like(mine) for _ in range(world)]
-            dist.all_gather(others, mine)
+            others = _gathered(mine, world)
             assert all(torch.equal(o, mine) for o in others)  # one anchor on every learner
     assert avg.stats.count == 3 and avg.stats.bytes == 3 * avg.flat.nbytes
 
@@ -146,10 +152,7 @@ def _defaults_are_one_plain_average(rank: int, world: int) -> None:
     assert avg.anchor is None and avg.outer_momentum is None  # no copy of the model
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for step in range(1, 9):
-        x, y = _batch(rank, step)
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
+        _local_step(model, opt, rank, step)
         expected = avg.flat.buffer.clone()
         dist.all_reduce(expected)
         expected.div_(world)
@@ -169,13 +172,9 @@ def _hier_outer_at_global_averages(rank: int, world: int) -> None:
     avg = HierAvgAverager(model, 2, 4, 2, outer_lr=0.7, outer_momentum=0.9, nesterov=True)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for step in range(1, 13):
-        x, y = _batch(rank, step)
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
+        _local_step(model, opt, rank, step)
         mine = _flat_params(model)
-        gathered = [torch.empty_like(mine) for _ in range(world)]
-        dist.all_gather(gathered, mine)
+        gathered = _gathered(mine, world)
         action = avg.step()
         if action == "local":  # plain: the mean of this rank's group of two
             group = rank // 2 * 2
