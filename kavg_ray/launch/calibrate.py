@@ -4,8 +4,12 @@ The workers are a Ray Train ``TorchTrainer`` with N workers, the backend a train
 would use (gloo on CPU, NCCL on GPU). Every worker times the operation K-AVG's averager
 performs for one average (kavg_ray.averaging: one all-reduce of a flat float32 buffer,
 plus one in-place division by N on gloo, which has no average operation) for each size,
-``repeats`` times after a warm-up; a repeat's time is the slowest worker's (an average
-ends when the last learner has it), and a size's time is the median repeat. The driver
+after a warm-up, at least ``repeats`` times and, for small sizes, as often as fits in
+about half a second (the same count on every worker); a repeat's time is the slowest
+worker's (an average ends when the last learner has it), and a size's time is the mean
+repeat: a run's communication time is the sum of its averages, and small all-reduces
+have a long tail that a median hides (2-core machine, 38 kB: median 1.0 ms, mean 1.9 ms,
+benchmarks/latency_gap.py). The driver
 fits alpha and beta of the ring all-reduce cost (kavg_ray.costmodel.fit_alpha_beta) to
 those times over every N given, and writes the profile ``--network FILE`` reads.
 """
@@ -23,6 +27,7 @@ from kavg_ray.costmodel import Fit, Link, Network, fit_alpha_beta, write_profile
 from kavg_ray.errors import BadInputError, KavgError
 
 DEFAULT_SIZES = "4k,64k,1M,8M,32M"
+MAX_REPEATS = 1000  # timed averages per size at most
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]?)b?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}
 
@@ -44,12 +49,17 @@ def parse_sizes(text: str) -> list[int]:
     return sorted(sizes)
 
 
-def time_averages(sizes: Sequence[int], repeats: int, warmup: int = 2) -> list[float]:
-    """Median seconds of one average of each size over the default process group.
+def time_averages(
+    sizes: Sequence[int], repeats: int, warmup: int = 2, min_seconds: float = 0.5
+) -> list[float]:
+    """Mean seconds of one average of each size over the default process group.
 
     Call on every rank of an initialised torch.distributed group; every rank returns
-    the same list (per repeat, the slowest rank's time).
+    the same list (per repeat, the slowest rank's time). A size is timed
+    ``max(repeats, min_seconds / warm-up time)`` times (at most ``MAX_REPEATS``), the
+    count agreed by all ranks.
     """
+    import math
     import time
 
     import torch
@@ -58,25 +68,32 @@ def time_averages(sizes: Sequence[int], repeats: int, warmup: int = 2) -> list[f
     world = dist.get_world_size()
     nccl = dist.get_backend() == dist.Backend.NCCL
     device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
-    medians = []
+
+    def average(buf: torch.Tensor) -> float:
+        dist.barrier()
+        start = time.perf_counter()
+        if nccl:
+            dist.all_reduce(buf, op=dist.ReduceOp.AVG)
+            torch.cuda.synchronize(device)
+        else:
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+            buf.div_(world)
+        return time.perf_counter() - start
+
+    means = []
     for n in sizes:
         buf = torch.ones(n // 4, dtype=torch.float32, device=device)
-        times = torch.zeros(repeats, dtype=torch.float64)
-        for i in range(warmup + repeats):
-            dist.barrier()
-            start = time.perf_counter()
-            if nccl:
-                dist.all_reduce(buf, op=dist.ReduceOp.AVG)
-                torch.cuda.synchronize(device)
-            else:
-                dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-                buf.div_(world)
-            if i >= warmup:
-                times[i - warmup] = time.perf_counter() - start
-        slowest = times.to(device)
-        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-        medians.append(float(slowest.cpu().median()))
-    return medians
+        warm = max(average(buf) for _ in range(max(1, warmup)))
+        count = torch.tensor(
+            [min(MAX_REPEATS, max(repeats, math.ceil(min_seconds / max(warm, 1e-6))))],
+            dtype=torch.float64, device=device,
+        )  # fmt: skip
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)  # every rank runs as many
+        times = torch.tensor([average(buf) for _ in range(int(count.item()))],
+                             dtype=torch.float64, device=device)  # fmt: skip
+        dist.all_reduce(times, op=dist.ReduceOp.MAX)
+        means.append(float(times.mean()))
+    return means
 
 
 def _worker_loop(config: dict) -> None:

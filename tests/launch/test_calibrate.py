@@ -34,7 +34,7 @@ def _check_times(rank: int, world: int, out: str) -> None:
 def test_time_averages_agree_across_ranks(tmp_path: Path) -> None:
     run_distributed(_check_times, 2, str(tmp_path))
     a, b = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
-    assert a == b  # every rank returns the slowest rank's medians
+    assert a == b  # every rank returns the means of the slowest rank's times
     assert a[1] > a[0]  # 4 MB takes longer than 400 B
 
 
