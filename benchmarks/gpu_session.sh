@@ -5,12 +5,14 @@
 #   averaging_cuda  the outer-optimizer average against the plain one, tensors on the GPU,
 #                   P = 2 processes over gloo (NCCL cannot put two ranks on one GPU)
 #   averaging_cpu   the same on that machine's CPU cores (a quiet machine, unlike ours)
+#   latency_gap     a small average after nothing, SGD steps, a sleep or busy work
 #   costmodel       calibrate gloo on 127.0.0.1 without Ray, then validate the cost model's
 #                   comm_time_s prediction with and without a barrier before each average
 #   packed          benchmarks/gpu.py: the packed simulated backend, samples/s and memory
 #   loop_cuda       the epoch loop against a bare CUDA loop (P = 1)
 #
 # Usage (repo root): OUT=DIR bash benchmarks/gpu_session.sh   (DIR gets log.txt + JSON)
+# About 8 minutes on the H200 machine of 2026-11-30 (the step limits add up to more).
 # Wheels: python -m pip download --no-deps --only-binary=:all: --python-version 3.12 ...
 #         -d .whl pydantic pydantic_core annotated-types typing-inspection typing_extensions
 set -u
@@ -39,13 +41,15 @@ step averaging_cuda 100 $PY benchmarks/averaging.py --device cuda --models resne
     --world-sizes 2 --reps 20 --out "$OUT/averaging_cuda.json"
 step averaging_cpu 100 $PY benchmarks/averaging.py --device cpu --models resnet18 \
     --world-sizes 2,4 --reps 20 --out "$OUT/averaging_cpu.json"
+step latency_gap 60 $PY benchmarks/latency_gap.py --P 2,4 --reps 400
 step calibrate 60 $PY benchmarks/costmodel.py calibrate --P 2 --P 4 --repeats 8 \
     --out "$OUT/profile.json"
-step validate_sync 90 $PY benchmarks/costmodel.py validate --profile "$OUT/profile.json" \
+step validate_sync 150 $PY benchmarks/costmodel.py validate --profile "$OUT/profile.json" \
     --sync --out "$OUT/validation_sync.json"
-step validate 90 $PY benchmarks/costmodel.py validate --profile "$OUT/profile.json" \
+step validate 150 $PY benchmarks/costmodel.py validate --profile "$OUT/profile.json" \
     --out "$OUT/validation.json"
-step packed 150 $PY benchmarks/gpu.py --out "$OUT/gpu.json"
+# P = 128 with three K packed (384 VGG-16 learners) does not fit in 140 GiB: stop at 64.
+step packed 150 $PY benchmarks/gpu.py --P 8,32,64 --out "$OUT/gpu.json"
 step loop_cuda 90 $PY benchmarks/loop.py --device cuda --clock wall --reps 3 \
     --workloads digits-cnn,fake32-cnn,text-gpt
 date -u
