@@ -5,6 +5,9 @@ contiguous buffer and make every tensor a view into it, so an average is a singl
 all-reduce on that buffer followed by one in-place division: nothing is copied in
 or out. Integer buffers (BatchNorm's ``num_batches_tracked``) are left alone; every
 learner takes the same number of steps, so they stay equal without communication.
+An average through an outer optimizer (DiLoCo, SlowMo) sends the same buffer in a few
+asynchronous pieces instead, so that the outer step of each piece overlaps the transfer
+of the next.
 """
 
 from __future__ import annotations
