@@ -305,6 +305,24 @@ def _default_f_star(cfg: RunConfig, data: Dataset) -> tuple[float, str]:
     return 0.0, "0 (loss >= 0)"
 
 
+def _measure_snapshots(
+    cfg: RunConfig,
+    model: nn.Module,
+    data: Dataset,
+    states: list[dict[str, Tensor]],
+    m: int,
+    full_batch: int | None,
+    power_iters: int,
+) -> tuple[_PointMeasures, int]:
+    """The measures at every snapshot, with the seed's sample subset and power-iteration
+    start; also the number of samples in the full-batch gradient."""
+    gen = torch.Generator().manual_seed((cfg.seed + _SUBSET_SALT) % 2**63)
+    full_idx = _full_batch_indices(data.n_train, full_batch, gen, data.train_x.device)
+    power_gen = torch.Generator().manual_seed((cfg.seed + _POWER_SALT) % 2**63)
+    probe = _measure_points(model, data, states, full_idx, m, gen, power_iters, power_gen)
+    return probe, len(full_idx)
+
+
 def estimate_constants(
     cfg: RunConfig,
     *,
@@ -335,11 +353,8 @@ def estimate_constants(
         cfg, probe_steps=probe_steps, points=points, device=device
     )
     n = data.n_train
-    gen = torch.Generator().manual_seed((cfg.seed + _SUBSET_SALT) % 2**63)
-    full_idx = _full_batch_indices(n, full_batch, gen, data.train_x.device)
-    power_gen = torch.Generator().manual_seed((cfg.seed + _POWER_SALT) % 2**63)
     m = min(samples_per_point, n)
-    probe = _measure_points(model, data, states, full_idx, m, gen, power_iters, power_gen)
+    probe, n_full = _measure_snapshots(cfg, model, data, states, m, full_batch, power_iters)
     L, L_secant, L_hessian = _lipschitz_estimate(probe)
 
     F_star, f_star_how = _default_f_star(cfg, data) if F_star is None else (F_star, "given")
@@ -349,7 +364,7 @@ def estimate_constants(
     if not all(math.isfinite(v) for v in values):
         raise RuntimeError(f"non-finite estimate (L={L}, M={variances}, F0={F0})")
 
-    L_method, M_method = _estimate_methods(len(full_idx), n, m, power_iters)
+    L_method, M_method = _estimate_methods(n_full, n, m, power_iters)
     return Estimates(
         L=L,
         M=max(variances),
