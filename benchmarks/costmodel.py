@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -55,7 +56,7 @@ def _free_port() -> int:
 
 
 def _learner(rank: int, world: int, port: int, model: str, K: int, steps: int, B: int,
-             out: str, sync: bool) -> None:  # fmt: skip
+             sync: bool, out: str) -> None:  # fmt: skip
     import torch
     import torch.distributed as dist
 
@@ -110,48 +111,45 @@ def _timer(rank: int, world: int, port: int, sizes: list[int], repeats: int, out
     os._exit(0)
 
 
-def calibrate(P_values: list[int], sizes_text: str, repeats: int, out: str) -> None:
-    """Time averages over each P in spawned gloo processes; fit and write the profile."""
+def _spawn_for_json(fn, P: int, *args) -> Any:
+    """Run ``fn(rank, P, port, *args, out)`` in P spawned processes; what rank 0 wrote
+    to ``out`` as JSON (ranks leave with os._exit, which spawn may report as a failure)."""
     import torch.multiprocessing as mp
 
-    from kavg_ray.launch.calibrate import format_fit, parse_sizes, write_calibration
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "out.json")
+        try:
+            mp.spawn(fn, args=(P, _free_port(), *args, out), nprocs=P)
+        except mp.ProcessExitedException:
+            if not os.path.exists(out):
+                raise
+        return json.loads(Path(out).read_text())
+
+
+def calibrate(P_values: list[int], sizes_text: str, repeats: int, out: str) -> None:
+    """Time averages over each P in spawned gloo processes; fit and write the profile."""
+    from kavg_ray.launch.calibrate import (
+        calibration_details,
+        format_fit,
+        parse_sizes,
+        write_calibration,
+    )
 
     sizes = parse_sizes(sizes_text)
     samples = []
     for P in P_values:
-        with tempfile.TemporaryDirectory() as d:
-            path = os.path.join(d, "times.json")
-            try:
-                mp.spawn(_timer, args=(P, _free_port(), sizes, repeats, path), nprocs=P)
-            except mp.ProcessExitedException:
-                if not os.path.exists(path):
-                    raise
-            times = json.loads(Path(path).read_text())
+        times = _spawn_for_json(_timer, P, sizes, repeats)
         samples += [(P, float(n), t) for n, t in zip(sizes, times, strict=True)]
     fit = costmodel.fit_alpha_beta(samples)
-    details = {
-        "address": f"spawned processes on {socket.gethostname()} (127.0.0.1)",
-        "backend": "gloo",
-        "P": P_values,
-        "repeats": repeats,
-        "measurements": [{"P": p, "nbytes": int(n), "seconds": t} for p, n, t in samples],
-    }
+    where = f"spawned processes on {socket.gethostname()} (127.0.0.1)"
+    details = calibration_details(where, "gloo", P_values, repeats, samples)
     print(format_fit(fit))
     print(f"wrote {write_calibration(out, fit, details, None)}")
 
 
 def run_trial(model: str, P: int, K: int, steps: int, B: int, sync: bool = False) -> dict:
     """One K-AVG trial in P spawned gloo processes; rank 0's measured row."""
-    import torch.multiprocessing as mp
-
-    with tempfile.TemporaryDirectory() as d:
-        out = os.path.join(d, "row.json")
-        try:
-            mp.spawn(_learner, args=(P, _free_port(), model, K, steps, B, out, sync), nprocs=P)
-        except mp.ProcessExitedException:
-            if not os.path.exists(out):
-                raise
-        return json.loads(Path(out).read_text())
+    return _spawn_for_json(_learner, P, model, K, steps, B, sync)
 
 
 def _per_p_links(net: costmodel.Network) -> dict[int, costmodel.Link]:

@@ -404,8 +404,10 @@ def _kopt_on_network(sweep_name: str, storage: str, fmt: str, by: str, net: tupl
     if fmt == "table":
         click.echo(f"network assumed: {network.describe()}")
     click.echo(results.format_frame(costmodel.kopt_by_predicted_time(pred), fmt))
+    if fmt != "table":  # machine-readable output: the K_opt frame alone
+        return
     speedup = costmodel.asgd_speedup_table(pred)
-    if fmt == "table" and any(c.startswith("speedup_over_") for c in speedup.columns):
+    if any(c.startswith("speedup_over_") for c in speedup.columns):
         click.echo("K-AVG against the parameter server on this network (mean predicted time "
                    "to the end of the budget, s; speed-up = their time / K-AVG's):")  # fmt: skip
         click.echo(results.format_frame(speedup, fmt))

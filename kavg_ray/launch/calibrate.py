@@ -108,16 +108,6 @@ def _worker_loop(config: dict) -> None:
         ray.get(config["collector"].put.remote(times))
 
 
-def _connect(address: str | None) -> bool:
-    """Join ``address``, or start a local Ray listening on 127.0.0.1 only, as sweeps do.
-
-    Returns whether this call started or joined Ray (and so must shut it down).
-    """
-    from kavg_ray.launch.sweep import connect
-
-    return connect(address)
-
-
 def _measure(P: int, sizes: list[int], repeats: int, use_gpu: bool, cpus: float) -> list[float]:
     """Times of one average per size over ``P`` Ray Train workers (one TorchTrainer run)."""
     import ray
@@ -173,7 +163,9 @@ def calibrate(
     """Time averages over each P in ``P_values`` and fit alpha and beta; (fit, details)."""
     import ray
 
-    connected_here = _connect(address)
+    from kavg_ray.launch.sweep import connect  # loopback-only local Ray, as sweeps start
+
+    connected_here = connect(address)  # True: this call started or joined Ray
     samples: list[tuple[int, float, float]] = []
     try:
         total_cpu = float(ray.cluster_resources().get("CPU", 1.0))
@@ -190,14 +182,26 @@ def calibrate(
     finally:
         if connected_here:
             ray.shutdown()
-    details = {
-        "address": address or "local (127.0.0.1)",
-        "backend": "nccl" if use_gpu else "gloo",
+    where = address or "local (127.0.0.1)"
+    details = calibration_details(where, "nccl" if use_gpu else "gloo", P_values, repeats, samples)
+    return fit_alpha_beta(samples), details
+
+
+def calibration_details(
+    where: str,
+    backend: str,
+    P_values: Sequence[int],
+    repeats: int,
+    samples: Sequence[tuple[int, float, float]],
+) -> dict[str, Any]:
+    """What a profile records of its calibration: where and how, and the raw timings."""
+    return {
+        "address": where,
+        "backend": backend,
         "P": list(P_values),
         "repeats": repeats,
         "measurements": [{"P": p, "nbytes": int(n), "seconds": t} for p, n, t in samples],
     }
-    return fit_alpha_beta(samples), details
 
 
 def profile_of(fit: Fit, details: dict[str, Any], name: str) -> Network:
