@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -24,11 +24,41 @@ from torch import Tensor, nn
 
 @dataclass
 class CommStats:
-    """What one kind of reduction has cost so far."""
+    """What one kind of reduction has cost so far.
+
+    ``seconds`` of a reduction run from this learner's call to its return, so they hold
+    the wait for the last learner to arrive as well as the transfer. ``wait_seconds`` is
+    that wait, settled by the averager's ``settle_waits``: every learner leaves a
+    collective at about the same moment, so the last to arrive took the shortest time
+    (the transfer alone), and a learner's wait is its time less that shortest one.
+    """
 
     count: int = 0
     seconds: float = 0.0
     bytes: int = 0
+    wait_seconds: float = 0.0
+    unsettled: list[float] = field(default_factory=list, repr=False)  # times since the last settle
+
+    def add(self, seconds: float, nbytes: int) -> None:
+        """Count one timed reduction."""
+        self.count += 1
+        self.seconds += seconds
+        self.bytes += nbytes
+        self.unsettled.append(seconds)
+
+    def totals(self) -> dict:
+        """count, seconds, bytes and wait_seconds (what a checkpoint keeps)."""
+        return {k: getattr(self, k) for k in ("count", "seconds", "bytes", "wait_seconds")}
+
+    def settle(self, group: dist.ProcessGroup | None, device: torch.device) -> None:
+        """Add the waits of the reductions timed since the last call, which ran over
+        ``group``: collective, called by every member at the same point."""
+        if not self.unsettled:
+            return
+        times = torch.tensor(self.unsettled, dtype=torch.float64, device=device)
+        dist.all_reduce(times, op=dist.ReduceOp.MIN, group=group)
+        self.wait_seconds += max(0.0, sum(self.unsettled) - float(times.sum()))
+        self.unsettled.clear()
 
 
 class FlatModel:
@@ -280,9 +310,7 @@ class _Averager:
                              None if mom is None else mom[a:b], first, scale)  # fmt: skip
         if self._sync_cuda:
             torch.cuda.synchronize(self.flat.device)
-        stats.seconds += time.perf_counter() - start
-        stats.count += 1
-        stats.bytes += self.flat.nbytes
+        stats.add(time.perf_counter() - start, self.flat.nbytes)
 
     def _reduce(self, group: dist.ProcessGroup | None, size: int, stats: CommStats) -> None:
         if size == 1:
@@ -298,9 +326,7 @@ class _Averager:
             buf.div_(size)
         if self._sync_cuda:
             torch.cuda.synchronize(self.flat.device)
-        stats.seconds += time.perf_counter() - start
-        stats.count += 1
-        stats.bytes += self.flat.nbytes
+        stats.add(time.perf_counter() - start, self.flat.nbytes)
 
     @contextmanager
     def global_average(self) -> Iterator[None]:
@@ -412,6 +438,11 @@ class KAvgAverager(_Averager):
         """True when the last step was an averaging step (all models equal)."""
         return self.schedule.in_sync(self.step_count)
 
+    def settle_waits(self) -> None:
+        """Split the averages since the last call into transfer and wait (``stats``):
+        one small all-reduce, so every learner calls it at the same point."""
+        self.stats.settle(self.process_group, self.flat.device)
+
 
 class HierAvgAverager(_Averager):
     """Hierarchical averaging (Hier-AVG) over the default process group.
@@ -497,6 +528,14 @@ class HierAvgAverager(_Averager):
     def in_sync(self) -> bool:
         return self.schedule.in_sync(self.step_count)
 
+    def settle_waits(self) -> None:
+        """Split the reductions since the last call into transfer and wait (global ones
+        over all P, local ones inside each group): collective, every learner calls it at
+        the same point."""
+        self.global_stats.settle(None, self.flat.device)
+        if self.group_size > 1:
+            self.local_stats.settle(self.local_group, self.flat.device)
+
     @property
     def stats(self) -> CommStats:
         """Local and global reductions together."""
@@ -504,4 +543,5 @@ class HierAvgAverager(_Averager):
             self.local_stats.count + self.global_stats.count,
             self.local_stats.seconds + self.global_stats.seconds,
             self.local_stats.bytes + self.global_stats.bytes,
+            self.local_stats.wait_seconds + self.global_stats.wait_seconds,
         )

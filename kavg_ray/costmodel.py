@@ -24,7 +24,9 @@ stacks all P learners in one process, that divided by P) or given for the target
 What the model leaves out, plainly: overlap of communication with computation (none is
 assumed; the averager does not overlap), contention from other jobs on the links, the
 tree and hierarchical algorithms NCCL may pick instead of a ring, stragglers (every
-learner is assumed to take the step time; a real average waits for the slowest), the
+learner is assumed to take the step time; a real average waits for the slowest: the
+process-group engine measures that wait, ``wait_time_s``, and a prediction reports the
+trial's ``comm_time_s`` less it as ``measured_transfer_time_s``), the
 parameter server's own compute and the queueing of simultaneous requests beyond the link
 bound, evaluation and checkpoint time, and start-up. Predicted times are therefore
 lower bounds for a cluster whose links match the profile.
@@ -423,6 +425,7 @@ PREDICTION_COLUMNS: list[str] = [
     "predicted_time_to_target_s",
     "predicted_time_s",
     "predicted_comm_time_s",
+    "measured_transfer_time_s",
 ]
 
 _ASGD = ("downpour", "eamsgd")
@@ -510,6 +513,9 @@ def _predict_one(
     end = _progress(trial, last, n)
     out.update(model_bytes=n, step_time_s=st, predicted_time_s=predicted_time(end, network, st))
     out["predicted_comm_time_s"] = _comm_only(end, network)
+    # The measured averaging time less the wait for the last learner: what the model predicts.
+    wait = _num(last.get("wait_time_s"), math.nan)
+    out["measured_transfer_time_s"] = _num(last.get("comm_time_s"), math.nan) - wait
     if target is not None:
         acc = pd.to_numeric(hist["test_acc"], errors="coerce")
         reached = hist[acc >= target]
@@ -540,9 +546,10 @@ def predict_trials(
     From the trial's history: local steps and averages up to the first epoch whose test
     accuracy reaches ``target`` (``predicted_time_to_target_s``; NaN if never reached or no
     target) and to its last epoch (``predicted_time_s``, the end of its budget;
-    ``predicted_comm_time_s`` is that run's communication alone, comparable to the
-    measured ``comm_time_s``). ``step_time``: seconds per local step on the target
-    hardware; None uses each trial's measured one. ``sizer(model, dataset)`` gives the
+    ``predicted_comm_time_s`` is that run's communication alone, to compare with
+    ``measured_transfer_time_s``: ``comm_time_s`` less ``wait_time_s``, the wait for the
+    last learner, which the model leaves out). ``step_time``: seconds per local step on
+    the target hardware; None uses each trial's measured one. ``sizer(model, dataset)`` gives the
     bytes per average of a trial whose history carries none (default :func:`model_bytes`).
     """
     if step_time is not None and not (math.isfinite(step_time) and step_time >= 0):

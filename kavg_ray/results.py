@@ -80,6 +80,7 @@ TRIAL_COLUMNS: list[str] = [
     "wall_time_s",
     "compute_time_s",
     "comm_time_s",
+    "wait_time_s",
     "bytes_communicated",
     "rounds",
     "samples",
@@ -101,6 +102,7 @@ HISTORY_COLUMNS: list[str] = [
     "lr",
     "compute_time_s",
     "comm_time_s",
+    "wait_time_s",
     "bytes_communicated",
     "wall_time_s",
 ]

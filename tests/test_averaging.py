@@ -291,3 +291,69 @@ def _hier_batchnorm(rank: int, world: int) -> None:
 
 def test_hier_avg_batchnorm_buffers_follow_schedule() -> None:
     run_distributed(_hier_batchnorm, 4)
+
+
+# ---------------------------------------------------------------- waits for the last learner
+
+
+LATE_S = 0.1  # the late learner's pause before each step
+
+
+def _kavg_waits(rank: int, world: int) -> None:
+    """The last rank pauses before every step: the others wait about that long at each of
+    the 4 averages; the late one, whose time is the shortest, waits exactly 0."""
+    import time
+
+    model = _vector_model([float(rank)])
+    avg = KAvgAverager(model, period=1)
+    late = rank == world - 1
+    for _ in range(4):
+        if late:
+            time.sleep(LATE_S)
+        avg.step()
+    assert avg.stats.wait_seconds == 0.0 and len(avg.stats.unsettled) == 4
+    avg.settle_waits()
+    waited, total = avg.stats.wait_seconds, avg.stats.seconds
+    assert avg.stats.unsettled == [] and waited <= total
+    if late:
+        assert waited == 0.0, waited
+    else:
+        assert 3.5 * LATE_S < waited < 6 * LATE_S, waited
+        assert total - waited < 1.5 * LATE_S, (total, waited)  # the transfers alone
+    avg.settle_waits()  # nothing new: no change
+    assert avg.stats.wait_seconds == waited
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_kavg_wait_for_the_last_learner(world: int) -> None:
+    run_distributed(_kavg_waits, world)
+
+
+def _hier_waits(rank: int, world: int) -> None:
+    """P = 4, S = 2, K1 = 1, K2 = 2, rank 1 late before every step: its partner (rank 0)
+    waits one pause at each of the 2 local and 2 global averages; the other group (ranks
+    2, 3), which never waits locally, meets rank 1 two pauses late at each global one."""
+    import time
+
+    model = _vector_model([float(rank)])
+    avg = HierAvgAverager(model, local_period=1, global_period=2, group_size=2)
+    for _ in range(4):
+        if rank == 1:
+            time.sleep(LATE_S)
+        avg.step()
+    avg.settle_waits()
+    local, glob = avg.local_stats.wait_seconds, avg.global_stats.wait_seconds
+    assert (avg.local_stats.count, avg.global_stats.count) == (2, 2)
+    if rank == 1:
+        assert (local, glob) == (0.0, 0.0)
+    elif rank == 0:
+        assert 1.5 * LATE_S < local < 3 * LATE_S, local
+        assert 1.5 * LATE_S < glob < 3 * LATE_S, glob
+    else:
+        assert local < 0.5 * LATE_S, local
+        assert 3.5 * LATE_S < glob < 5.5 * LATE_S, glob
+    assert avg.stats.wait_seconds == local + glob
+
+
+def test_hier_avg_wait_inside_each_group() -> None:
+    run_distributed(_hier_waits, 4)

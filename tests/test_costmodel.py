@@ -222,6 +222,18 @@ def test_parameter_server_and_speedup() -> None:
     assert speed["speedup_over_downpour"].iloc[0] == pytest.approx(max(learner, server) / kavg)
 
 
+def test_measured_transfer_is_the_averaging_time_less_the_wait() -> None:
+    trials, hist = _hand_sweep()
+    hist["comm_time_s"] = 2.0 * hist["epoch"]
+    hist["wait_time_s"] = 0.5 * hist["epoch"]
+    net = cm.parse_network("alpha=1e-5,bandwidth=2")
+    pred = cm.predict_trials(trials, hist, net, target=0.9)
+    assert list(pred["measured_transfer_time_s"]) == [4.5, 4.5, 4.5]  # epoch 3: 6.0 - 1.5
+    # A store written before the wait was measured: unknown, not the whole comm time.
+    older = cm.predict_trials(trials, hist.drop(columns="wait_time_s"), net, target=0.9)
+    assert older["measured_transfer_time_s"].isna().all()
+
+
 def test_simulated_step_time_is_shared_by_the_stacked_learners() -> None:
     trials, hist = _hand_sweep()
     trials["backend"] = "simulated"

@@ -32,7 +32,7 @@ from kavg_ray.results import ResultsStore
 HISTORY_BEFORE = "history_before"  # kavg_ray.train.loop.HISTORY_BEFORE (no torch here)
 HISTORY_KEYS = (
     "epoch", "samples", "rounds", "train_loss", "test_loss", "test_acc", "lr",
-    "compute_time_s", "comm_time_s", "bytes_communicated", "wall_time_s",
+    "compute_time_s", "comm_time_s", "wait_time_s", "bytes_communicated", "wall_time_s",
     "local_reductions", "global_reductions", "local_comm_time_s", "global_comm_time_s",
     "staleness_mean", "staleness_max", "pushes", "applied",
 )  # fmt: skip

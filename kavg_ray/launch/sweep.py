@@ -44,6 +44,7 @@ def trial_row(
         "wall_time_s": last.get("wall_time_s", math.nan),
         "compute_time_s": last.get("compute_time_s", math.nan),
         "comm_time_s": last.get("comm_time_s", math.nan),
+        "wait_time_s": last.get("wait_time_s", math.nan),
         "bytes_communicated": last.get("bytes_communicated", 0),
         "rounds": last.get("rounds", 0),
         "samples": last.get("samples", 0),

@@ -33,7 +33,8 @@ HISTORY_BEFORE = "history_before"
 # Every engine reports exactly these keys, every epoch.
 METRIC_KEYS = (
     "epoch", "samples", "rounds", "train_loss", "test_loss", "test_acc", "lr",
-    "compute_time_s", "comm_time_s", "bytes_communicated", "wall_time_s", "diverged",
+    "compute_time_s", "comm_time_s", "wait_time_s", "bytes_communicated", "wall_time_s",
+    "diverged",
     "local_reductions", "global_reductions", "local_comm_time_s", "global_comm_time_s",
     "local_bytes", "global_bytes", "staleness_mean", "staleness_max", "pushes", "applied",
 )  # fmt: skip
@@ -95,8 +96,8 @@ class EngineBase:
 def empty_comm_metrics() -> dict:
     """The algorithm-specific keys of METRIC_KEYS for an engine that has none of them."""
     return {
-        "local_reductions": 0, "global_reductions": 0, "local_comm_time_s": 0.0,
-        "global_comm_time_s": 0.0, "local_bytes": 0, "global_bytes": 0,
+        "wait_time_s": 0.0, "local_reductions": 0, "global_reductions": 0,
+        "local_comm_time_s": 0.0, "global_comm_time_s": 0.0, "local_bytes": 0, "global_bytes": 0,
         "staleness_mean": math.nan, "staleness_max": math.nan, "pushes": 0, "applied": 0,
     }  # fmt: skip
 

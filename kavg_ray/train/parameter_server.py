@@ -375,6 +375,7 @@ class ParameterServerEngine(EngineBase):
             "rounds": rounds,
             "compute_time_s": totals[0].item() / w,
             "comm_time_s": totals[1].item() / w,
+            "wait_time_s": math.nan,  # server calls are not collectives: no last arrival
             "bytes_communicated": round(totals[2].item() / w),
             "global_reductions": rounds,
             "global_comm_time_s": totals[1].item() / w,

@@ -91,11 +91,13 @@ class ProcessGroupEngine(EngineBase):
 
     def comm_metrics(self, compute_time_s: float) -> dict:
         avg = self.averager
+        avg.settle_waits()
         out = {
             **empty_comm_metrics(),
             "rounds": avg.stats.count,
             "compute_time_s": compute_time_s,
             "comm_time_s": avg.stats.seconds,
+            "wait_time_s": avg.stats.wait_seconds,
             "bytes_communicated": avg.stats.bytes,
             "global_reductions": avg.stats.count,
             "global_comm_time_s": avg.stats.seconds,
@@ -115,9 +117,9 @@ class ProcessGroupEngine(EngineBase):
 
     def state_dict(self) -> dict:
         avg = self.averager
-        stats = {"global": vars(avg.stats).copy()}
+        stats = {"global": avg.stats.totals()}
         if isinstance(avg, HierAvgAverager):
-            stats = {"local": vars(avg.local_stats).copy(), "global": vars(avg.global_stats).copy()}
+            stats = {"local": avg.local_stats.totals(), "global": avg.global_stats.totals()}
         return {
             "format": "process-group-1",
             "model": self.workload.model.state_dict(),

@@ -89,6 +89,12 @@ def _compare_with_reference(rank: int, world: int, doc: dict) -> None:
     for name, value in reference.items():
         torch.testing.assert_close(states[-1]["engine"]["model"][name], value, rtol=0, atol=1e-5)
     assert metrics["epoch"] == cfg.workload.epochs
+    # The wait for the last learner is part of the averaging time, and the checkpoint
+    # keeps it (settled: nothing unsettled travels).
+    assert 0.0 <= metrics["wait_time_s"] <= metrics["comm_time_s"]
+    comm = states[-1]["engine"]["comm"]
+    assert sum(c["wait_seconds"] for c in comm.values()) == pytest.approx(metrics["wait_time_s"])
+    assert all(set(c) == {"count", "seconds", "bytes", "wait_seconds"} for c in comm.values())
     # Evaluation averaged the models but must not have left them averaged.
     if world > 1:
         others = [torch.empty_like(v) for v in [reference["1.weight"]] * world]
