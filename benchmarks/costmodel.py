@@ -13,14 +13,22 @@ without the wait for the slowest learner that the model leaves out.
 taken in P spawned gloo processes on 127.0.0.1 instead of Ray Train workers, fitted and
 written as the same profile file: for a machine without Ray (the GPU box).
 
+``sweep``: the same comparison for the trials of a stored sweep that ``kavg sweep run``
+ran (Ray Train learners, as a user runs them): each trial's ``comm_time_s``, its
+``wait_time_s`` for the last learner, and the transfer (their difference) against the
+profile's ``predicted_comm_time_s``. ``fake-cifar10`` writes random images in CIFAR-10's
+format for the resnet18 spec of ``benchmarks/costmodel_ray/``.
+
 ``twin``: runs a sweep spec of simulated-backend points in this process, one after the
 other (``kavg_ray.train.run.train``, no Ray), and writes them to a results store, so that
 ``kavg results kopt --by time --network`` can be asked about them.
 
 Usage:
   python benchmarks/costmodel.py calibrate --P 2 --P 4 [--sizes 4k,64k,1M,8M,32M]
-         [--repeats 8] --out PROFILE.json
+         [--repeats 8] [--gap-ms MS] --out PROFILE.json
   python benchmarks/costmodel.py validate --profile PROFILE.json [--out FILE.json]
+  python benchmarks/costmodel.py sweep SWEEP --storage DIR --profile PROFILE.json [--out F]
+  python benchmarks/costmodel.py fake-cifar10 DIR [--per-batch 64] [--test 32]
   python benchmarks/costmodel.py twin SPEC.yaml --storage DIR [--epochs N]
 """
 
@@ -28,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import socket
 import sys
@@ -82,10 +91,12 @@ def _learner(rank: int, world: int, port: int, model: str, K: int, steps: int, B
             dist.barrier()  # untimed: the average then starts with every learner present
         avg.step()
     wall = time.perf_counter() - start
+    avg.settle_waits()
     if rank == 0:
         row = {"model": model, "P": world, "K": K, "steps": steps, "batch_size": B,
                "rounds": avg.stats.count, "model_bytes": avg.flat.nbytes,
-               "comm_time_s": avg.stats.seconds, "wall_time_s": wall, "sync": sync}  # fmt: skip
+               "comm_time_s": avg.stats.seconds, "wait_time_s": avg.stats.wait_seconds,
+               "wall_time_s": wall, "sync": sync}  # fmt: skip
         Path(out).write_text(json.dumps(row))
     dist.barrier()
     # Leave without gloo's C++ teardown, which can abort a rank whose peers already left
@@ -94,7 +105,8 @@ def _learner(rank: int, world: int, port: int, model: str, K: int, steps: int, B
     os._exit(0)
 
 
-def _timer(rank: int, world: int, port: int, sizes: list[int], repeats: int, out: str) -> None:
+def _timer(rank: int, world: int, port: int, sizes: list[int], repeats: int, gap_s: float,
+           out: str) -> None:  # fmt: skip
     import torch
     import torch.distributed as dist
 
@@ -103,7 +115,7 @@ def _timer(rank: int, world: int, port: int, sizes: list[int], repeats: int, out
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    times = time_averages(sizes, repeats)
+    times = time_averages(sizes, repeats, gap_s=gap_s)
     if rank == 0:
         Path(out).write_text(json.dumps(times))
     dist.barrier()
@@ -126,7 +138,7 @@ def _spawn_for_json(fn, P: int, *args) -> Any:
         return json.loads(Path(out).read_text())
 
 
-def calibrate(P_values: list[int], sizes_text: str, repeats: int, out: str) -> None:
+def calibrate(P_values: list[int], sizes_text: str, repeats: int, gap_s: float, out: str) -> None:
     """Time averages over each P in spawned gloo processes; fit and write the profile."""
     from kavg_ray.launch.calibrate import (
         calibration_details,
@@ -138,11 +150,11 @@ def calibrate(P_values: list[int], sizes_text: str, repeats: int, out: str) -> N
     sizes = parse_sizes(sizes_text)
     samples = []
     for P in P_values:
-        times = _spawn_for_json(_timer, P, sizes, repeats)
+        times = _spawn_for_json(_timer, P, sizes, repeats, gap_s)
         samples += [(P, float(n), t) for n, t in zip(sizes, times, strict=True)]
     fit = costmodel.fit_alpha_beta(samples)
     where = f"spawned processes on {socket.gethostname()} (127.0.0.1)"
-    details = calibration_details(where, "gloo", P_values, repeats, samples)
+    details = calibration_details(where, "gloo", P_values, repeats, samples, gap_s)
     print(format_fit(fit))
     print(f"wrote {write_calibration(out, fit, details, None)}")
 
@@ -174,23 +186,82 @@ def validate(profile: str, out: str | None, sync: bool = False) -> list[dict]:
     for model, P, ks, steps, B in PLAN:
         for K in ks:
             row = run_trial(model, P, K, steps, B, sync)
+            transfer = row["comm_time_s"] - row["wait_time_s"]
             for tag, link in (("joint", net.inter), ("perP", per_p.get(P))):
                 if link is None:
                     continue
                 pred = row["rounds"] * costmodel.allreduce_time(P, row["model_bytes"], link)
                 row[f"predicted_comm_s_{tag}"] = pred
                 row[f"ratio_{tag}"] = pred / row["comm_time_s"]
+                row[f"ratio_transfer_{tag}"] = pred / transfer
             rows.append(row)
             print(
                 f"{model:9s} P={P} K={K:2d} rounds={row['rounds']:3d} n={row['model_bytes']:>9d} B "
-                f"measured {row['comm_time_s']:.4f}s ratio joint {row['ratio_joint']:.2f} "
-                f"per-P {row.get('ratio_perP', float('nan')):.2f}",
+                f"comm {row['comm_time_s']:.4f}s wait {row['wait_time_s']:.4f}s | ratio to "
+                f"comm: joint {row['ratio_joint']:.2f} per-P {row.get('ratio_perP', math.nan):.2f}"
+                f" | to comm - wait: joint {row['ratio_transfer_joint']:.2f} "
+                f"per-P {row.get('ratio_transfer_perP', math.nan):.2f}",
                 flush=True,
             )
     if out:
         doc = {"profile": net.to_dict(), "trials": rows, "load_avg": os.getloadavg()}
         Path(out).write_text(json.dumps(doc, indent=2) + "\n")
     return rows
+
+
+def compare_sweep(sweep: str, storage: str, profile: str, out: str | None) -> list[dict]:
+    """The trials of a stored sweep (``kavg sweep run``, Ray Train learners): measured
+    averaging time, its wait for the last learner, and the profile's prediction."""
+    net = costmodel.parse_network(profile)
+    nets = {"joint": net} | {
+        f"perP{P}": costmodel.Network(f"P={P} fit", link, None, "", {})
+        for P, link in _per_p_links(net).items()
+    }
+    preds = {tag: costmodel.predict_sweep(sweep, storage, n, target=1.0) for tag, n in nets.items()}
+    rows = []
+    for i, trial in preds["joint"].iterrows():
+        if trial["algorithm"] != "kavg" or trial["status"] != "completed" or trial["P"] < 2:
+            continue
+        row = {k: trial[k] for k in ("trial_id", "model", "P", "K", "rounds", "model_bytes",
+                                     "comm_time_s", "wait_time_s", "measured_transfer_time_s")}
+        row = {k: v.item() if hasattr(v, "item") else v for k, v in row.items()}
+        for tag in ("joint", f"perP{row['P']}"):
+            if tag in preds:
+                pred = float(preds[tag].loc[i, "predicted_comm_time_s"])
+                short = tag.rstrip("0123456789")
+                row[f"predicted_comm_s_{short}"] = pred
+                row[f"ratio_{short}"] = pred / row["comm_time_s"]
+                row[f"ratio_transfer_{short}"] = pred / row["measured_transfer_time_s"]
+        rows.append(row)
+        print(f"{row['model']:9s} P={row['P']} K={row['K']:2d} rounds={row['rounds']:4d} "
+              f"comm {row['comm_time_s']:.4f}s wait {row['wait_time_s']:.4f}s | ratio to comm "
+              f"{row['ratio_joint']:.2f} | to comm - wait: joint {row['ratio_transfer_joint']:.2f}"
+              f" per-P {row.get('ratio_transfer_perP', math.nan):.2f}", flush=True)  # fmt: skip
+    if out:
+        doc = {"sweep": sweep, "profile": net.to_dict(), "trials": rows,
+               "load_avg": os.getloadavg()}  # fmt: skip
+        Path(out).write_text(json.dumps(doc, indent=2) + "\n")
+    return rows
+
+
+def fake_cifar10(root: str, per_batch: int, n_test: int) -> None:
+    """Random images in CIFAR-10's own on-disk format (for timing runs of resnet18 here,
+    where the real set cannot be downloaded)."""
+    import pickle
+
+    import numpy as np
+
+    folder = Path(root) / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.RandomState(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        n = n_test if name == "test_batch" else per_batch
+        doc = {b"data": rng.randint(0, 256, size=(n, 3072)).astype(np.uint8),
+               b"labels": rng.randint(0, 10, size=n).tolist()}  # fmt: skip
+        (folder / name).write_bytes(pickle.dumps(doc))
+    meta = {b"label_names": [f"class{i}".encode() for i in range(10)]}
+    (folder / "batches.meta").write_bytes(pickle.dumps(meta))
+    print(f"wrote {5 * per_batch} training and {n_test} test images under {folder}")
 
 
 def twin(spec: str, storage: str, epochs: int | None) -> None:
@@ -229,20 +300,34 @@ def main() -> None:
     c.add_argument("--P", type=int, action="append", required=True)
     c.add_argument("--sizes", default="4k,64k,1M,8M,32M")
     c.add_argument("--repeats", type=int, default=8)
+    c.add_argument("--gap-ms", type=float, default=0.0, help="computation before each average")
     c.add_argument("--out", required=True)
     v = sub.add_parser("validate")
     v.add_argument("--profile", required=True)
     v.add_argument("--out", default=None)
     v.add_argument("--sync", action="store_true", help="barrier (untimed) before each average")
+    s = sub.add_parser("sweep", help="compare a stored sweep's trials with the profile")
+    s.add_argument("sweep")
+    s.add_argument("--storage", required=True)
+    s.add_argument("--profile", required=True)
+    s.add_argument("--out", default=None)
+    f = sub.add_parser("fake-cifar10", help="random images in CIFAR-10's format")
+    f.add_argument("root")
+    f.add_argument("--per-batch", type=int, default=64)
+    f.add_argument("--test", type=int, default=32)
     t = sub.add_parser("twin")
     t.add_argument("spec")
     t.add_argument("--storage", required=True)
     t.add_argument("--epochs", type=int, default=None)
     args = parser.parse_args()
     if args.cmd == "calibrate":
-        calibrate(args.P, args.sizes, args.repeats, args.out)
+        calibrate(args.P, args.sizes, args.repeats, args.gap_ms / 1e3, args.out)
     elif args.cmd == "validate":
         validate(args.profile, args.out, args.sync)
+    elif args.cmd == "sweep":
+        compare_sweep(args.sweep, args.storage, args.profile, args.out)
+    elif args.cmd == "fake-cifar10":
+        fake_cifar10(args.root, args.per_batch, args.test)
     else:
         twin(args.spec, args.storage, args.epochs)
 

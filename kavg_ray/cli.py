@@ -527,10 +527,13 @@ def results_report(
 @click.option("--out", default="network-profile.json", show_default=True,
               help="profile file to write (.json, or .yaml/.yml)")
 @click.option("--name", default=None, help="the profile's name [the file's stem]")
+@click.option("--gap-ms", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="compute this long before each timed average, as training does "
+                   "(0: back to back, behind a barrier)")
 @_user_errors
 def calibrate(
     address: str | None, P: tuple[int, ...], sizes: str, repeats: int, gpu: bool,
-    cpus_per_worker: float | None, out: str, name: str | None,
+    cpus_per_worker: float | None, out: str, name: str | None, gap_ms: float,
 ) -> None:  # fmt: skip
     """Time averages of several sizes over P Ray workers, fit alpha and beta by least
     squares, print the fit and its residuals, and write a profile for --network FILE."""
@@ -544,7 +547,8 @@ def calibrate(
 
     fit, details = cal.calibrate(
         sorted(set(P)), size_list, address=address, repeats=repeats, use_gpu=gpu,
-        cpus_per_worker=cpus_per_worker, echo=lambda m: click.echo(m, err=True),
+        cpus_per_worker=cpus_per_worker, gap_s=gap_ms / 1e3,
+        echo=lambda m: click.echo(m, err=True),
     )  # fmt: skip
     click.echo(cal.format_fit(fit))
     click.echo(f"profile: {cal.write_calibration(out, fit, details, name)}")

@@ -5,13 +5,19 @@ would use (gloo on CPU, NCCL on GPU). Every worker times the operation K-AVG's a
 performs for one average (kavg_ray.averaging: one all-reduce of a flat float32 buffer,
 plus one in-place division by N on gloo, which has no average operation) for each size,
 after a warm-up, at least ``repeats`` times and, for small sizes, as often as fits in
-about half a second (the same count on every worker); a repeat's time is the slowest
-worker's (an average ends when the last learner has it), and a size's time is the mean
-repeat: a run's communication time is the sum of its averages, and small all-reduces
-have a long tail that a median hides (2-core machine, 38 kB: median 1.0 ms, mean 1.9 ms,
-benchmarks/latency_gap.py). The driver
-fits alpha and beta of the ring all-reduce cost (kavg_ray.costmodel.fit_alpha_beta) to
-those times over every N given, and writes the profile ``--network FILE`` reads.
+about half a second (the same count on every worker). Before each timed average the
+workers meet at a barrier or, with a gap (``--gap-ms``), compute for that long, as
+learners average after their local steps.
+
+A repeat's time is the shortest worker's: every worker leaves the all-reduce at about the
+same moment, so the shortest time runs from the moment the last one arrived: the
+transfer alone, estimated as a trial's transfer is (its ``comm_time_s`` less
+``wait_time_s``, see kavg_ray.averaging.CommStats). A size's time is the mean repeat: a
+run's communication time is the sum of its averages, and small all-reduces have a long
+tail that a median hides (2-core machine, 38 kB: median 1.0 ms, mean 1.9 ms,
+benchmarks/latency_gap.py). The driver fits alpha and beta of the ring all-reduce cost
+(kavg_ray.costmodel.fit_alpha_beta) to those times over every N given, and writes the
+profile ``--network FILE`` reads.
 """
 
 from __future__ import annotations
@@ -50,14 +56,20 @@ def parse_sizes(text: str) -> list[int]:
 
 
 def time_averages(
-    sizes: Sequence[int], repeats: int, warmup: int = 2, min_seconds: float = 0.5
+    sizes: Sequence[int],
+    repeats: int,
+    warmup: int = 2,
+    min_seconds: float = 0.5,
+    gap_s: float = 0.0,
 ) -> list[float]:
     """Mean seconds of one average of each size over the default process group.
 
     Call on every rank of an initialised torch.distributed group; every rank returns
-    the same list (per repeat, the slowest rank's time). A size is timed
-    ``max(repeats, min_seconds / warm-up time)`` times (at most ``MAX_REPEATS``), the
-    count agreed by all ranks.
+    the same list (per repeat, the shortest rank's time: the transfer after the last
+    rank arrived). A size is timed ``max(repeats, min_seconds / warm-up time)`` times
+    (at most ``MAX_REPEATS``), the count agreed by all ranks. ``gap_s`` > 0: before each
+    timed average every rank computes (matrix products) for that long instead of meeting
+    at a barrier, as a learner averages after its local steps.
     """
     import math
     import time
@@ -69,8 +81,20 @@ def time_averages(
     nccl = dist.get_backend() == dist.Backend.NCCL
     device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
 
+    work = torch.ones(64, 64, device=device)
+
+    def compute(seconds: float) -> None:
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            work @ work
+            if nccl:
+                torch.cuda.synchronize(device)
+
     def average(buf: torch.Tensor) -> float:
-        dist.barrier()
+        if gap_s > 0:
+            compute(gap_s)
+        else:
+            dist.barrier()
         start = time.perf_counter()
         if nccl:
             dist.all_reduce(buf, op=dist.ReduceOp.AVG)
@@ -85,13 +109,13 @@ def time_averages(
         buf = torch.ones(n // 4, dtype=torch.float32, device=device)
         warm = max(average(buf) for _ in range(max(1, warmup)))
         count = torch.tensor(
-            [min(MAX_REPEATS, max(repeats, math.ceil(min_seconds / max(warm, 1e-6))))],
+            [min(MAX_REPEATS, max(repeats, math.ceil(min_seconds / max(warm + gap_s, 1e-6))))],
             dtype=torch.float64, device=device,
         )  # fmt: skip
         dist.all_reduce(count, op=dist.ReduceOp.MAX)  # every rank runs as many
         times = torch.tensor([average(buf) for _ in range(int(count.item()))],
                              dtype=torch.float64, device=device)  # fmt: skip
-        dist.all_reduce(times, op=dist.ReduceOp.MAX)
+        dist.all_reduce(times, op=dist.ReduceOp.MIN)
         means.append(float(times.mean()))
     return means
 
@@ -103,12 +127,14 @@ def _worker_loop(config: dict) -> None:
     import torch
 
     torch.set_num_threads(max(1, int(config["threads"])))
-    times = time_averages(config["sizes"], config["repeats"])
+    times = time_averages(config["sizes"], config["repeats"], gap_s=config["gap_s"])
     if ray.train.get_context().get_world_rank() == 0:
         ray.get(config["collector"].put.remote(times))
 
 
-def _measure(P: int, sizes: list[int], repeats: int, use_gpu: bool, cpus: float) -> list[float]:
+def _measure(
+    P: int, sizes: list[int], repeats: int, use_gpu: bool, cpus: float, gap_s: float
+) -> list[float]:
     """Times of one average per size over ``P`` Ray Train workers (one TorchTrainer run)."""
     import ray
     from ray.train import RunConfig, ScalingConfig
@@ -134,6 +160,7 @@ def _measure(P: int, sizes: list[int], repeats: int, use_gpu: bool, cpus: float)
             train_loop_config={
                 "sizes": sizes,
                 "repeats": repeats,
+                "gap_s": gap_s,
                 "collector": collector,
                 "threads": cpus,
             },  # fmt: skip
@@ -158,9 +185,11 @@ def calibrate(
     repeats: int = 10,
     use_gpu: bool = False,
     cpus_per_worker: float | None = None,
+    gap_s: float = 0.0,
     echo: Callable[[str], Any] = print,
 ) -> tuple[Fit, dict[str, Any]]:
-    """Time averages over each P in ``P_values`` and fit alpha and beta; (fit, details)."""
+    """Time averages over each P in ``P_values`` and fit alpha and beta; (fit, details).
+    ``gap_s``: computation before each timed average (see :func:`time_averages`)."""
     import ray
 
     from kavg_ray.launch.sweep import connect  # loopback-only local Ray, as sweeps start
@@ -173,7 +202,7 @@ def calibrate(
             cpus = cpus_per_worker or min(1.0, total_cpu / P)
             echo(f"[kavg] calibrate: P={P}, {len(sizes)} sizes x {repeats} repeats, "
                  f"{'nccl' if use_gpu else 'gloo'}, {cpus:g} CPU per worker")  # fmt: skip
-            times = _measure(P, list(sizes), repeats, use_gpu, cpus)
+            times = _measure(P, list(sizes), repeats, use_gpu, cpus, gap_s)
             samples += [(P, float(n), t) for n, t in zip(sizes, times, strict=True)]
     except KavgError:
         raise
@@ -183,7 +212,8 @@ def calibrate(
         if connected_here:
             ray.shutdown()
     where = address or "local (127.0.0.1)"
-    details = calibration_details(where, "nccl" if use_gpu else "gloo", P_values, repeats, samples)
+    backend = "nccl" if use_gpu else "gloo"
+    details = calibration_details(where, backend, P_values, repeats, samples, gap_s)
     return fit_alpha_beta(samples), details
 
 
@@ -193,6 +223,7 @@ def calibration_details(
     P_values: Sequence[int],
     repeats: int,
     samples: Sequence[tuple[int, float, float]],
+    gap_s: float = 0.0,
 ) -> dict[str, Any]:
     """What a profile records of its calibration: where and how, and the raw timings."""
     return {
@@ -200,6 +231,7 @@ def calibration_details(
         "backend": backend,
         "P": list(P_values),
         "repeats": repeats,
+        "gap_s": gap_s,
         "measurements": [{"P": p, "nbytes": int(n), "seconds": t} for p, n, t in samples],
     }
 

@@ -34,8 +34,24 @@ def _check_times(rank: int, world: int, out: str) -> None:
 def test_time_averages_agree_across_ranks(tmp_path: Path) -> None:
     run_distributed(_check_times, 2, str(tmp_path))
     a, b = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
-    assert a == b  # every rank returns the means of the slowest rank's times
+    assert a == b  # every rank returns the means of the shortest rank's times
     assert a[1] > a[0]  # 4 MB takes longer than 400 B
+
+
+def _check_gap(rank: int, world: int, out: str) -> None:
+    import time
+
+    start = time.perf_counter()
+    times = time_averages([400, 4_000], repeats=3, warmup=1, min_seconds=0.0, gap_s=0.05)
+    Path(out, f"rank{rank}.json").write_text(json.dumps([time.perf_counter() - start, *times]))
+
+
+def test_time_averages_compute_for_the_gap_before_each_average(tmp_path: Path) -> None:
+    run_distributed(_check_gap, 2, str(tmp_path))
+    a, b = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    # 2 sizes x (1 warm-up + 3 timed) averages, each after 50 ms of computation
+    assert a[0] >= 8 * 0.05 and b[0] >= 8 * 0.05
+    assert a[1:] == b[1:] and all(t < 0.05 for t in a[1:])  # the gap is not timed
 
 
 def test_profile_round_trip(tmp_path: Path) -> None:
