@@ -244,6 +244,24 @@ def compare_sweep(sweep: str, storage: str, profile: str, out: str | None) -> li
     return rows
 
 
+def compare_sweeps(sweeps: list[str], storage: str, profiles: list[str], out: str | None) -> None:
+    """:func:`compare_sweep` for every sweep and profile; per profile, how many trials'
+    predicted/measured transfer fall inside the target 0.75..1.33 (joint and per-P fit)."""
+    docs = []
+    for profile in profiles:
+        rows = []
+        for sweep in sweeps:
+            print(f"# {sweep} against {profile}")
+            rows += compare_sweep(sweep, storage, profile, None)
+        inside = {tag: sum(0.75 <= r.get(f"ratio_transfer_{tag}", 0) <= 1.33 for r in rows)
+                  for tag in ("joint", "perP")}  # fmt: skip
+        print(f"{profile}: inside 0.75..1.33: {inside['joint']} of {len(rows)} (joint fit), "
+              f"{inside['perP']} of {len(rows)} (per-P fit)\n")
+        docs.append({"profile": profile, "sweeps": sweeps, "trials": rows, "inside": inside})
+    if out:
+        Path(out).write_text(json.dumps(docs, indent=2) + "\n")
+
+
 def fake_cifar10(root: str, per_batch: int, n_test: int) -> None:
     """Random images in CIFAR-10's own on-disk format (for timing runs of resnet18 here,
     where the real set cannot be downloaded)."""
@@ -300,16 +318,16 @@ def main() -> None:
     c.add_argument("--P", type=int, action="append", required=True)
     c.add_argument("--sizes", default="4k,64k,1M,8M,32M")
     c.add_argument("--repeats", type=int, default=8)
-    c.add_argument("--gap-ms", type=float, default=0.0, help="computation before each average")
+    c.add_argument("--gap-ms", type=float, default=2.0, help="computation before each average")
     c.add_argument("--out", required=True)
     v = sub.add_parser("validate")
     v.add_argument("--profile", required=True)
     v.add_argument("--out", default=None)
     v.add_argument("--sync", action="store_true", help="barrier (untimed) before each average")
     s = sub.add_parser("sweep", help="compare a stored sweep's trials with the profile")
-    s.add_argument("sweep")
+    s.add_argument("sweep", nargs="+")
     s.add_argument("--storage", required=True)
-    s.add_argument("--profile", required=True)
+    s.add_argument("--profile", required=True, action="append", help="repeatable")
     s.add_argument("--out", default=None)
     f = sub.add_parser("fake-cifar10", help="random images in CIFAR-10's format")
     f.add_argument("root")
@@ -325,7 +343,7 @@ def main() -> None:
     elif args.cmd == "validate":
         validate(args.profile, args.out, args.sync)
     elif args.cmd == "sweep":
-        compare_sweep(args.sweep, args.storage, args.profile, args.out)
+        compare_sweeps(args.sweep, args.storage, args.profile, args.out)
     elif args.cmd == "fake-cifar10":
         fake_cifar10(args.root, args.per_batch, args.test)
     else:

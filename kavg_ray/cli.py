@@ -527,7 +527,7 @@ def results_report(
 @click.option("--out", default="network-profile.json", show_default=True,
               help="profile file to write (.json, or .yaml/.yml)")
 @click.option("--name", default=None, help="the profile's name [the file's stem]")
-@click.option("--gap-ms", type=click.FloatRange(0), default=0.0, show_default=True,
+@click.option("--gap-ms", type=click.FloatRange(0), default=2.0, show_default=True,
               help="compute this long before each timed average, as training does "
                    "(0: back to back, behind a barrier)")
 @_user_errors

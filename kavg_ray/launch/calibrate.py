@@ -34,6 +34,11 @@ from kavg_ray.errors import BadInputError, KavgError
 
 DEFAULT_SIZES = "4k,64k,1M,8M,32M"
 MAX_REPEATS = 1000  # timed averages per size at most
+# Computation before each timed average: an all-reduce right after local steps costs more
+# than one back to back (2-core machine, 4 kB at P = 2: about 1.0 ms back to back, 1.5 ms
+# after 2 ms, 2.6 ms after 20 ms); 2 ms predicted Ray trials best there
+# (benchmarks/costmodel_ray/validation.txt).
+DEFAULT_GAP_S = 0.002
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]?)b?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}
 
@@ -185,7 +190,7 @@ def calibrate(
     repeats: int = 10,
     use_gpu: bool = False,
     cpus_per_worker: float | None = None,
-    gap_s: float = 0.0,
+    gap_s: float = DEFAULT_GAP_S,
     echo: Callable[[str], Any] = print,
 ) -> tuple[Fit, dict[str, Any]]:
     """Time averages over each P in ``P_values`` and fit alpha and beta; (fit, details).

@@ -86,10 +86,11 @@ def test_calibrate_on_a_local_ray(tmp_path: Path) -> None:
     out = tmp_path / "lab.yaml"
     proc = subprocess.run(
         [str(KAVG), "calibrate", "--P", "2", "--sizes", "4k,4M", "--repeats", "3",
-         "--out", str(out), "--name", "lab"],
+         "--out", str(out), "--name", "lab", "--gap-ms", "5"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("alpha = ")
     net = parse_network(str(out))
     assert net.name == "lab" and net.inter.beta > 0 and net.inter.alpha >= 0
+    assert net.extra["calibration"]["gap_s"] == 0.005  # the profile says how it was timed
