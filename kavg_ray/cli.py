@@ -122,10 +122,12 @@ def train(config: str, address: str | None, storage: str | None, verbose: bool) 
     from kavg_ray.results import load_trials
 
     row = load_trials(cfg.name, storage).set_index("trial_id").loc[tid]
+    waited = float(row["wait_time_s"])
+    wait = f" (of which {waited:.2f}s waiting for the last learner)" if waited > 0 else ""
     click.echo(
         f"summary: {cfg.algorithm} P={cfg.P} {'K=' + str(cfg.K) if cfg.K else ''} "
         f"status {row['status']}  final test accuracy {row['final_test_acc']:.4f}  "
-        f"wall time {row['wall_time_s']:.1f}s  averaging time {row['comm_time_s']:.2f}s  "
+        f"wall time {row['wall_time_s']:.1f}s  averaging time {row['comm_time_s']:.2f}s{wait}  "
         f"bytes averaged {int(row['bytes_communicated']):,}  rounds {int(row['rounds'])}"
     )
     click.echo(f"results: {os.path.join(storage, cfg.name)}")
@@ -349,7 +351,7 @@ def results_show(sweep_name: str, storage: str | None, fmt: str) -> None:
         cols = ["trial_id", "algorithm", "backend", "P", "K", "S", "K1", "K2", "seed",
                 "status", "final_test_acc", "best_test_acc", "time_to_target_s",
                 "wall_time_s", "global_reductions", "local_reductions", "comm_time_s",
-                "global_comm_time_s", "local_comm_time_s", "staleness_mean",
+                "wait_time_s", "global_comm_time_s", "local_comm_time_s", "staleness_mean",
                 "staleness_max", "pushes", "applied", "restarts", "restart_time_s",
                 "error"]  # fmt: skip
         df = results.show_columns(df, cols)
