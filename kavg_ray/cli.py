@@ -337,28 +337,21 @@ def results_list(storage: str | None, fmt: str) -> None:
     click.echo(results.format_frame(results.ResultsStore(_storage(storage)).list_sweeps(), fmt))
 
 
-@results_group.command("show")
-@click.argument("sweep_name")
-@click.option("--storage", default=None, help="results directory [./kavg_results, $KAVG_STORAGE]")
-@click.option("--format", "fmt", type=FORMATS, default="table")
-@_user_errors
-def results_show(sweep_name: str, storage: str | None, fmt: str) -> None:
-    """Show a sweep's trials."""
-    from kavg_ray import results
+def _show_on_network(sweep_name: str, storage: str, trials: Any, net: tuple, fmt: str) -> tuple:
+    """`results show --network`: the trials with the cost model's columns; (frame, the
+    columns the table adds)."""
+    from kavg_ray import costmodel
 
-    df = results.load_trials(_check_name(sweep_name), _storage(storage))
+    network, step_time, target = net
+    df = costmodel.predict_sweep(
+        sweep_name, storage, network, trials=trials, step_time=step_time, target=target,
+        require_target=False,
+    )
     if fmt == "table":
-        cols = ["trial_id", "algorithm", "backend", "P", "K", "S", "K1", "K2", "seed",
-                "status", "final_test_acc", "best_test_acc", "time_to_target_s",
-                "wall_time_s", "global_reductions", "local_reductions", "comm_time_s",
-                "wait_time_s", "global_comm_time_s", "local_comm_time_s", "staleness_mean",
-                "staleness_max", "pushes", "applied", "restarts", "restart_time_s",
-                "error"]  # fmt: skip
-        df = results.show_columns(df, cols)
-    click.echo(results.format_frame(df, fmt), nl=False)
-    if fmt == "table" and "error" in df.columns:
-        click.echo("full error texts: " + os.path.join(
-            _storage(storage), sweep_name, "errors", "TRIAL.txt"))  # fmt: skip
+        click.echo(f"network assumed: {network.describe()}")
+    cols = ["predicted_time_to_target_s", "predicted_time_s", "predicted_comm_time_s",
+            "measured_transfer_time_s"]  # fmt: skip
+    return df, cols
 
 
 _NETWORK_HELP = "a preset (nvlink, ib200, ib400, eth1g, eth10g, eth100g), alpha=S,bandwidth=GB/s"
@@ -390,6 +383,35 @@ def _network_options(fn: Callable) -> Callable:
     ):  # fmt: skip
         wrapper = opt(wrapper)
     return wrapper
+
+
+@results_group.command("show")
+@click.argument("sweep_name")
+@click.option("--storage", default=None, help="results directory [./kavg_results, $KAVG_STORAGE]")
+@click.option("--format", "fmt", type=FORMATS, default="table")
+@_user_errors
+@_network_options
+def results_show(sweep_name: str, storage: str | None, fmt: str, net: tuple | None) -> None:
+    """Show a sweep's trials (with --network, each one's predicted time on that network
+    beside the measured one, and its measured transfer beside the predicted)."""
+    from kavg_ray import results
+
+    df = results.load_trials(_check_name(sweep_name), _storage(storage))
+    predicted: list[str] = []
+    if net is not None:
+        df, predicted = _show_on_network(sweep_name, _storage(storage), df, net, fmt)
+    if fmt == "table":
+        cols = ["trial_id", "algorithm", "backend", "P", "K", "S", "K1", "K2", "seed",
+                "status", "final_test_acc", "best_test_acc", "time_to_target_s",
+                "wall_time_s", "global_reductions", "local_reductions", "comm_time_s",
+                "wait_time_s", "global_comm_time_s", "local_comm_time_s", "staleness_mean",
+                "staleness_max", "pushes", "applied", "restarts", "restart_time_s",
+                *predicted, "error"]  # fmt: skip
+        df = results.show_columns(df, cols)
+    click.echo(results.format_frame(df, fmt), nl=False)
+    if fmt == "table" and "error" in df.columns:
+        click.echo("full error texts: " + os.path.join(
+            _storage(storage), sweep_name, "errors", "TRIAL.txt"))  # fmt: skip
 
 
 def _kopt_on_network(sweep_name: str, storage: str, fmt: str, by: str, net: tuple) -> None:

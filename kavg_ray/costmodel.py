@@ -625,9 +625,11 @@ def predict_sweep(
     trials: pd.DataFrame | None = None,
     step_time: float | None = None,
     target: float | None = None,
+    require_target: bool = True,
 ) -> pd.DataFrame:
     """:func:`predict_trials` for a stored sweep; ``target`` defaults to the spec's
-    ``target_accuracy`` (BadInputError when neither is set). ``trials`` (default: the
+    ``target_accuracy`` (BadInputError when neither is set, unless ``require_target`` is
+    False: then only the end-of-budget columns are predicted). ``trials`` (default: the
     stored ones) lets a caller pass rows with predictions already attached."""
     from kavg_ray.results import ResultsError, ResultsStore
 
@@ -640,7 +642,7 @@ def predict_sweep(
         spec = {}
     if target is None:
         target = spec.get("target_accuracy")
-    if target is None:
+    if target is None and require_target:
         raise BadInputError(
             f"sweep {sweep!r} has no target_accuracy: give --target ACC for the time to target"
         )
@@ -650,6 +652,5 @@ def predict_sweep(
         return model_bytes(model, dataset, synthetic)
 
     history = store.read_history(sweep)
-    return predict_trials(
-        trials, history, network, step_time=step_time, target=float(target), sizer=sizer
-    )
+    target = None if target is None else float(target)
+    return predict_trials(trials, history, network, step_time=step_time, target=target, sizer=sizer)

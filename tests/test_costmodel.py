@@ -286,6 +286,29 @@ def test_cli_kopt_by_time_on_a_network(tmp_path: Path) -> None:
     assert table.stdout.startswith("network assumed: eth10g")
 
 
+def test_cli_show_on_a_network_predicts_every_trial(tmp_path: Path) -> None:
+    _store_hand_sweep(tmp_path, target=None)  # per trial, no target is needed
+    runner = CliRunner()
+    args = ["results", "show", "hand", "--storage", str(tmp_path), "--network",
+            "alpha=1e-5,bandwidth=2", "--step-time", "0.01"]  # fmt: skip
+    res = runner.invoke(main, [*args, "--format", "json"])
+    assert res.exit_code == 0, res.output
+    rows = {r["K"]: r for r in json.loads(res.stdout)}
+    per_avg = 2 * 3 * 1e-5 + 1.5 * N / 2e9
+    assert rows[4]["predicted_comm_time_s"] == pytest.approx(75 * per_avg)  # 300 steps / 4
+    assert rows[4]["predicted_time_s"] == pytest.approx(3.0 + 75 * per_avg)
+    assert rows[4]["predicted_time_to_target_s"] is None  # no target: not predicted
+    table = runner.invoke(main, args)
+    assert table.exit_code == 0, table.output
+    assert table.stdout.startswith("network assumed: ")
+    assert "predicted_comm_time_s" in table.stdout
+    assert "predicted_time_to_target_s" not in table.stdout  # all NaN: left out
+    # --target asks for the time to it as well.
+    res = runner.invoke(main, [*args, "--target", "0.9", "--format", "json"])
+    rows = {r["K"]: r for r in json.loads(res.stdout)}
+    assert rows[16]["predicted_time_to_target_s"] == pytest.approx(3.0 + 18 * per_avg)
+
+
 def test_cli_kopt_on_a_network_adds_the_speedup_over_the_parameter_server(tmp_path) -> None:
     _store_hand_sweep(tmp_path)
     store = ResultsStore(tmp_path)
