@@ -209,31 +209,44 @@ def validate(profile: str, out: str | None, sync: bool = False) -> list[dict]:
     return rows
 
 
+def _setting(trial: dict) -> str:
+    if trial["algorithm"] == "hier_avg":
+        return f"S={int(trial['S'])} K1={int(trial['K1'])} K2={int(trial['K2'])}"
+    return f"K={int(trial['K'])}"
+
+
 def compare_sweep(sweep: str, storage: str, profile: str, out: str | None) -> list[dict]:
-    """The trials of a stored sweep (``kavg sweep run``, Ray Train learners): measured
-    averaging time, its wait for the last learner, and the profile's prediction."""
+    """The K-AVG and Hier-AVG trials of a stored sweep (``kavg sweep run``, Ray Train
+    learners): measured averaging time, its wait for the last learner, and the profile's
+    prediction, from the joint fit and from the fits of the trial's own P (and S)."""
     net = costmodel.parse_network(profile)
-    nets = {"joint": net} | {
-        f"perP{P}": costmodel.Network(f"P={P} fit", link, None, "", {})
-        for P, link in _per_p_links(net).items()
-    }
-    preds = {tag: costmodel.predict_sweep(sweep, storage, n, target=1.0) for tag, n in nets.items()}
+    per_p = _per_p_links(net)
+    joint = costmodel.predict_sweep(sweep, storage, net, target=1.0)
+    own = {}  # (P, S): predictions with the links fitted to P (global) and S (local) alone
+    for P, S in {(int(t["P"]), int(_num_or(t.get("S"), 1))) for _, t in joint.iterrows()}:
+        if P in per_p:
+            local = per_p.get(S) if S > 1 else None
+            n = costmodel.Network(f"P={P} fit", per_p[P], local, "", {})
+            own[P, S] = costmodel.predict_sweep(sweep, storage, n, target=1.0)
     rows = []
-    for i, trial in preds["joint"].iterrows():
-        if trial["algorithm"] != "kavg" or trial["status"] != "completed" or trial["P"] < 2:
+    for i, trial in joint.iterrows():
+        if trial["algorithm"] not in ("kavg", "hier_avg") or trial["status"] != "completed":
             continue
-        row = {k: trial[k] for k in ("trial_id", "model", "P", "K", "rounds", "model_bytes",
-                                     "comm_time_s", "wait_time_s", "measured_transfer_time_s")}
+        if trial["P"] < 2:
+            continue
+        row = {k: trial.get(k) for k in ("trial_id", "algorithm", "model", "P", "K", "S", "K1",
+                                         "K2", "rounds", "local_reductions", "model_bytes",
+                                         "comm_time_s", "wait_time_s", "measured_transfer_time_s")}
         row = {k: v.item() if hasattr(v, "item") else v for k, v in row.items()}
-        for tag in ("joint", f"perP{row['P']}"):
-            if tag in preds:
-                pred = float(preds[tag].loc[i, "predicted_comm_time_s"])
-                short = tag.rstrip("0123456789")
-                row[f"predicted_comm_s_{short}"] = pred
-                row[f"ratio_{short}"] = pred / row["comm_time_s"]
-                row[f"ratio_transfer_{short}"] = pred / row["measured_transfer_time_s"]
+        key = (int(row["P"]), int(_num_or(row.get("S"), 1)))
+        for tag, frame in (("joint", joint), ("perP", own.get(key))):
+            if frame is not None:
+                pred = float(frame.loc[i, "predicted_comm_time_s"])
+                row[f"predicted_comm_s_{tag}"] = pred
+                row[f"ratio_{tag}"] = pred / row["comm_time_s"]
+                row[f"ratio_transfer_{tag}"] = pred / row["measured_transfer_time_s"]
         rows.append(row)
-        print(f"{row['model']:9s} P={row['P']} K={row['K']:2d} rounds={row['rounds']:4d} "
+        print(f"{row['model']:9s} P={row['P']} {_setting(row):16s} rounds={row['rounds']:4d} "
               f"comm {row['comm_time_s']:.4f}s wait {row['wait_time_s']:.4f}s | ratio to comm "
               f"{row['ratio_joint']:.2f} | to comm - wait: joint {row['ratio_transfer_joint']:.2f}"
               f" per-P {row.get('ratio_transfer_perP', math.nan):.2f}", flush=True)  # fmt: skip
@@ -242,6 +255,14 @@ def compare_sweep(sweep: str, storage: str, profile: str, out: str | None) -> li
                "load_avg": os.getloadavg()}  # fmt: skip
         Path(out).write_text(json.dumps(doc, indent=2) + "\n")
     return rows
+
+
+def _num_or(value: Any, default: float) -> float:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return default
+    return default if math.isnan(x) else x
 
 
 def compare_sweeps(sweeps: list[str], storage: str, profiles: list[str], out: str | None) -> None:
