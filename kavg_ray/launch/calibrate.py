@@ -60,6 +60,42 @@ def parse_sizes(text: str) -> list[int]:
     return sorted(sizes)
 
 
+def _compute_for(seconds: float, work: Any) -> None:
+    """Keep this rank busy with matrix products of ``work`` for ``seconds`` (a learner's
+    local steps before its average)."""
+    import time
+
+    import torch
+
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        work @ work
+        if work.is_cuda:
+            torch.cuda.synchronize(work.device)
+
+
+def _timed_average(buf: Any, gap_s: float, work: Any) -> float:
+    """Seconds of one average of ``buf`` (what K-AVG's averager does), after ``gap_s`` of
+    computation or, with no gap, a barrier."""
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    if gap_s > 0:
+        _compute_for(gap_s, work)
+    else:
+        dist.barrier()
+    start = time.perf_counter()
+    if dist.get_backend() == dist.Backend.NCCL:
+        dist.all_reduce(buf, op=dist.ReduceOp.AVG)
+        torch.cuda.synchronize(buf.device)
+    else:
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+        buf.div_(dist.get_world_size())
+    return time.perf_counter() - start
+
+
 def time_averages(
     sizes: Sequence[int],
     repeats: int,
@@ -77,48 +113,23 @@ def time_averages(
     at a barrier, as a learner averages after its local steps.
     """
     import math
-    import time
 
     import torch
     import torch.distributed as dist
 
-    world = dist.get_world_size()
     nccl = dist.get_backend() == dist.Backend.NCCL
     device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
-
     work = torch.ones(64, 64, device=device)
-
-    def compute(seconds: float) -> None:
-        end = time.perf_counter() + seconds
-        while time.perf_counter() < end:
-            work @ work
-            if nccl:
-                torch.cuda.synchronize(device)
-
-    def average(buf: torch.Tensor) -> float:
-        if gap_s > 0:
-            compute(gap_s)
-        else:
-            dist.barrier()
-        start = time.perf_counter()
-        if nccl:
-            dist.all_reduce(buf, op=dist.ReduceOp.AVG)
-            torch.cuda.synchronize(device)
-        else:
-            dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-            buf.div_(world)
-        return time.perf_counter() - start
-
     means = []
     for n in sizes:
         buf = torch.ones(n // 4, dtype=torch.float32, device=device)
-        warm = max(average(buf) for _ in range(max(1, warmup)))
+        warm = max(_timed_average(buf, gap_s, work) for _ in range(max(1, warmup)))
         count = torch.tensor(
             [min(MAX_REPEATS, max(repeats, math.ceil(min_seconds / max(warm + gap_s, 1e-6))))],
             dtype=torch.float64, device=device,
         )  # fmt: skip
         dist.all_reduce(count, op=dist.ReduceOp.MAX)  # every rank runs as many
-        times = torch.tensor([average(buf) for _ in range(int(count.item()))],
+        times = torch.tensor([_timed_average(buf, gap_s, work) for _ in range(int(count.item()))],
                              dtype=torch.float64, device=device)  # fmt: skip
         dist.all_reduce(times, op=dist.ReduceOp.MIN)
         means.append(float(times.mean()))
