@@ -178,6 +178,14 @@ def _per_p_links(net: costmodel.Network) -> dict[int, costmodel.Link]:
     return out
 
 
+def _add_ratios(row: dict, tag: str, predicted: float) -> None:
+    """The prediction of ``row``'s communication, and its ratio to the measured time with
+    and without the wait for the last learner."""
+    row[f"predicted_comm_s_{tag}"] = predicted
+    row[f"ratio_{tag}"] = predicted / row["comm_time_s"]
+    row[f"ratio_transfer_{tag}"] = predicted / row["measured_transfer_time_s"]
+
+
 def validate(profile: str, out: str | None, sync: bool = False) -> list[dict]:
     """Every trial of PLAN: measured comm_time_s against rounds x all-reduce cost."""
     net = costmodel.parse_network(profile)
@@ -186,14 +194,11 @@ def validate(profile: str, out: str | None, sync: bool = False) -> list[dict]:
     for model, P, ks, steps, B in PLAN:
         for K in ks:
             row = run_trial(model, P, K, steps, B, sync)
-            transfer = row["comm_time_s"] - row["wait_time_s"]
+            row["measured_transfer_time_s"] = row["comm_time_s"] - row["wait_time_s"]
             for tag, link in (("joint", net.inter), ("perP", per_p.get(P))):
-                if link is None:
-                    continue
-                pred = row["rounds"] * costmodel.allreduce_time(P, row["model_bytes"], link)
-                row[f"predicted_comm_s_{tag}"] = pred
-                row[f"ratio_{tag}"] = pred / row["comm_time_s"]
-                row[f"ratio_transfer_{tag}"] = pred / transfer
+                if link is not None:
+                    pred = row["rounds"] * costmodel.allreduce_time(P, row["model_bytes"], link)
+                    _add_ratios(row, tag, pred)
             rows.append(row)
             print(
                 f"{model:9s} P={P} K={K:2d} rounds={row['rounds']:3d} n={row['model_bytes']:>9d} B "
@@ -223,7 +228,7 @@ def compare_sweep(sweep: str, storage: str, profile: str, out: str | None) -> li
     per_p = _per_p_links(net)
     joint = costmodel.predict_sweep(sweep, storage, net, target=1.0)
     own = {}  # (P, S): predictions with the links fitted to P (global) and S (local) alone
-    for P, S in {(int(t["P"]), int(_num_or(t.get("S"), 1))) for _, t in joint.iterrows()}:
+    for P, S in {(int(t["P"]), int(costmodel._num(t.get("S"), 1))) for _, t in joint.iterrows()}:
         if P in per_p:
             local = per_p.get(S) if S > 1 else None
             n = costmodel.Network(f"P={P} fit", per_p[P], local, "", {})
@@ -238,13 +243,10 @@ def compare_sweep(sweep: str, storage: str, profile: str, out: str | None) -> li
                                          "K2", "rounds", "local_reductions", "model_bytes",
                                          "comm_time_s", "wait_time_s", "measured_transfer_time_s")}
         row = {k: v.item() if hasattr(v, "item") else v for k, v in row.items()}
-        key = (int(row["P"]), int(_num_or(row.get("S"), 1)))
+        key = (int(row["P"]), int(costmodel._num(row.get("S"), 1)))
         for tag, frame in (("joint", joint), ("perP", own.get(key))):
             if frame is not None:
-                pred = float(frame.loc[i, "predicted_comm_time_s"])
-                row[f"predicted_comm_s_{tag}"] = pred
-                row[f"ratio_{tag}"] = pred / row["comm_time_s"]
-                row[f"ratio_transfer_{tag}"] = pred / row["measured_transfer_time_s"]
+                _add_ratios(row, tag, float(frame.loc[i, "predicted_comm_time_s"]))
         rows.append(row)
         print(f"{row['model']:9s} P={row['P']} {_setting(row):16s} rounds={row['rounds']:4d} "
               f"comm {row['comm_time_s']:.4f}s wait {row['wait_time_s']:.4f}s | ratio to comm "
@@ -255,14 +257,6 @@ def compare_sweep(sweep: str, storage: str, profile: str, out: str | None) -> li
                "load_avg": os.getloadavg()}  # fmt: skip
         Path(out).write_text(json.dumps(doc, indent=2) + "\n")
     return rows
-
-
-def _num_or(value: Any, default: float) -> float:
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        return default
-    return default if math.isnan(x) else x
 
 
 def compare_sweeps(sweeps: list[str], storage: str, profiles: list[str], out: str | None) -> None:

@@ -533,8 +533,7 @@ class HierAvgAverager(_Averager):
         over all P, local ones inside each group): collective, every learner calls it at
         the same point."""
         self.global_stats.settle(None, self.flat.device)
-        if self.group_size > 1:
-            self.local_stats.settle(self.local_group, self.flat.device)
+        self.local_stats.settle(self.local_group, self.flat.device)  # S = 1: none timed
 
     @property
     def stats(self) -> CommStats:
