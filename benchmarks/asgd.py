@@ -48,8 +48,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kavg_ray.averaging import FlatModel  # noqa: E402
-from kavg_ray.models import build_model  # noqa: E402
+from kavg_ray.train.averaging import FlatModel  # noqa: E402
+from kavg_ray.train.models import build_model  # noqa: E402
 from kavg_ray.train.parameter_server import ParameterServer  # noqa: E402
 
 SEED = 0

@@ -53,8 +53,8 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kavg_ray.averaging import KAvgAverager  # noqa: E402
-from kavg_ray.models import build_model  # noqa: E402
+from kavg_ray.train.averaging import KAvgAverager  # noqa: E402
+from kavg_ray.train.models import build_model  # noqa: E402
 
 WARMUP = 3
 METHODS = ("ours", "floor", "allreduce", "torch", "per-tensor", "outer", "outer-serial")

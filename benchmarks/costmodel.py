@@ -1,4 +1,4 @@
-"""Validation and a worked example of the communication cost model (kavg_ray.costmodel).
+"""Validation and a worked example of the communication cost model (kavg_ray.analysis.costmodel).
 
 ``validate``: real K-AVG averages in P spawned processes joined by a gloo group on
 127.0.0.1 (as tests/distributed.py does; no Ray), each learner taking SGD steps on random
@@ -47,7 +47,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kavg_ray import costmodel  # noqa: E402
+from kavg_ray.analysis import costmodel  # noqa: E402
+from kavg_ray.train.models import model_bytes  # noqa: E402
 
 MODELS = {"mlp": ((1, 8, 8), 10), "resnet18": ((3, 32, 32), 10)}
 PLAN = [  # (model, P, K values, local steps, batch size)
@@ -69,8 +70,8 @@ def _learner(rank: int, world: int, port: int, model: str, K: int, steps: int, B
     import torch
     import torch.distributed as dist
 
-    from kavg_ray.averaging import KAvgAverager
-    from kavg_ray.models import build_model
+    from kavg_ray.train.averaging import KAvgAverager
+    from kavg_ray.train.models import build_model
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -226,13 +227,15 @@ def compare_sweep(sweep: str, storage: str, profile: str, out: str | None) -> li
     prediction, from the joint fit and from the fits of the trial's own P (and S)."""
     net = costmodel.parse_network(profile)
     per_p = _per_p_links(net)
-    joint = costmodel.predict_sweep(sweep, storage, net, target=1.0)
+    joint = costmodel.predict_sweep(sweep, storage, net, target=1.0, model_bytes=model_bytes)
     own = {}  # (P, S): predictions with the links fitted to P (global) and S (local) alone
     for P, S in {(int(t["P"]), int(costmodel._num(t.get("S"), 1))) for _, t in joint.iterrows()}:
         if P in per_p:
             local = per_p.get(S) if S > 1 else None
             n = costmodel.Network(f"P={P} fit", per_p[P], local, "", {})
-            own[P, S] = costmodel.predict_sweep(sweep, storage, n, target=1.0)
+            own[P, S] = costmodel.predict_sweep(
+                sweep, storage, n, target=1.0, model_bytes=model_bytes
+            )
     rows = []
     for i, trial in joint.iterrows():
         if trial["algorithm"] not in ("kavg", "hier_avg") or trial["status"] != "completed":
@@ -301,9 +304,9 @@ def twin(spec: str, storage: str, epochs: int | None) -> None:
     """Run a sweep spec's simulated points in this process into ``storage``."""
     import yaml
 
+    from kavg_ray.analysis.results import ResultsStore
     from kavg_ray.config import load_sweep
     from kavg_ray.launch.sweep import trial_row
-    from kavg_ray.results import ResultsStore
     from kavg_ray.train.run import train
 
     sweep = load_sweep(spec)

@@ -79,7 +79,7 @@ def run(workers: int | None, epochs: int) -> float:
 
 def data_only(variants: list[int | None], reps: int) -> None:
     """Per-batch cost of the data path alone (no model) on the learner thread."""
-    from kavg_ray.data import epoch_indices
+    from kavg_ray.train.data import epoch_indices
     from kavg_ray.train.loader import factory_data
 
     train_set, test_set = cifar_like()

@@ -40,7 +40,7 @@ from torch.utils.data import TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kavg_ray.config import RunConfig  # noqa: E402
-from kavg_ray.models import build_model  # noqa: E402
+from kavg_ray.train.models import build_model  # noqa: E402
 from kavg_ray.train.packed import PackedEngine, pack_memory_bytes  # noqa: E402
 
 GIB = 2**30

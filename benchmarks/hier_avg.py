@@ -22,8 +22,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from kavg_ray.averaging import HierAvgAverager, KAvgAverager
-from kavg_ray.models import build_model
+from kavg_ray.train.averaging import HierAvgAverager, KAvgAverager
+from kavg_ray.train.models import build_model
 
 
 def _median_ms(fn, reps: int) -> float:

@@ -32,7 +32,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kavg_ray.models import build_model  # noqa: E402
+from kavg_ray.train.models import build_model  # noqa: E402
 
 MODES = ("none", "step", "steps4", "sleep1ms", "busy1ms")
 

@@ -4,7 +4,7 @@
 torch.distributed) and reads the ``compute_time_s`` it reports: the time inside the
 per-epoch batch loops only (no model build, no data loading, no per-epoch evaluation).
 ``bare`` is the loop a user would write by hand on the same model (same seed), the same
-in-memory tensors, the same mini-batches (``kavg_ray.data.epoch_indices``), batch size,
+in-memory tensors, the same mini-batches (``kavg_ray.train.data.epoch_indices``), batch size,
 learning rate and SGD: index, forward, cross-entropy, zero_grad, backward, step; no
 averager, no loss bookkeeping, no evaluation. Its clock covers the same span (the batch
 loops). Runs alternate ours/bare; the table shows the median samples/s of each.
@@ -51,7 +51,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kavg_ray.train.loop as loop  # noqa: E402
 import kavg_ray.train.workload as wl_module  # noqa: E402
 from kavg_ray.config import RunConfig  # noqa: E402
-from kavg_ray.data import (  # noqa: E402
+from kavg_ray.train import train  # noqa: E402
+from kavg_ray.train.data import (  # noqa: E402
     CIFAR10_MEAN,
     CIFAR10_STD,
     Dataset,
@@ -61,8 +62,7 @@ from kavg_ray.data import (  # noqa: E402
     random_crop_flip,
     steps_per_epoch,
 )
-from kavg_ray.models import build_model  # noqa: E402
-from kavg_ray.train import train  # noqa: E402
+from kavg_ray.train.models import build_model  # noqa: E402
 
 SEED = 0
 K = 4

@@ -34,8 +34,8 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from kavg_ray.analysis.results import _mean_std, _tied  # noqa: E402
 from kavg_ray.launch.search import RefineSearcher, best_k, coarse_grid, k_scores  # noqa: E402
-from kavg_ray.results import _mean_std, _tied  # noqa: E402
 
 GRID_FILE = Path(__file__).with_name("refine_search_grid.csv.gz")
 P_VALUES = (2, 4)

@@ -19,9 +19,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from kavg_ray.analysis.results import ResultsStore  # noqa: E402
 from kavg_ray.config import load_sweep, read_yaml  # noqa: E402
 from kavg_ray.launch.sweep import HISTORY_KEYS, trial_row  # noqa: E402
-from kavg_ray.results import ResultsStore  # noqa: E402
 from kavg_ray.train import train  # noqa: E402
 
 

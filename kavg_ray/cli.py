@@ -87,7 +87,7 @@ def _check_factories(points: list) -> None:
                     "in_memory_mb")  # fmt: skip
             todo.setdefault((wl.model_dump_json(include=set(keys)), p.backend), p)
     if todo:
-        from kavg_ray.train.factories import check_workload
+        from kavg_ray.train.workload import check_workload
 
         for p in todo.values():
             check_workload(p)
@@ -119,7 +119,7 @@ def train(config: str, address: str | None, storage: str | None, verbose: bool) 
         cfg.name, [cfg], read_yaml(config), storage, address=address, overwrite=True,
         progress=True, verbose=verbose, echo=click.echo,
     )  # fmt: skip
-    from kavg_ray.results import load_trials
+    from kavg_ray.analysis.results import load_trials
 
     row = load_trials(cfg.name, storage).set_index("trial_id").loc[tid]
     waited = float(row["wait_time_s"])
@@ -162,7 +162,7 @@ def sweep_run(
     sweep_name = _check_name(name if name is not None else points[0].name)
     storage = _storage(storage, write=True)
     address = _address(address)
-    from kavg_ray import results
+    from kavg_ray.analysis import results
     from kavg_ray.launch.sweep import run_sweep
 
     run_sweep(
@@ -332,7 +332,7 @@ def results_group() -> None:
 @_user_errors
 def results_list(storage: str | None, fmt: str) -> None:
     """List the sweeps in the store."""
-    from kavg_ray import results
+    from kavg_ray.analysis import results
 
     click.echo(results.format_frame(results.ResultsStore(_storage(storage)).list_sweeps(), fmt))
 
@@ -340,18 +340,25 @@ def results_list(storage: str | None, fmt: str) -> None:
 def _show_on_network(sweep_name: str, storage: str, trials: Any, net: tuple, fmt: str) -> tuple:
     """`results show --network`: the trials with the cost model's columns; (frame, the
     columns the table adds)."""
-    from kavg_ray import costmodel
+    from kavg_ray.analysis import costmodel
 
     network, step_time, target = net
     df = costmodel.predict_sweep(
         sweep_name, storage, network, trials=trials, step_time=step_time, target=target,
-        require_target=False,
+        require_target=False, model_bytes=_model_bytes(),
     )
     if fmt == "table":
         click.echo(f"network assumed: {network.describe()}")
     cols = ["predicted_time_to_target_s", "predicted_time_s", "predicted_comm_time_s",
             "measured_transfer_time_s"]  # fmt: skip
     return df, cols
+
+
+def _model_bytes() -> Callable:
+    """The cost model's sizer for trials that moved no bytes (it builds the model: torch)."""
+    from kavg_ray.train.models import model_bytes
+
+    return model_bytes
 
 
 _NETWORK_HELP = "a preset (nvlink, ib200, ib400, eth1g, eth10g, eth100g), alpha=S,bandwidth=GB/s"
@@ -369,7 +376,7 @@ def _network_options(fn: Callable) -> Callable:
             if step_time is not None or target is not None:
                 raise BadInput("--step-time and --target need --network")
             return fn(*args, net=None, **kw)
-        from kavg_ray.costmodel import parse_network
+        from kavg_ray.analysis.costmodel import parse_network
 
         return fn(*args, net=(parse_network(network), step_time, target), **kw)
 
@@ -394,7 +401,7 @@ def _network_options(fn: Callable) -> Callable:
 def results_show(sweep_name: str, storage: str | None, fmt: str, net: tuple | None) -> None:
     """Show a sweep's trials (with --network, each one's predicted time on that network
     beside the measured one, and its measured transfer beside the predicted)."""
-    from kavg_ray import results
+    from kavg_ray.analysis import results
 
     df = results.load_trials(_check_name(sweep_name), _storage(storage))
     predicted: list[str] = []
@@ -416,14 +423,15 @@ def results_show(sweep_name: str, storage: str | None, fmt: str, net: tuple | No
 
 def _kopt_on_network(sweep_name: str, storage: str, fmt: str, by: str, net: tuple) -> None:
     """`results kopt --by time --network ...`: K_opt by predicted time on that network."""
-    from kavg_ray import costmodel, results
+    from kavg_ray.analysis import costmodel, results
 
     if by != "time":
         raise BadInput("--network predicts time: use it with --by time")
     network, step_time, target = net
     trials = _trials_with_predictions(_check_name(sweep_name), storage)
     pred = costmodel.predict_sweep(
-        sweep_name, storage, network, trials=trials, step_time=step_time, target=target
+        sweep_name, storage, network, trials=trials, step_time=step_time, target=target,
+        model_bytes=_model_bytes(),
     )
     if fmt == "table":
         click.echo(f"network assumed: {network.describe()}")
@@ -459,7 +467,7 @@ def results_kopt(
     With --uncertainty: how often each K is best over bootstrap resamples of the seeds,
     and K_opt(P) = a * P^b fitted across P, with predictions at P not run.
     """
-    from kavg_ray import results
+    from kavg_ray.analysis import results
 
     storage = _storage(storage)
     if net is not None:
@@ -469,7 +477,7 @@ def results_kopt(
     trials = _trials_with_predictions(_check_name(sweep_name), storage)
     by = by or results.ranked_by(trials)
     if uncertainty:
-        from kavg_ray import uncertainty as unc
+        from kavg_ray.analysis import uncertainty as unc
 
         frames = unc.uncertainty_report(trials, by=by, n_boot=n_boot, seed=seed)
         click.echo(unc.format_uncertainty(frames, fmt, n_boot, seed), nl=False)
@@ -479,7 +487,7 @@ def results_kopt(
 
 def _trials_with_predictions(sweep_name: str, storage: str):  # noqa: ANN202
     """The trials, with `predicted_kopt` when the sweep ran the probe (`theory: estimate`)."""
-    from kavg_ray.results import ResultsStore, attach_predictions
+    from kavg_ray.analysis.results import ResultsStore, attach_predictions
 
     store = ResultsStore(storage)
     return attach_predictions(store.read_trials(sweep_name), store.read_theory(sweep_name))
@@ -494,18 +502,19 @@ def _trials_with_predictions(sweep_name: str, storage: str):  # noqa: ANN202
 def results_plot(sweep_name: str, out: str, storage: str | None, net: tuple | None = None) -> None:
     """Plot accuracy against K per P, accuracy per epoch, K_opt, speedup and gap (PNG);
     with --network, also the predicted time to target against K on that network."""
-    from kavg_ray import plots, results
+    from kavg_ray.analysis import plots, results
 
     storage = _storage(storage)
     trials = _trials_with_predictions(_check_name(sweep_name), storage)
     history = results.load_history(sweep_name, storage)
     written, skipped = plots.save_all_detailed(trials, history, out)
     if net is not None:
-        from kavg_ray import costmodel
+        from kavg_ray.analysis import costmodel
 
         network, step_time, target = net
         pred = costmodel.predict_sweep(
-            sweep_name, storage, network, trials=trials, step_time=step_time, target=target
+            sweep_name, storage, network, trials=trials, step_time=step_time, target=target,
+            model_bytes=_model_bytes(),
         )
         try:
             fig = plots.predicted_time_vs_k(pred, network.name)
@@ -531,9 +540,10 @@ def results_report(
 ) -> None:
     """One Markdown page: spec, tables, K_opt per P and the plots (and, with --network,
     K_opt by predicted time on that network)."""
-    from kavg_ray.report import write_report
+    from kavg_ray.analysis.report import write_report
 
     storage = _storage(storage)
+    net = None if net is None else (*net, _model_bytes())
     path = write_report(_check_name(sweep_name), storage, out, network=net)
     click.echo(str(path))
 
@@ -607,7 +617,7 @@ def theory_predict(
     delta: float, k_max: int, fmt: str,
 ) -> None:  # fmt: skip
     """Print B(K) of (3.44) for K = 1, 2, 4, ... and the predicted K_opt for each P."""
-    from kavg_ray import theory as th
+    from kavg_ray.analysis import theory as th
 
     rows = []
     try:
@@ -633,7 +643,7 @@ def theory_predict(
         raise BadInput(str(exc)) from None
     import pandas as pd
 
-    from kavg_ray.results import format_frame
+    from kavg_ray.analysis.results import format_frame
 
     click.echo(format_frame(pd.DataFrame(rows), fmt))
 
@@ -661,7 +671,7 @@ def theory_estimate(
     if probe_steps < 2:
         raise ConfigError("--probe-steps must be at least 2")
     _check_factories([cfg])
-    from kavg_ray.estimate import estimate_constants, predict_for_config
+    from kavg_ray.train.estimate import estimate_constants, predict_for_config
 
     est = estimate_constants(cfg, probe_steps=probe_steps, F_star=F_star)
     click.echo(
@@ -671,7 +681,7 @@ def theory_estimate(
     rows = predict_for_config(cfg, est, P_values, delta=delta)
     import pandas as pd
 
-    from kavg_ray.results import format_frame
+    from kavg_ray.analysis.results import format_frame
 
     table = pd.DataFrame([{k: v for k, v in r.items() if k != "curve"} for r in rows])
     click.echo(format_frame(table, fmt))

@@ -95,7 +95,7 @@ CORE_KEYS = ("P", "seed", *ALGORITHM_KEYS)
 MAX_GRID_POINTS = 10_000
 MAX_FILE_BYTES = 1_000_000
 # The side of the images of each data set (None: flat vectors), and the smallest image
-# side each convolutional model accepts (see kavg_ray.models); checked here so that a
+# side each convolutional model accepts (see kavg_ray.train.models); checked here so that a
 # mismatch is refused before Ray starts rather than inside a worker.
 _IMAGE_SIDE = {
     "digits": 8, "cifar10": 32, "synthetic": None, "mnist": 28, "fashion_mnist": 28,
@@ -163,7 +163,7 @@ Bool = Annotated[bool, Field(strict=True)]
 
 
 class SyntheticOptions(_Strict):
-    """The options of the synthetic data set (kavg_ray.data.make_synthetic)."""
+    """The options of the synthetic data set (kavg_ray.train.data.make_synthetic)."""
 
     task: Literal["classification", "least_squares"] = "classification"
     n_train: Int = Field(default=2048, ge=1, le=10_000_000)
@@ -176,7 +176,7 @@ class SyntheticOptions(_Strict):
 
 
 class TextOptions(_Strict):
-    """``dataset: text``'s ``dataset_args`` (kavg_ray.data.load_text)."""
+    """``dataset: text``'s ``dataset_args`` (kavg_ray.train.data.load_text)."""
 
     path: str | None = Field(
         default=None, description="a UTF-8 text file; none: a seeded corpus generated offline"
@@ -196,7 +196,7 @@ class TextOptions(_Strict):
 
 
 class GPTOptions(_Strict):
-    """``model: gpt``'s ``model_args`` (kavg_ray.models.GPT, a small causal transformer)."""
+    """``model: gpt``'s ``model_args`` (kavg_ray.train.models.GPT, a small causal transformer)."""
 
     dim: Int = Field(default=64, ge=1, le=65_536, description="embedding width")
     layers: Int = Field(default=2, ge=1, le=1_000, description="transformer blocks")

@@ -8,7 +8,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
 
-from kavg_ray.averaging import HierAvgAverager, KAvgAverager
+from kavg_ray.train.averaging import HierAvgAverager, KAvgAverager
 
 from .distributed import run_distributed
 

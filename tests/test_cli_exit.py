@@ -8,8 +8,8 @@ import yaml
 from click.testing import CliRunner
 
 from kavg_ray import cli
+from kavg_ray.analysis.results import ResultsStore
 from kavg_ray.launch.sweep import trial_row
-from kavg_ray.results import ResultsStore
 
 SPEC = {
     "name": "partial",

@@ -1,4 +1,4 @@
-"""The communication cost model (kavg_ray.costmodel, DESIGN.md section 10)."""
+"""The communication cost model (kavg_ray.analysis.costmodel, DESIGN.md section 10)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from kavg_ray import costmodel as cm
+from kavg_ray.analysis import costmodel as cm
+from kavg_ray.analysis.results import ResultsStore
 from kavg_ray.cli import main
 from kavg_ray.errors import BadInputError
-from kavg_ray.results import ResultsStore
 
 KAVG = Path(sys.executable).with_name("kavg")
 
@@ -243,13 +243,26 @@ def test_simulated_step_time_is_shared_by_the_stacked_learners() -> None:
 
 
 def test_model_bytes_from_the_model() -> None:
-    # mlp on digits: 64*128 + 128 + 128*10 + 10 parameters (kavg_ray.models), float32.
-    from kavg_ray.models import build_model
+    # mlp on digits: 64*128 + 128 + 128*10 + 10 parameters (kavg_ray.train.models), float32.
+    from kavg_ray.train.models import build_model, model_bytes
 
     m = build_model("mlp", (1, 8, 8), 10)
-    assert cm.model_bytes("mlp", "digits") == 4 * sum(p.numel() for p in m.parameters())
+    assert model_bytes("mlp", "digits") == 4 * sum(p.numel() for p in m.parameters())
     with pytest.raises(BadInputError):
-        cm.model_bytes("mlp", "imagenet")
+        model_bytes("mlp", "imagenet")
+
+
+def test_a_trial_without_bytes_needs_a_sizer() -> None:
+    # A simulated trial moved nothing: without a model size its average cannot be priced.
+    trial = {"trial_id": "t", "algorithm": "kavg", "P": 2, "K": 1, "model": "mlp",
+             "dataset": "digits", "batch_size": 16, "status": "completed"}
+    hist = pd.DataFrame([{"trial_id": "t", "epoch": 1, "samples": 64, "rounds": 2,
+                          "bytes_communicated": 0, "test_acc": 0.5, "wall_time_s": 1.0}])
+    with pytest.raises(BadInputError, match="moved no bytes"):
+        cm.predict_trials(pd.DataFrame([trial]), hist, cm.PRESETS["nvlink"], step_time=0.01)
+    pred = cm.predict_trials(pd.DataFrame([trial]), hist, cm.PRESETS["nvlink"], step_time=0.01,
+                             sizer=lambda m, d: 1000.0)
+    assert pred["model_bytes"].iloc[0] == 1000.0
 
 
 # --------------------------------------------------------------------------- command line

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from kavg_ray.data import (
+from kavg_ray.train.data import (
     CIFAR10_MEAN,
     CIFAR10_STD,
     DATASETS,
@@ -17,7 +17,7 @@ from kavg_ray.data import (
     random_crop_flip,
     steps_per_epoch,
 )
-from kavg_ray.models import build_model
+from kavg_ray.train.models import build_model
 
 # ------------------------------------------------------------------------------------ digits
 
@@ -48,7 +48,7 @@ def test_digits_split_sizes_and_content():
 def test_digits_read_without_importing_sklearn():
     """Every learner loads the digits: the bundled file is read without sklearn's import."""
     code = (
-        "import sys; from kavg_ray.data import load_dataset; ds = load_dataset('digits'); "
+        "import sys; from kavg_ray.train.data import load_dataset; ds = load_dataset('digits'); "
         "print(ds.n_train, int(ds.train_y.sum()), 'sklearn' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -57,7 +57,7 @@ def test_digits_read_without_importing_sklearn():
 
 
 def test_digits_fallback_through_sklearn(monkeypatch):
-    import kavg_ray.data as data
+    import kavg_ray.train.data as data
 
     expected = load_dataset("digits")
     monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)

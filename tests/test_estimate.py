@@ -14,17 +14,17 @@ import pytest
 import torch
 from torch import nn
 
-from kavg_ray import theory
+from kavg_ray.analysis import theory
 from kavg_ray.config import RunConfig
-from kavg_ray.data import Dataset, least_squares_constants, load_dataset
-from kavg_ray.estimate import (
+from kavg_ray.train.data import Dataset, least_squares_constants, load_dataset
+from kavg_ray.train.estimate import (
     Estimates,
     estimate_constants,
     per_sample_gradient_variance,
     predict_for_config,
     probe_trajectory,
 )
-from kavg_ray.models import build_model
+from kavg_ray.train.models import build_model
 
 LS = {"task": "least_squares", "n_train": 1024, "n_test": 64, "dim": 10, "noise": 0.1}
 PROBE = {"probe_steps": 30, "points": 4}

@@ -10,7 +10,7 @@ import pytest
 
 from kavg_ray.config import parse_sweep, read_yaml
 from kavg_ray.train import train
-from kavg_ray.train.factories import check_workload
+from kavg_ray.train.workload import check_workload
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 # Per spec: workload keys that make it tiny, and what one epoch must reach.

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from kavg_ray.models import MODELS, build_model
+from kavg_ray.train.models import MODELS, build_model
 
 DIGITS_SHAPE = (1, 8, 8)
 CIFAR_SHAPE = (3, 32, 32)
@@ -19,7 +19,7 @@ def test_models_tuple_lists_every_model():
 def test_config_accepts_exactly_the_built_models_and_datasets():
     """A name the config accepts must build, and every model that builds must be nameable."""
     from kavg_ray.config import BUILTIN_DATASETS, BUILTIN_MODELS
-    from kavg_ray.data import DATASETS
+    from kavg_ray.train.data import DATASETS
 
     assert set(BUILTIN_MODELS) == set(MODELS)
     assert set(BUILTIN_DATASETS) == set(DATASETS)

@@ -16,10 +16,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from kavg_ray import averaging
-from kavg_ray.averaging import AveragingSchedule, HierAvgAverager, KAvgAverager, pieces
 from kavg_ray.config import ConfigError, RunConfig, parse_run
-from kavg_ray.train import train
+from kavg_ray.train import averaging, train
+from kavg_ray.train.averaging import AveragingSchedule, HierAvgAverager, KAvgAverager, pieces
 from kavg_ray.train.loop import run_epochs
 from kavg_ray.train.stacked import StackedEngine
 
@@ -355,8 +354,8 @@ def _outer_sweep_rows() -> pd.DataFrame:
 
 
 def test_kopt_table_and_plot_split_by_the_outer_lr() -> None:
-    from kavg_ray.plots import kopt_vs_outer_lr
-    from kavg_ray.results import kopt_table
+    from kavg_ray.analysis.plots import kopt_vs_outer_lr
+    from kavg_ray.analysis.results import kopt_table
 
     table = kopt_table(_outer_sweep_rows())
     got = {(r.P, r.outer_lr): r.K_opt for r in table.itertuples()}

@@ -1,5 +1,5 @@
-"""Tests for kavg_ray.plots and kavg_ray.report: the plotted data is read back from the
-matplotlib objects and compared with hand-computed values."""
+"""Tests for kavg_ray.analysis.plots and kavg_ray.analysis.report: the plotted data is read
+back from the matplotlib objects and compared with hand-computed values."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pytest
 from matplotlib.container import ErrorbarContainer
 from matplotlib.figure import Figure
 
-from kavg_ray import plots
-from kavg_ray.report import markdown_table, write_report
-from kavg_ray.results import ResultsStore, kopt_table
+from kavg_ray.analysis import plots
+from kavg_ray.analysis.report import markdown_table, write_report
+from kavg_ray.analysis.results import ResultsStore, kopt_table
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 NAN = float("nan")

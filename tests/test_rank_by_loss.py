@@ -10,9 +10,9 @@ import sys
 import pandas as pd
 import pytest
 
-from kavg_ray import plots
-from kavg_ray.report import write_report
-from kavg_ray.results import ResultsStore, kopt_table, ranked_by
+from kavg_ray.analysis import plots
+from kavg_ray.analysis.report import write_report
+from kavg_ray.analysis.results import ResultsStore, kopt_table, ranked_by
 
 # (K, seed, final test loss) per width: at width 8 K=2 is best, at width 16 K=4.
 LOSSES = {

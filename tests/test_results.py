@@ -1,4 +1,4 @@
-"""Tests for kavg_ray.results: K_opt selection, the Parquet store and output formats."""
+"""Tests for kavg_ray.analysis.results: K_opt selection, the Parquet store and output formats."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kavg_ray import results
-from kavg_ray.results import (
+from kavg_ray.analysis import results
+from kavg_ray.analysis.results import (
     HISTORY_COLUMNS,
     TRIAL_COLUMNS,
     ResultsError,
@@ -438,7 +438,7 @@ def test_failed_write_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("kavg_ray.results.pq.write_table", boom)
+    monkeypatch.setattr("kavg_ray.analysis.results.pq.write_table", boom)
     with pytest.raises(OSError, match="disk full"):
         store.upsert_trial("s", row("b"), [])
     monkeypatch.undo()

@@ -15,7 +15,7 @@ import sys
 import threading
 from pathlib import Path
 
-from kavg_ray.results import ResultsStore
+from kavg_ray.analysis.results import ResultsStore
 
 
 def _threads() -> set[str]:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from kavg_ray.analysis.results import FINISHED_STATUSES, kopt_table
 from kavg_ray.config import ConfigError, coarse_k_grid, parse_sweep
-from kavg_ray.results import FINISHED_STATUSES, kopt_table
 
 BASE = {
     "name": "s",

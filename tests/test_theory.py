@@ -1,4 +1,4 @@
-"""Tests for kavg_ray.theory (paper section 3: (3.1), (3.2), (3.23), (3.44)-(3.47))."""
+"""Tests for kavg_ray.analysis.theory (paper section 3: (3.1), (3.2), (3.23), (3.44)-(3.47))."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from fractions import Fraction as Fr
 
 import pytest
 
-from kavg_ray import theory
+from kavg_ray.analysis import theory
 
 TOL = 1e-12
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from kavg_ray.config import parse_run
-from kavg_ray.data import load_dataset, read_idx
 from kavg_ray.errors import ConfigError
 from kavg_ray.train import train
+from kavg_ray.train.data import load_dataset, read_idx
 
 
 def _idx(path: Path, array: np.ndarray, compress: bool) -> None:

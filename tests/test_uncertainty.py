@@ -1,4 +1,5 @@
-"""Tests for kavg_ray.uncertainty: bootstrap over seeds, the K_opt(P) power-law fit, the CLI."""
+"""Tests for kavg_ray.analysis.uncertainty: bootstrap over seeds, the K_opt(P) power-law fit,
+the CLI."""
 
 from __future__ import annotations
 
@@ -12,15 +13,15 @@ import pytest
 from click.testing import CliRunner
 
 from kavg_ray import cli
-from kavg_ray.errors import BadInputError
-from kavg_ray.results import ResultsStore
-from kavg_ray.uncertainty import (
+from kavg_ray.analysis.results import ResultsStore
+from kavg_ray.analysis.uncertainty import (
     bootstrap_kopt,
     fit_power_law,
     format_uncertainty,
     kopt_curve,
     uncertainty_report,
 )
+from kavg_ray.errors import BadInputError
 
 # P=2: K=1 and K=2 can tie (mean 0.85); K=4 has one seed. P=4: K=1 and K=2 always tie.
 TABLE = {
@@ -256,7 +257,7 @@ def test_cli_uncertainty_bad_n_boot_exits_2(tmp_path):
 
 
 def test_bootstrap_plot_bars_are_the_frequencies():
-    from kavg_ray import plots
+    from kavg_ray.analysis import plots
 
     fig = plots.kopt_bootstrap(table_frame(), n_boot=500, seed=7)
     ax = next(a for a in fig.axes if a.get_visible())
@@ -270,7 +271,7 @@ def test_bootstrap_plot_bars_are_the_frequencies():
 
 
 def test_kopt_vs_p_draws_the_fitted_curve():
-    from kavg_ray import plots
+    from kavg_ray.analysis import plots
 
     table = {2: {1: [0.7], 2: [0.9], 4: [0.8]}, 4: {2: [0.7], 4: [0.9], 8: [0.8]},
              8: {4: [0.7], 8: [0.9], 16: [0.8]}}  # fmt: skip

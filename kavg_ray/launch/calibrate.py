@@ -2,7 +2,7 @@
 
 The workers are a Ray Train ``TorchTrainer`` with N workers, the backend a training run
 would use (gloo on CPU, NCCL on GPU). Every worker times the operation K-AVG's averager
-performs for one average (kavg_ray.averaging: one all-reduce of a flat float32 buffer,
+performs for one average (kavg_ray.train.averaging: one all-reduce of a flat float32 buffer,
 plus one in-place division by N on gloo, which has no average operation) for each size,
 after a warm-up, at least ``repeats`` times and, for small sizes, as often as fits in
 about half a second (the same count on every worker). Before each timed average the
@@ -12,11 +12,11 @@ learners average after their local steps.
 A repeat's time is the shortest worker's: every worker leaves the all-reduce at about the
 same moment, so the shortest time runs from the moment the last one arrived: the
 transfer alone, estimated as a trial's transfer is (its ``comm_time_s`` less
-``wait_time_s``, see kavg_ray.averaging.CommStats). A size's time is the mean repeat: a
+``wait_time_s``, see kavg_ray.train.averaging.CommStats). A size's time is the mean repeat: a
 run's communication time is the sum of its averages, and small all-reduces have a long
 tail that a median hides (2-core machine, 38 kB: median 1.0 ms, mean 1.9 ms,
 benchmarks/latency_gap.py). The driver fits alpha and beta of the ring all-reduce cost
-(kavg_ray.costmodel.fit_alpha_beta) to those times over every N given, and writes the
+(kavg_ray.analysis.costmodel.fit_alpha_beta) to those times over every N given, and writes the
 profile ``--network FILE`` reads.
 """
 
@@ -29,7 +29,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from kavg_ray.costmodel import Fit, Link, Network, fit_alpha_beta, write_profile
+from kavg_ray.analysis.costmodel import Fit, Link, Network, fit_alpha_beta, write_profile
 from kavg_ray.errors import BadInputError, KavgError
 
 DEFAULT_SIZES = "4k,64k,1M,8M,32M"

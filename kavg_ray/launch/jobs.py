@@ -276,7 +276,7 @@ def total_trials(spec_doc: dict) -> int:
 
 def sweep_progress(sweep: str, storage: str, total: int | None = None) -> dict[str, Any]:
     """Trials finished / total and the best result so far, from the results store."""
-    from kavg_ray.results import ResultsStore
+    from kavg_ray.analysis.results import ResultsStore
 
     store = ResultsStore(storage)
     d = store.sweep_dir(sweep)

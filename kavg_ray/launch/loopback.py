@@ -27,19 +27,9 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def keep_loopback() -> None:
-    """Make Ray's ``resolve_ip_for_localhost`` leave loopback addresses alone."""
-    from ray._private import services
-
-    original = services.resolve_ip_for_localhost
-
-    def resolve(host: str) -> str:
-        return host if host and is_loopback(host) else original(host)
-
-    services.resolve_ip_for_localhost = resolve
-
-
 def main() -> None:
+    from kavg_ray.launch.ray_private import keep_loopback
+
     keep_loopback()
     from ray.scripts.scripts import main as ray_main
 

@@ -58,8 +58,8 @@ from typing import Any
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
+from kavg_ray.analysis.results import _mean_std, _tied
 from kavg_ray.errors import BadInputError
-from kavg_ray.results import _mean_std, _tied
 
 __all__ = [
     "EarlyStopRule",

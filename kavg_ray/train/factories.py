@@ -1,10 +1,10 @@
 """Workloads of one's own (DESIGN.md section 8): factories named ``"module.path:function"``.
 
 :func:`resolve` imports a factory, :func:`load_factory_data` calls a dataset factory and
-checks what it returns, :func:`build_factory_model` calls a model factory, and
-:func:`check_workload` tries a config's whole workload once on the CPU (the data, one
-forward pass of the model on one sample, the loss) before anything is launched. Every
-failure is a one-line :class:`~kavg_ray.errors.ConfigError` that names the factory.
+checks what it returns, :func:`build_factory_model` calls a model factory (and
+:func:`kavg_ray.train.workload.check_workload` tries a config's whole workload once on the
+CPU, the data, one forward pass of the model on one sample, the loss, before anything is
+launched). Every failure is a one-line :class:`~kavg_ray.errors.ConfigError` that names the factory.
 
 Module paths are imported as ``python -m`` would: the current directory is on the path
 (and PYTHONPATH). On a cluster the code must be importable on every node (from the image,
@@ -20,12 +20,11 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from torch import nn
 from torch.utils.data import Dataset as TorchDataset
 from torch.utils.data import IterableDataset
 
-from kavg_ray.config import RunConfig, is_factory
+from kavg_ray.config import RunConfig
 from kavg_ray.errors import ConfigError
 
 MAX_MESSAGE = 300  # characters of an exception's text shown in the one-line error
@@ -39,7 +38,7 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _fail(key: str, spec: str, problem: str) -> ConfigError:
+def fail(key: str, spec: str, problem: str) -> ConfigError:
     return ConfigError(f"workload.{key} '{spec}': {problem}")
 
 
@@ -53,12 +52,12 @@ def resolve(spec: str, key: str) -> Callable[..., Any]:
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # noqa: BLE001 - any import failure is the user's to see
-        raise _fail(key, spec, f"cannot import {module_name}: {describe(exc)}") from None
+        raise fail(key, spec, f"cannot import {module_name}: {describe(exc)}") from None
     if not hasattr(module, attr):
-        raise _fail(key, spec, f"{module_name} has no attribute '{attr}'")
+        raise fail(key, spec, f"{module_name} has no attribute '{attr}'")
     fn = getattr(module, attr)
     if not callable(fn):
-        raise _fail(key, spec, f"{module_name}.{attr} is not callable (a {type(fn).__name__})")
+        raise fail(key, spec, f"{module_name}.{attr} is not callable (a {type(fn).__name__})")
     return fn
 
 
@@ -66,7 +65,7 @@ def _call(key: str, spec: str, fn: Callable[..., Any], kwargs: dict[str, Any]) -
     try:
         return fn(**kwargs)
     except Exception as exc:  # noqa: BLE001 - the factory's own failure, shown in one line
-        raise _fail(key, spec, f"the factory raised {describe(exc)}") from None
+        raise fail(key, spec, f"the factory raised {describe(exc)}") from None
 
 
 def _takes_seed(fn: Callable[..., Any]) -> bool:
@@ -86,16 +85,16 @@ def call_dataset_factory(cfg: RunConfig) -> tuple[TorchDataset, TorchDataset]:
         kwargs["seed"] = cfg.seed
     out = _call("dataset", wl.dataset, fn, kwargs)
     if not isinstance(out, (tuple, list)) or len(out) != 2:
-        raise _fail(
+        raise fail(
             "dataset", wl.dataset,
-            f"returned {_kind(out)}, expected (train, test): two map-style torch Datasets",
+            f"returned {kind_of(out)}, expected (train, test): two map-style torch Datasets",
         )  # fmt: skip
     for name, ds in zip(("train", "test"), out, strict=True):
         _check_map_style("dataset", wl.dataset, name, ds)
     return out[0], out[1]
 
 
-def _kind(obj: Any) -> str:
+def kind_of(obj: Any) -> str:
     if isinstance(obj, (tuple, list)):
         return f"a {type(obj).__name__} of {len(obj)}"
     return f"a {type(obj).__name__}"
@@ -105,17 +104,17 @@ def _check_map_style(key: str, spec: str, name: str, ds: Any) -> None:
     if isinstance(ds, IterableDataset) or not (
         hasattr(type(ds), "__getitem__") and hasattr(type(ds), "__len__")
     ):
-        raise _fail(key, spec, f"{name} is {_kind(ds)}, not a map-style torch Dataset "
+        raise fail(key, spec, f"{name} is {kind_of(ds)}, not a map-style torch Dataset "
                     "(one with __getitem__ and __len__)")  # fmt: skip
     try:
         n = len(ds)
         item = ds[0] if n else None
     except Exception as exc:  # noqa: BLE001
-        raise _fail(key, spec, f"{name}[0] failed: {describe(exc)}") from None
+        raise fail(key, spec, f"{name}[0] failed: {describe(exc)}") from None
     if n == 0:
-        raise _fail(key, spec, f"{name} is empty")
+        raise fail(key, spec, f"{name} is empty")
     if not isinstance(item, (tuple, list)) or len(item) != 2:
-        raise _fail(key, spec, f"{name}[0] is {_kind(item)}, expected an (x, y) pair")
+        raise fail(key, spec, f"{name}[0] is {kind_of(item)}, expected an (x, y) pair")
 
 
 def build_factory_model(cfg: RunConfig) -> nn.Module:
@@ -123,57 +122,5 @@ def build_factory_model(cfg: RunConfig) -> nn.Module:
     wl = cfg.workload
     model = _call("model", wl.model, resolve(wl.model, "model"), dict(wl.model_args))
     if not isinstance(model, nn.Module):
-        raise _fail("model", wl.model, f"returned {_kind(model)}, expected a torch.nn.Module")
+        raise fail("model", wl.model, f"returned {kind_of(model)}, expected a torch.nn.Module")
     return model
-
-
-def check_workload(cfg: RunConfig) -> None:
-    """Try the workload once before a launch: the data loads, the model builds and takes one
-    training sample on the CPU, the loss gives a finite scalar. Nothing when the workload
-    names no factory (built-in workloads are checked by the config itself)."""
-    wl = cfg.workload
-    if not any(is_factory(name or "") for name in (wl.dataset, wl.model, wl.loss)):
-        return
-    from kavg_ray.train.loader import LoaderData
-    from kavg_ray.train.workload import load_data, loss_fn, model_builder
-
-    data = load_data(cfg)
-    if cfg.backend == "simulated" and isinstance(data, LoaderData):
-        raise _fail(
-            "dataset", wl.dataset,
-            f"the simulated backend holds the data set in memory, and it is about "
-            f"{data.nbytes / 2**20:.0f} MB, over workload.in_memory_mb ({wl.in_memory_mb:g}): "
-            "raise in_memory_mb or use backend ray",
-        )  # fmt: skip
-    if not is_factory(wl.model) and data.num_classes < 1:
-        raise _fail(
-            "model", wl.model,
-            "cannot tell the number of classes of a data set read through a DataLoader: give "
-            "its Datasets a 'targets' attribute, or use a model factory",
-        )  # fmt: skip
-    x, y = next(data.train_batches(torch.zeros((1, 1), dtype=torch.int64), torch.Generator()))
-    builder = model_builder(cfg)
-    try:
-        model = builder(data.input_shape, data.num_classes)
-    except ConfigError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - a built-in model that cannot take this data
-        raise _fail("model", wl.model, f"cannot be built for this data: {describe(exc)}") from None
-    try:
-        out = model.train()(x)
-    except Exception as exc:  # noqa: BLE001
-        problem = f"forward pass on one sample failed: {describe(exc)}"
-        raise _fail("model", wl.model, problem) from None
-    name = wl.loss or ("half_mse" if data.task == "regression" else "cross_entropy")
-    _check_loss(name, loss_fn(data, name), out, y)
-
-
-def _check_loss(name: str, criterion: Callable[..., Any], out: Any, y: Any) -> None:
-    try:
-        loss = criterion(out, y)
-    except Exception as exc:  # noqa: BLE001
-        raise _fail("loss", name, f"failed on the model's output: {describe(exc)}") from None
-    if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.is_floating_point():
-        raise _fail("loss", name, f"returned {_kind(loss)}, expected a scalar float tensor")
-    if not loss.requires_grad:
-        raise _fail("loss", name, "its result does not depend on the model (no gradient)")

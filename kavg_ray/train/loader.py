@@ -2,7 +2,7 @@
 when large. Both give every learner exactly the batches of its ``epoch_indices``.
 
 A data set whose estimated size (the first item's bytes times the number of items) is at
-most ``workload.in_memory_mb`` is collated once into a :class:`kavg_ray.data.Dataset`:
+most ``workload.in_memory_mb`` is collated once into a :class:`kavg_ray.train.data.Dataset`:
 tensors on the learner's device, a batch is an index (the fast path of the built-in data
 sets). A larger one becomes a :class:`LoaderData`: a ``torch.utils.data.DataLoader`` whose
 batch sampler yields the rows of the learner's ``epoch_indices`` in order
@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, default_collate
 from torch.utils.data import Dataset as TorchDataset
 
-from kavg_ray.data import Dataset
+from kavg_ray.train.data import Dataset
 
 MB = 2**20
 
@@ -42,7 +42,8 @@ class _Rows:
 @dataclass
 class LoaderData:
     """A data set read through DataLoaders; the engines' view of it matches
-    :class:`kavg_ray.data.Dataset`'s (``n_train``, ``train_batches``, ``test_batches`` ...)."""
+    :class:`kavg_ray.train.data.Dataset`'s (``n_train``, ``train_batches``,
+    ``test_batches`` ...)."""
 
     name: str
     train: TorchDataset
@@ -54,7 +55,7 @@ class LoaderData:
     nbytes: int = 0  # the estimated size of train and test together
     device: torch.device = torch.device("cpu")
     augment: Any = None  # factory data sets augment in their own __getitem__, if at all
-    loss_name: str | None = None  # as kavg_ray.data.Dataset.loss_name
+    loss_name: str | None = None  # as kavg_ray.train.data.Dataset.loss_name
     extras: dict[str, Any] = field(default_factory=dict)
     _loaders: dict[str, tuple[_Rows, DataLoader]] = field(default_factory=dict, repr=False)
 

@@ -24,20 +24,12 @@ import torch
 import torch.distributed as dist
 
 from kavg_ray.config import RunConfig
+from kavg_ray.metrics import HISTORY_BEFORE
 from kavg_ray.train.workload import EvalSums
 
 # report(metrics, state): state is this learner's checkpoint, or None when nothing new
 # was trained (a replay of finished epochs).
 ReportFn = Callable[[dict, dict | None], None]
-HISTORY_BEFORE = "history_before"
-# Every engine reports exactly these keys, every epoch.
-METRIC_KEYS = (
-    "epoch", "samples", "rounds", "train_loss", "test_loss", "test_acc", "lr",
-    "compute_time_s", "comm_time_s", "wait_time_s", "bytes_communicated", "wall_time_s",
-    "diverged",
-    "local_reductions", "global_reductions", "local_comm_time_s", "global_comm_time_s",
-    "local_bytes", "global_bytes", "staleness_mean", "staleness_max", "pushes", "applied",
-)  # fmt: skip
 
 
 class Engine(Protocol):

@@ -56,9 +56,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from kavg_ray.averaging import FlatModel
 from kavg_ray.config import RunConfig
-from kavg_ray.data import augment_generator, epoch_indices, steps_per_epoch
+from kavg_ray.train.averaging import FlatModel
+from kavg_ray.train.data import augment_generator, epoch_indices, steps_per_epoch
 from kavg_ray.train.loop import EngineBase, empty_comm_metrics
 from kavg_ray.train.workload import (
     EvalSums,

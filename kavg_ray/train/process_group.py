@@ -2,7 +2,7 @@
 
 One learner per process (gloo on CPUs, NCCL on GPUs). The learner takes SGD steps on its
 own mini-batches (``epoch_indices(..., rank, world_size, ...)``) and its averager
-(:mod:`kavg_ray.averaging`) replaces the model by the group's or the world's average on
+(:mod:`kavg_ray.train.averaging`) replaces the model by the group's or the world's average on
 its schedule. Evaluation uses the average of all learners (one extra all-reduce that is
 not counted as the algorithm's communication), each learner scoring a strided slice of
 the test set.
@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from kavg_ray.averaging import HierAvgAverager, KAvgAverager
 from kavg_ray.config import RunConfig
-from kavg_ray.data import augment_generator, epoch_indices, steps_per_epoch
+from kavg_ray.train.averaging import HierAvgAverager, KAvgAverager
+from kavg_ray.train.data import augment_generator, epoch_indices, steps_per_epoch
 from kavg_ray.train.loop import EngineBase, empty_comm_metrics
 from kavg_ray.train.workload import (
     EvalSums,
@@ -92,34 +92,24 @@ class ProcessGroupEngine(EngineBase):
     def comm_metrics(self, compute_time_s: float) -> dict:
         avg = self.averager
         avg.settle_waits()
+        levels = avg.comm_levels()
         out = {
             **empty_comm_metrics(),
-            "rounds": avg.stats.count,
+            "rounds": levels["global"].count,
             "compute_time_s": compute_time_s,
             "comm_time_s": avg.stats.seconds,
             "wait_time_s": avg.stats.wait_seconds,
             "bytes_communicated": avg.stats.bytes,
-            "global_reductions": avg.stats.count,
-            "global_comm_time_s": avg.stats.seconds,
-            "global_bytes": avg.stats.bytes,
         }
-        if isinstance(avg, HierAvgAverager):
-            out.update(
-                rounds=avg.global_stats.count,
-                local_reductions=avg.local_stats.count,
-                global_reductions=avg.global_stats.count,
-                local_comm_time_s=avg.local_stats.seconds,
-                global_comm_time_s=avg.global_stats.seconds,
-                local_bytes=avg.local_stats.bytes,
-                global_bytes=avg.global_stats.bytes,
-            )
+        for level, stats in levels.items():
+            out[f"{level}_reductions"] = stats.count
+            out[f"{level}_comm_time_s"] = stats.seconds
+            out[f"{level}_bytes"] = stats.bytes
         return out
 
     def state_dict(self) -> dict:
         avg = self.averager
-        stats = {"global": avg.stats.totals()}
-        if isinstance(avg, HierAvgAverager):
-            stats = {"local": avg.local_stats.totals(), "global": avg.global_stats.totals()}
+        stats = {level: s.totals() for level, s in avg.comm_levels().items()}
         return {
             "format": "process-group-1",
             "model": self.workload.model.state_dict(),
@@ -134,9 +124,5 @@ class ProcessGroupEngine(EngineBase):
         self.workload.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.averager.load_state_dict(state["averager"])
-        avg = self.averager
-        if isinstance(avg, HierAvgAverager):
-            vars(avg.local_stats).update(state["comm"]["local"])
-            vars(avg.global_stats).update(state["comm"]["global"])
-        else:
-            vars(avg.stats).update(state["comm"]["global"])
+        for level, stats in self.averager.comm_levels().items():
+            vars(stats).update(state["comm"][level])

@@ -34,9 +34,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from kavg_ray.averaging import AveragingSchedule, OuterOptimizer, outer_step
 from kavg_ray.config import RunConfig
-from kavg_ray.data import Dataset, augment_generator, epoch_indices, steps_per_epoch
+from kavg_ray.train.averaging import AveragingSchedule, OuterOptimizer, outer_step
+from kavg_ray.train.data import Dataset, augment_generator, epoch_indices, steps_per_epoch
 from kavg_ray.train.loop import EngineBase, empty_comm_metrics
 from kavg_ray.train.workload import (
     EVAL_BATCH,

@@ -3,23 +3,27 @@
 :func:`build_workload` loads the data set, seeds torch with the run's seed and builds the
 model, then moves model and data to the learner's device. Every learner of a run therefore
 starts from one model. Loss and evaluation sums live here too, so the real, stacked and
-parameter-server engines compute them the same way.
+parameter-server engines compute them the same way. :func:`check_workload` tries a
+workload of one's own once on the CPU before anything is launched.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kavg_ray.config import RunConfig, is_factory
-from kavg_ray.data import Dataset, load_dataset
-from kavg_ray.models import build_model
+from kavg_ray.errors import ConfigError
 from kavg_ray.train import factories
+from kavg_ray.train.data import Dataset, load_dataset
+from kavg_ray.train.factories import describe, fail, kind_of
 from kavg_ray.train.loader import LoaderData, factory_data
+from kavg_ray.train.models import build_model
 
 EVAL_BATCH = 1024
 # build(input_shape, num_classes) -> model: the default is model_builder(cfg).
@@ -164,3 +168,52 @@ def evaluate_sums(
     finally:
         model.train()
     return EvalSums(loss_sum, correct, float(len(idx)), data.task == "classification")
+
+
+def check_workload(cfg: RunConfig) -> None:
+    """Try the workload once before a launch: the data loads, the model builds and takes one
+    training sample on the CPU, the loss gives a finite scalar. Nothing when the workload
+    names no factory (built-in workloads are checked by the config itself)."""
+    wl = cfg.workload
+    if not any(is_factory(name or "") for name in (wl.dataset, wl.model, wl.loss)):
+        return
+    data = load_data(cfg)
+    if cfg.backend == "simulated" and isinstance(data, LoaderData):
+        raise fail(
+            "dataset", wl.dataset,
+            f"the simulated backend holds the data set in memory, and it is about "
+            f"{data.nbytes / 2**20:.0f} MB, over workload.in_memory_mb ({wl.in_memory_mb:g}): "
+            "raise in_memory_mb or use backend ray",
+        )  # fmt: skip
+    if not is_factory(wl.model) and data.num_classes < 1:
+        raise fail(
+            "model", wl.model,
+            "cannot tell the number of classes of a data set read through a DataLoader: give "
+            "its Datasets a 'targets' attribute, or use a model factory",
+        )  # fmt: skip
+    x, y = next(data.train_batches(torch.zeros((1, 1), dtype=torch.int64), torch.Generator()))
+    builder = model_builder(cfg)
+    try:
+        model = builder(data.input_shape, data.num_classes)
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a built-in model that cannot take this data
+        raise fail("model", wl.model, f"cannot be built for this data: {describe(exc)}") from None
+    try:
+        out = model.train()(x)
+    except Exception as exc:  # noqa: BLE001
+        problem = f"forward pass on one sample failed: {describe(exc)}"
+        raise fail("model", wl.model, problem) from None
+    name = wl.loss or ("half_mse" if data.task == "regression" else "cross_entropy")
+    _check_loss(name, loss_fn(data, name), out, y)
+
+
+def _check_loss(name: str, criterion: Callable[..., Any], out: Any, y: Any) -> None:
+    try:
+        loss = criterion(out, y)
+    except Exception as exc:  # noqa: BLE001
+        raise fail("loss", name, f"failed on the model's output: {describe(exc)}") from None
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.is_floating_point():
+        raise fail("loss", name, f"returned {kind_of(loss)}, expected a scalar float tensor")
+    if not loss.requires_grad:
+        raise fail("loss", name, "its result does not depend on the model (no gradient)")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kavg_ray.costmodel import fit_alpha_beta, parse_network
+from kavg_ray.analysis.costmodel import fit_alpha_beta, parse_network
 from kavg_ray.errors import BadInputError
 from kavg_ray.launch.calibrate import format_fit, parse_sizes, profile_of, time_averages
 from tests.distributed import run_distributed
@@ -60,7 +60,7 @@ def test_profile_round_trip(tmp_path: Path) -> None:
     details = {"address": "local (127.0.0.1)", "backend": "gloo", "P": [2, 4], "repeats": 3,
                "measurements": []}  # fmt: skip
     net = profile_of(fit, details, "lab")
-    from kavg_ray.costmodel import write_profile
+    from kavg_ray.analysis.costmodel import write_profile
 
     path = write_profile(tmp_path / "lab.json", net)
     back = parse_network(str(path))

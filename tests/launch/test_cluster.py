@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kavg_ray.results import ResultsStore
+from kavg_ray.analysis.results import ResultsStore
 
 from .listening import command, listening, loopback
 

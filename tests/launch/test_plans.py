@@ -11,11 +11,11 @@ from types import SimpleNamespace
 import pandas as pd
 from ray.tune.search import Searcher
 
+from kavg_ray.analysis.results import ResultsStore
 from kavg_ray.config import RunConfig, parse_sweep
 from kavg_ray.launch import plans
 from kavg_ray.launch.progress import TrialTracker
 from kavg_ray.launch.sweep import _row, trial_row
-from kavg_ray.results import ResultsStore
 
 SPEC = {
     "name": "r",

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from kavg_ray.results import HISTORY_COLUMNS, TRIAL_COLUMNS, ResultsStore
+from kavg_ray.analysis.results import HISTORY_COLUMNS, TRIAL_COLUMNS, ResultsStore
 
 pytestmark = pytest.mark.ray
 

@@ -34,8 +34,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from kavg_ray.analysis.results import ResultsStore
 from kavg_ray.config import RunConfig
-from kavg_ray.results import ResultsStore
 from kavg_ray.train import train
 
 from ..distributed import run_distributed

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from kavg_ray.analysis.results import ResultsStore, kopt_table
 from kavg_ray.launch.search import k_scores, refine_ks
-from kavg_ray.results import ResultsStore, kopt_table
 
 pytestmark = pytest.mark.ray
 

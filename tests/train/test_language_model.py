@@ -11,9 +11,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from kavg_ray.config import RunConfig
-from kavg_ray.data import generate_corpus, load_text
-from kavg_ray.models import GPT
 from kavg_ray.train import train
+from kavg_ray.train.data import generate_corpus, load_text
+from kavg_ray.train.models import GPT
 from kavg_ray.train.parameter_server import ParameterServer, initial_params
 from kavg_ray.train.workload import cross_entropy, evaluate_sums
 

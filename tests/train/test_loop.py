@@ -11,10 +11,10 @@ import textwrap
 import pytest
 import torch
 
-from kavg_ray.averaging import AveragingSchedule
 from kavg_ray.config import RunConfig
 from kavg_ray.launch.sweep import HISTORY_KEYS
 from kavg_ray.train import train
+from kavg_ray.train.averaging import AveragingSchedule
 from kavg_ray.train.loop import HISTORY_BEFORE, METRIC_KEYS
 from kavg_ray.train.parameter_server import ParameterServer, initial_params
 

@@ -13,12 +13,11 @@ from torch import nn
 from torch.utils.data import Dataset as TorchDataset
 
 from kavg_ray.config import RunConfig
-from kavg_ray.data import Dataset, epoch_indices
 from kavg_ray.errors import ConfigError
 from kavg_ray.train import train
-from kavg_ray.train.factories import check_workload
+from kavg_ray.train.data import Dataset, epoch_indices
 from kavg_ray.train.loader import LoaderData
-from kavg_ray.train.workload import build_workload, load_data
+from kavg_ray.train.workload import build_workload, check_workload, load_data
 
 from ..distributed import run_distributed
 

@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from kavg_ray.analysis.results import ResultsStore
 from kavg_ray.config import ConfigError, RunConfig, parse_run, parse_sweep
-from kavg_ray.data import epoch_indices, load_dataset
-from kavg_ray.models import build_model
-from kavg_ray.results import ResultsStore
 from kavg_ray.train import train
+from kavg_ray.train.data import epoch_indices, load_dataset
+from kavg_ray.train.models import build_model
 from kavg_ray.train.parameter_server import ParameterServer, initial_params
 
 from ..workloads import diverging_least_squares

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from kavg_ray.config import RunConfig
-from kavg_ray.data import epoch_indices, load_dataset
-from kavg_ray.models import build_model
 from kavg_ray.train import train
+from kavg_ray.train.data import epoch_indices, load_dataset
+from kavg_ray.train.models import build_model
 
 from ..distributed import run_distributed
 from ..workloads import diverging_least_squares
