@@ -74,7 +74,7 @@ def _check_name(name: str) -> str:
 
 
 def _check_factories(points: list) -> None:
-    """Import and try every workload of one's own (DESIGN.md section 8) once, on the CPU,
+    """Import and try every workload of one's own (docs/design.md section 8) once, on the CPU,
     before anything launches; built-in workloads need no torch here."""
     from kavg_ray.config import is_factory
 
@@ -365,7 +365,7 @@ _NETWORK_HELP = "a preset (nvlink, ib200, ib400, eth1g, eth10g, eth100g), alpha=
 
 
 def _network_options(fn: Callable) -> Callable:
-    """--network, --step-time and --target (DESIGN.md section 10), passed as `net`, a tuple
+    """--network, --step-time and --target (docs/design.md section 10), passed as `net`, a tuple
     (costmodel.Network or None, step time or None, target or None), checked before use."""
 
     @wraps(fn)

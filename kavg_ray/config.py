@@ -103,7 +103,7 @@ _IMAGE_SIDE = {
 }  # fmt: skip
 _MIN_IMAGE_SIDE = {"cnn": 2, "vgg16": 32, "nin": 4, "resnet18": 8}
 # Built-in data sets, models and losses; anything else is a factory "module.path:function"
-# (DESIGN.md section 8), imported and tried by kavg_ray.train.factories before a launch.
+# (docs/design.md section 8), imported and tried by kavg_ray.train.factories before a launch.
 BUILTIN_DATASETS = ("digits", "synthetic", "cifar10", "mnist", "fashion_mnist", "cifar100", "text")
 BUILTIN_MODELS = ("linear", "mlp", "cnn", "vgg16", "nin", "resnet18", "gpt")
 BUILTIN_LOSSES = ("cross_entropy", "mse")
@@ -361,7 +361,7 @@ class WorkloadConfig(_Strict):
 
 
 class OuterConfig(_Strict):
-    """The outer optimizer at global averages (DESIGN.md section 9); defaults: plain K-AVG."""
+    """The outer optimizer at global averages (docs/design.md section 9); defaults: plain K-AVG."""
 
     lr: Float = Field(default=1.0, gt=0, description="outer learning rate (DiLoCo: 0.7)")
     momentum: Float = Field(default=0.0, ge=0.0, lt=1.0, description="outer momentum (0.9)")
@@ -582,7 +582,7 @@ class EarlyStopConfig(_Strict):
 
 
 class SearchConfig(_Strict):
-    """`search:` of a sweep spec: how its grid points are spent (DESIGN.md section 11)."""
+    """`search:` of a sweep spec: how its grid points are spent (docs/design.md section 11)."""
 
     strategy: Literal["grid", "refine"] = "grid"
     k_min: Int = Field(default=1, ge=1, le=1_000_000, description="refine without grid.K")

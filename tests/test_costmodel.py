@@ -1,4 +1,4 @@
-"""The communication cost model (kavg_ray.analysis.costmodel, DESIGN.md section 10)."""
+"""The communication cost model (kavg_ray.analysis.costmodel, docs/design.md section 10)."""
 
 from __future__ import annotations
 

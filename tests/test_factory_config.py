@@ -1,4 +1,4 @@
-"""Config keys of workloads of one's own (DESIGN.md section 8): factories by import path,
+"""Config keys of workloads of one's own (docs/design.md section 8): factories by import path,
 their arguments, text/gpt options and grids over factory arguments by dotted keys."""
 
 from __future__ import annotations

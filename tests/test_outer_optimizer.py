@@ -1,4 +1,4 @@
-"""The outer optimizer and the warm-up (DiLoCo, SlowMo, post-local SGD; DESIGN.md section 9).
+"""The outer optimizer and the warm-up (DiLoCo, SlowMo, post-local SGD; docs/design.md section 9).
 
 Real averages are checked in spawned gloo processes against an independent reference: an
 anchor model stepped by ``torch.optim.SGD`` with the gradient ``anchor - mean of the

@@ -1,5 +1,5 @@
 """Tasks without accuracy: K_opt by final test loss, per swept factory argument; the CLI,
-plots and report say what was ranked (DESIGN.md section 8)."""
+plots and report say what was ranked (docs/design.md section 8)."""
 
 from __future__ import annotations
 

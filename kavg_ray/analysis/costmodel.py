@@ -1,4 +1,4 @@
-"""Time on a cluster you name: a communication cost model (DESIGN.md section 10).
+"""Time on a cluster you name: a communication cost model (docs/design.md section 10).
 
 A sweep's measured wall time is the time on the machine that ran it. This module predicts
 what a trial would take on another cluster, from the trial's own history (how many local

@@ -1,4 +1,4 @@
-"""Figures of a sweep, after section 4 of the K-AVG paper (DESIGN.md sections 1 and 5).
+"""Figures of a sweep, after section 4 of the K-AVG paper (docs/design.md sections 1 and 5).
 
 Every function takes the frames returned by :func:`kavg_ray.analysis.results.load_trials` /
 :func:`~kavg_ray.analysis.results.load_history` and returns a :class:`matplotlib.figure.Figure`

@@ -1,4 +1,4 @@
-"""Results store and K_opt analysis (DESIGN.md sections 1, 3 and 5).
+"""Results store and K_opt analysis (docs/design.md sections 1, 3 and 5).
 
 Per sweep, under ``<storage>/<sweep>/``:
 
@@ -574,7 +574,7 @@ def kopt_table(
     by="time": per K, mean and std of ``time_to_target_s`` over completed trials that
     reached the target (NaN = not reached); a K no seed reached is not a candidate;
     K_opt has the smallest mean. by="loss": as by accuracy, over ``final_test_loss``;
-    K_opt has the smallest mean (tasks without accuracy, DESIGN.md section 8). Diverged,
+    K_opt has the smallest mean (tasks without accuracy, docs/design.md section 8). Diverged,
     failed (any non-completed) trials and trials without K never win and are not
     averaged; they are counted in ``n_excluded``. Ties (equal up to rounding) go to the
     smallest K. For Hier-AVG rows the candidate is the ``K`` column as given.

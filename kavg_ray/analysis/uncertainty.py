@@ -1,4 +1,4 @@
-"""K_opt with its uncertainty (DESIGN.md sections 1 and 11).
+"""K_opt with its uncertainty (docs/design.md sections 1 and 11).
 
 Two questions a K sweep leaves open:
 

@@ -186,7 +186,7 @@ def job_runtime_env(
     """The job's runtime_env: the spec and ``env_vars`` as environment variables; with
     ``ship_package`` the local kavg_ray as a py_module; with ``working_dir`` that folder
     uploaded as Ray's ``working_dir``, so that the driver and every worker run in (and
-    import from) a copy of it: the factories of a workload of one's own (DESIGN.md 8)."""
+    import from) a copy of it: the factories of a workload of one's own (docs/design.md 8)."""
     runtime_env: dict[str, Any] = {
         # sweep.connect leaves out of its ray.init any key set here: Ray refuses both.
         "env_vars": {**(env_vars or {}), SPEC_ENV: spec_text, "PYTHONUNBUFFERED": "1"},

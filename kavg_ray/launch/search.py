@@ -1,4 +1,4 @@
-"""Finding K_opt with fewer trials: a refining K search and early stopping (DESIGN.md s. 11).
+"""Finding K_opt with fewer trials: a refining K search and early stopping (docs/design.md s. 11).
 
 Each part is pure, deterministic logic with a thin Tune wrapper around it.
 

@@ -1,4 +1,4 @@
-"""Workloads of one's own (DESIGN.md section 8): factories named ``"module.path:function"``.
+"""Workloads of one's own (docs/design.md section 8): factories named ``"module.path:function"``.
 
 :func:`resolve` imports a factory, :func:`load_factory_data` calls a dataset factory and
 checks what it returns, :func:`build_factory_model` calls a model factory (and

@@ -1,6 +1,6 @@
 """A workload of one's own: this module defines its dataset and model factories and runs
 them by import path, on real gloo learners and on the simulated backend, in memory and
-through a DataLoader (DESIGN.md section 8)."""
+through a DataLoader (docs/design.md section 8)."""
 
 from __future__ import annotations
 
