@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,9 +37,10 @@ from typing import Any
 
 import pandas as pd
 
+from kavg_ray.analysis.results import FINISHED_STATUSES
 from kavg_ray.config import RunConfig, SearchConfig
 from kavg_ray.launch.progress import TrialTracker
-from kavg_ray.results import FINISHED_STATUSES
+from kavg_ray.metrics import is_finite_number
 
 __all__ = [
     "Layout",
@@ -52,6 +52,7 @@ __all__ = [
     "refine_layout",
     "search_metric",
     "trial_entry",
+    "trial_exception",
 ]
 
 
@@ -172,7 +173,7 @@ class RefinePlan:
             if cfg is None or row["status"] not in FINISHED_STATUSES:
                 continue
             value = row.get(metric)
-            usable = row["status"] == "completed" and _finite(value)
+            usable = row["status"] == "completed" and is_finite_number(value)
             self.searcher.add_evaluated_point(
                 coords_of(cfg), float(value) if usable else None,
                 pruned=row["status"] == "stopped",
@@ -190,10 +191,6 @@ class RefinePlan:
         finally:
             self.searcher._to_config = to_config
             self.searcher.set_state(saved)
-
-
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
 
 
 def refine_layout(plan: RefinePlan, trainable: Callable) -> Layout:
@@ -272,14 +269,36 @@ def pack_layout(packs: list[list[RunConfig]]) -> Layout:
 # --------------------------------------------------------------------------- results
 
 
+def trial_exception(trial: Any) -> BaseException | None:
+    """The exception a failed Tune trial ended with, as Tune pickled it (a RayTaskError or
+    RayActorError, with what it wraps); None when Tune pickled none or it cannot be read."""
+    # The trial's local copy first: Tune writes it before calling back, and syncs the copy
+    # in storage (what get_pickled_error reads) only later.
+    path = getattr(trial, "pickled_error_file", None)
+    stored = getattr(trial, "get_pickled_error", None)
+    try:
+        if path and Path(path).is_file():
+            from ray import cloudpickle
+
+            with open(path, "rb") as f:
+                exc = cloudpickle.load(f)
+        else:
+            exc = stored() if stored is not None else None
+    except Exception:  # a class this driver lacks, a truncated file: the trial's reason
+        return None  # then comes from its error text
+    return exc if isinstance(exc, BaseException) else None
+
+
 def make_callback(
     tracker: TrialTracker,
     row_fn: Callable[..., dict],
     stopped: Mapping[str, str],
     error_text: Callable[[Any], str],
+    error_exception: Callable[[Any], BaseException | None] = trial_exception,
 ) -> Any:  # a ray.tune.Callback
     """The Tune callback that hands trials (or the points of pack trials) to ``tracker``:
-    a point's row is written at its last report, a trial's when it ends."""
+    a point's row is written at its last report, a trial's when it ends. A failed trial's
+    ``error_text`` (Tune's error file) is saved, and its ``error_exception`` says why."""
     from ray.tune import Callback
 
     def points(trial: Any) -> list[str]:
@@ -307,8 +326,11 @@ def make_callback(
                 tracker.finish(p, None, fn)
 
         def on_trial_error(self, iteration, trials, trial, **info):  # noqa: ANN001
-            text = error_text(trial) or "trial failed (Ray gave no error text)"
+            text, exc = error_text(trial) or "", error_exception(trial)
             for p in still_open(trial):
-                tracker.finish(p, text, row_fn)
+                tracker.finish(p, text, row_fn, exc)
+
+        def on_experiment_end(self, trials, **info):  # noqa: ANN001
+            tracker.close()
 
     return ResultsCallback()

@@ -4,7 +4,13 @@
 the restarts of its worker group and what they cost, writes the trial's row when it ends
 (with the real error of a failed one), keeps ``<sweep>/progress.json`` current for
 ``kavg sweep status``, and prints one line when a trial starts and one when it ends, with a
-bar over the grid, the elapsed time and an estimate of the time left.
+bar over the grid, the elapsed time and an estimate of the time left (``rich.progress``).
+Output that is no terminal (a log, CI, a pipe) gets plain lines: no colour, no redrawing.
+
+A failed trial's reason is the innermost exception of the chain Ray hands back (Tune's
+pickled error: a ``RayTaskError`` around Ray Train's ``WorkerGroupError`` around what a
+worker raised), as ``TypeName: first line``; only a trial without an exception object gets
+the last line of its error text.
 
 Restarts: when Ray Train restarts a trial's worker group, the run resumes from its last
 checkpoint and its own clock (``wall_time_s``) resumes from the checkpoint's, so the loop's
@@ -19,62 +25,161 @@ Imports no Ray: the Tune callback in :mod:`kavg_ray.launch.sweep` calls it.
 
 from __future__ import annotations
 
+import io
 import math
-import re
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kavg_ray.config import RunConfig
-from kavg_ray.results import ResultsStore
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
-HISTORY_BEFORE = "history_before"  # kavg_ray.train.loop.HISTORY_BEFORE (no torch here)
-HISTORY_KEYS = (
-    "epoch", "samples", "rounds", "train_loss", "test_loss", "test_acc", "lr",
-    "compute_time_s", "comm_time_s", "wait_time_s", "bytes_communicated", "wall_time_s",
-    "local_reductions", "global_reductions", "local_comm_time_s", "global_comm_time_s",
-    "staleness_mean", "staleness_max", "pushes", "applied",
-)  # fmt: skip
+from kavg_ray.analysis.results import ResultsStore
+from kavg_ray.config import RunConfig
+from kavg_ray.metrics import HISTORY_BEFORE, HISTORY_KEYS
 
 
 def history_row(report: dict) -> dict:
     """The history.parquet fields of one report (``diverged`` kept for the status)."""
     return {k: report[k] for k in (*HISTORY_KEYS, "diverged") if k in report}
+
+
 ERRORS_DIR = "errors"
 MAX_ERROR_CHARS = 300
-_EXCEPTION_LINE = re.compile(
-    r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit|Failure|Failed|Killed)\w*(:|$)"
-)
+NO_ERROR_TEXT = "trial failed (Ray gave no error text)"
+# Where Ray keeps the exception it wraps: ControllerError, WorkerHealthCheckFailedError,
+# UserExceptionWithTraceback (Ray Train V2) and RayTaskError (the actor task Tune ran).
+# Unpickled exceptions lose __cause__ and __context__, these attributes they keep.
+_WRAPPED_ATTRS = ("controller_failure", "health_check_failure", "_base_exc", "cause")
+
+
+def _wrapped(exc: BaseException) -> BaseException | None:
+    """The exception that ``exc`` wraps or was raised from, None for the innermost."""
+    failures = getattr(exc, "worker_failures", None)
+    if isinstance(failures, dict) and failures:
+        # Ray Train's WorkerGroupError, one exception per failed rank: the lowest rank's
+        # (which rank's comes first in Ray's own text is not specified).
+        return failures[min(failures)]
+    for name in _WRAPPED_ATTRS:
+        inner = getattr(exc, name, None)
+        if isinstance(inner, BaseException) and inner is not exc:
+            return inner
+    if exc.__cause__ is not None:
+        return exc.__cause__
+    return None if exc.__suppress_context__ else exc.__context__
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The innermost exception of ``exc``'s chain (Ray's wrappers and Python's)."""
+    seen = {id(exc)}
+    while (inner := _wrapped(exc)) is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        exc = inner
+    return exc
+
+
+def failure_reason(exc: BaseException) -> str:
+    """``TypeName: first line of the message`` of ``exc``'s innermost exception."""
+    root = root_cause(exc)
+    lines = [ln.strip() for ln in str(root).splitlines() if ln.strip()]
+    name = type(root).__name__
+    return _cap(f"{name}: {lines[0]}" if lines else name)
 
 
 def error_headline(text: str) -> str:
-    """The line of an error text that says what failed: the last ``SomeError: ...`` line
-    (the innermost exception of a chained Ray traceback), else the last line."""
+    """The reason in an error text, for a trial without an exception object: its last
+    line (Tune's ``Failure # n`` headers left out)."""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     lines = [ln for ln in lines if not ln.startswith("Failure # ")]
-    if not lines:
-        return "trial failed (Ray gave no error text)"
-    pick = next((ln for ln in reversed(lines) if _EXCEPTION_LINE.match(ln)), lines[-1])
-    return pick if len(pick) <= MAX_ERROR_CHARS else pick[: MAX_ERROR_CHARS - 3] + "..."
+    return _cap(lines[-1]) if lines else NO_ERROR_TEXT
 
 
-def clock(seconds: float) -> str:
-    """Seconds as H:MM:SS or M:SS."""
-    s = int(round(max(0.0, seconds)))
-    h, rest = divmod(s, 3600)
-    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
+def _cap(line: str) -> str:
+    return line if len(line) <= MAX_ERROR_CHARS else line[: MAX_ERROR_CHARS - 3] + "..."
 
 
-def progress_bar(done: int, total: int, elapsed_s: float, width: int = 20) -> str:
-    """``[#####---------------] 3/12  elapsed 0:42  ETA 2:06`` (ETA from the pace so far)."""
-    filled = int(width * done / total) if total else width
-    eta = (
-        f"ETA {clock(elapsed_s / done * (total - done))}" if 0 < done < total else
-        ("done" if done >= total else "ETA ?")
-    )  # fmt: skip
-    return f"[{'#' * filled}{'-' * (width - filled)}] {done}/{total}  " \
-        f"elapsed {clock(elapsed_s)}  {eta}"
+def _exception_text(exc: BaseException) -> str:
+    """The full text of ``exc`` with its chain, for the errors file when Tune wrote none."""
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+
+
+class _Display:
+    """Where the tracker's lines go, and the grid's bar, elapsed time and estimate of the
+    time left, kept by a ``rich.progress.Progress``.
+
+    ``console`` None: every line (the bar's too, after each trial's end) goes to ``echo``
+    as plain text. ``console`` on a terminal: lines print above a bar that redraws there.
+    """
+
+    def __init__(self, echo: Callable[[str], None], console: Console | None, total: int,
+                 now: Callable[[], float]) -> None:  # fmt: skip
+        self.echo, self.console = echo, console
+        # Rich's own test for a terminal that can redraw (a dumb one cannot).
+        self.live = console is not None and console.is_interactive
+        remaining = TimeRemainingColumn()
+        # Rich reuses a column's render for 0.5 s; two trials ending within that would show
+        # the first one's estimate.
+        remaining.max_refresh = None
+        self.progress = Progress(
+            TextColumn("[kavg]", markup=False), BarColumn(bar_width=20),
+            MofNCompleteColumn(), TextColumn("elapsed"), TimeElapsedColumn(),
+            TextColumn("ETA"), remaining,
+            console=console if self.live else _plain_console(), auto_refresh=False,
+            # Ray's output goes to the log through fds 1 and 2: rich must not take it.
+            redirect_stdout=False, redirect_stderr=False, get_time=now,
+            # The pace since the sweep started, not over rich's last 30 s.
+            speed_estimate_period=math.inf,
+        )  # fmt: skip
+        self.task = self.progress.add_task("trials", total=total)
+        # A sample at the start, so that the first trial's end gives a pace.
+        self.progress.advance(self.task, 0)
+
+    def line(self, text: str) -> None:
+        """One line above the bar (on a terminal) or to ``echo``."""
+        if self.console is None:
+            self.echo(text)
+        else:
+            # Whole lines as they are: no markup ("[kavg]"), no colouring, no wrapping.
+            self.console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+    def update(self, done: int, total: int, *, show: bool) -> None:
+        """The bar at ``done`` of ``total``; ``show``: a line of it too when not live."""
+        self.progress.update(self.task, total=total, completed=done)
+        if self.live:
+            if done < total:
+                self.progress.start()
+            self.progress.refresh()
+            if done >= total:
+                self.close()
+        elif show:
+            self.line(self.bar_text())
+
+    def bar_text(self) -> str:
+        """The bar, elapsed time and estimate as one plain line."""
+        out = _plain_console()
+        out.print(self.progress.get_renderable())
+        return out.file.getvalue().rstrip()
+
+    def close(self) -> None:
+        """Ends a live bar (it stays, with the cursor shown again); nothing otherwise."""
+        if self.progress.live.is_started:
+            self.progress.stop()
+
+
+def _plain_console() -> Console:
+    """A console that renders to a string without colour or control codes, whatever the
+    environment says (FORCE_COLOR, COLUMNS)."""
+    return Console(file=io.StringIO(), width=200, color_system=None, force_terminal=False,
+                   force_jupyter=False, force_interactive=False, legacy_windows=False)  # fmt: skip
 
 
 class _Trial:
@@ -102,7 +207,10 @@ class TrialTracker:
         epoch_lines: bool = False,
         trial_lines: bool = True,
         now: Callable[[], float] = time.monotonic,
+        console: Console | None = None,
     ) -> None:
+        """``echo`` gets each line as plain text; ``console``, a rich console on the
+        terminal, gets them instead, above a bar that redraws (see :class:`_Display`)."""
         self.store, self.sweep, self.configs = store, sweep, configs
         self.echo, self.epoch_lines, self.trial_lines, self.now = (
             echo, epoch_lines, trial_lines, now
@@ -111,11 +219,21 @@ class TrialTracker:
         self.statuses: dict[str, str] = {}
         self.started = now()
         self.done = 0
+        self.display = _Display(echo, console, len(self.trials), now)
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its callbacks, and with them this tracker, into the experiment's
-        # state: the echo (it may hold the terminal) stays out of that copy.
-        return {**self.__dict__, "echo": _silent}
+        # state: the echo and the display (they may hold the terminal) stay out of that
+        # copy, which says nothing.
+        return {**self.__dict__, "echo": _silent, "display": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.display = _Display(_silent, None, len(self.trials), self.now)
+
+    def close(self) -> None:
+        """Ends a live bar early (a sweep that stops before its trials end)."""
+        self.display.close()
 
     # ----------------------------------------------------------------- events
 
@@ -124,8 +242,11 @@ class TrialTracker:
         trial.status = "running"
         if self.trial_lines:
             cfg = self.configs[tid]
-            self.echo(f"[kavg] start {tid}  ({cfg.algorithm} P={cfg.P} K={cfg.period} "
-                      f"seed={cfg.seed}, {cfg.workload.epochs} epochs)")  # fmt: skip
+            self.display.line(
+                f"[kavg] start {tid}  ({cfg.algorithm} P={cfg.P} K={cfg.period} "
+                f"seed={cfg.seed}, {cfg.workload.epochs} epochs)"
+            )
+            self.display.update(self.done, len(self.trials), show=False)
         self.write_progress()
 
     def result(self, tid: str, result: dict) -> None:
@@ -156,19 +277,24 @@ class TrialTracker:
         if self.epoch_lines:
             from kavg_ray.train.loop import format_progress
 
-            self.echo(format_progress(self.configs[tid], result))
+            self.display.line(format_progress(self.configs[tid], result))
+        if self.trial_lines:
+            # A live bar's elapsed time moves on with each report.
+            self.display.update(self.done, len(self.trials), show=False)
         self.write_progress()
 
-    def finish(self, tid: str, error_text: str | None, row_fn: Callable[..., dict]) -> dict:
-        """Write the trial's row (``error_text``: None unless it failed); returns the row."""
+    def finish(
+        self, tid: str, error_text: str | None, row_fn: Callable[..., dict],
+        exception: BaseException | None = None,
+    ) -> dict:  # fmt: skip
+        """Write the trial's row; returns the row. A failed trial has an ``error_text``
+        (Tune's error file, may be empty) or an ``exception``, or both; the row's error is
+        the exception's reason (:func:`failure_reason`), else the text's last line."""
         trial = self.trials.setdefault(tid, _Trial())
         cfg = self.configs[tid]
-        error, error_file = "", ""
-        if error_text is not None:
-            error = error_headline(error_text)
-            error_file = str(self._save_error(tid, error_text))
-        row = row_fn(self.sweep, tid, cfg, trial.history, error=error, failed=error_text
-                     is not None)  # fmt: skip
+        failed = error_text is not None or exception is not None
+        error, error_file = self._failure(tid, error_text, exception) if failed else ("", "")
+        row = row_fn(self.sweep, tid, cfg, trial.history, error=error, failed=failed)
         row.update(restarts=trial.restarts, restart_time_s=round(trial.restart_time_s, 3),
                    error_file=error_file)  # fmt: skip
         hist_rows = [
@@ -179,11 +305,18 @@ class TrialTracker:
         trial.status = self.statuses[tid] = row["status"]
         self.done += 1
         if self.trial_lines:
-            self.echo(self._end_line(tid, row))
-            elapsed = self.now() - self.started
-            self.echo(f"[kavg] {progress_bar(self.done, len(self.trials), elapsed)}")
+            self.display.line(self._end_line(tid, row))
+            self.display.update(self.done, len(self.trials), show=True)
         self.write_progress()
         return row
+
+    def _failure(
+        self, tid: str, error_text: str | None, exception: BaseException | None
+    ) -> tuple[str, str]:
+        """A failed trial's reason, and the file its full error text is saved in."""
+        text = error_text or (_exception_text(exception) if exception else "") or NO_ERROR_TEXT
+        reason = failure_reason(exception) if exception is not None else error_headline(text)
+        return reason, str(self._save_error(tid, text))
 
     # ----------------------------------------------------------------- output
 

@@ -1,23 +1,47 @@
-"""The driver's view of a sweep (kavg_ray.launch.progress), fed by hand: no Ray.
+"""The driver's view of a sweep (kavg_ray.launch.progress), fed by hand: no Ray cluster.
 
 Restarts are counted and their cost measured on the driver's clock; a failed trial's row
-carries the exception line and where its full text is; progress.json says what runs; the
-console has one line per trial start and end with a bar and an ETA.
+carries the innermost exception of the chain Ray hands back (Ray's exception types built
+here as Ray builds them) and where its full text is; progress.json says what runs; the
+console has one line per trial start and end with rich's bar and ETA, plain where it is no
+terminal.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import pickle
+import subprocess
+import sys
+import traceback
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
+from ray import cloudpickle
+from ray.exceptions import RayTaskError
+from ray.train.v2._internal.exceptions import (
+    UserExceptionWithTraceback,
+    WorkerHealthCheckFailedError,
+)
+from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
+from rich.console import Console
 
 from kavg_ray import cli
+from kavg_ray.analysis.results import ResultsStore
 from kavg_ray.config import parse_run
-from kavg_ray.launch.progress import TrialTracker, clock, error_headline, progress_bar
+from kavg_ray.launch import plans
+from kavg_ray.launch.progress import (
+    MAX_ERROR_CHARS,
+    NO_ERROR_TEXT,
+    TrialTracker,
+    error_headline,
+    failure_reason,
+    root_cause,
+)
 from kavg_ray.launch.sweep import _row, trial_error_text
-from kavg_ray.results import ResultsStore
 
 CFG = parse_run({"name": "s", "workload": {"epochs": 4}, "K": 2, "P": 2})
 TID = CFG.trial_name()
@@ -138,10 +162,14 @@ def test_the_error_is_read_from_tunes_local_file(tmp_path: Path) -> None:
         ("ray.exceptions.ActorDiedError: The actor died unexpectedly\n",
          "ray.exceptions.ActorDiedError: The actor died unexpectedly"),
         ("Failure # 1 (occurred at now)\nsomething odd happened\n", "something odd happened"),
+        # The last line, whatever it looks like: no pattern picks an earlier one.
+        ("ValueError: bad K\n  the worker exited  \n\n", "the worker exited"),
+        ("E" * 400, "E" * (MAX_ERROR_CHARS - 3) + "..."),
+        ("Failure # 1 (occurred at now)\n", "trial failed (Ray gave no error text)"),
         ("", "trial failed (Ray gave no error text)"),
     ],
 )  # fmt: skip
-def test_error_headline(text: str, line: str) -> None:
+def test_without_an_exception_the_reason_is_the_texts_last_line(text: str, line: str) -> None:
     assert error_headline(text) == line
 
 
@@ -179,18 +207,116 @@ def test_console_lines_and_eta(tmp_path: Path) -> None:
     tr.result(TID, _epoch(4, 60.0))
     tr.finish(TID, None, _row)
     assert lines[1] == f"[kavg] end   {TID}  completed  acc 0.9000  60.0s"
-    assert lines[2] == "[kavg] [####################] 1/1  elapsed 1:05  done"
-    assert progress_bar(3, 12, 42.0, width=12) == "[###---------] 3/12  elapsed 0:42  ETA 2:06"
-    assert progress_bar(0, 5, 1.0, width=5) == "[-----] 0/5  elapsed 0:01  ETA ?"
-    assert clock(3725) == "1:02:05"
+    assert lines[2] == "[kavg] " + "━" * 20 + " 1/1 elapsed 0:01:05 ETA 0:00:00"
+    assert len(lines) == 3
+
+
+GRID = {c.trial_name(): c for c in (
+    parse_run({"name": "s", "workload": {"epochs": 1}, "K": k, "P": 2}) for k in (1, 2, 4, 8)
+)}  # fmt: skip
+
+
+def _run_grid(tr: TrialTracker, now: Clock, ends: list[float]) -> None:
+    """Every trial of GRID starts at 0 s; the i-th ends at ``ends[i]`` s."""
+    for tid in GRID:
+        tr.start(tid)
+    for tid, t in zip(GRID, ends, strict=True):
+        now.t = t
+        tr.result(tid, {"epoch": 1, "test_acc": 0.5, "wall_time_s": t})
+        tr.finish(tid, None, _row)
+
+
+def test_a_stream_that_is_no_terminal_gets_plain_lines(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A log, CI or a pipe: no colour and no redrawing, even where the environment asks
+    rich for colour; the bar, elapsed time and estimate (the pace so far) after each end."""
+    for name, value in {"FORCE_COLOR": "1", "TERM": "xterm-256color", "COLUMNS": "30"}.items():
+        monkeypatch.setenv(name, value)
+    out, now = io.StringIO(), Clock()
+    tr = TrialTracker(ResultsStore(tmp_path), "s", GRID, list(GRID), now=now,
+                      echo=lambda line: out.write(line + "\n"))  # fmt: skip
+    _run_grid(tr, now, [30.0, 50.0, 80.0, 100.0])
+    text = out.getvalue()
+    assert "\x1b" not in text and "\r" not in text
+    k1, k2, k4, k8 = GRID
+    assert text.splitlines() == [
+        "[kavg] start K1-P2-s0  (kavg P=2 K=1 seed=0, 1 epochs)",
+        "[kavg] start K2-P2-s0  (kavg P=2 K=2 seed=0, 1 epochs)",
+        "[kavg] start K4-P2-s0  (kavg P=2 K=4 seed=0, 1 epochs)",
+        "[kavg] start K8-P2-s0  (kavg P=2 K=8 seed=0, 1 epochs)",
+        "[kavg] end   K1-P2-s0  completed  acc 0.5000  30.0s",
+        # 1 of 4 in 30 s: 90 s for the other 3.
+        "[kavg] " + "━" * 5 + " " * 15 + " 1/4 elapsed 0:00:30 ETA 0:01:30",
+        "[kavg] end   K2-P2-s0  completed  acc 0.5000  50.0s",
+        "[kavg] " + "━" * 10 + " " * 10 + " 2/4 elapsed 0:00:50 ETA 0:00:50",
+        "[kavg] end   K4-P2-s0  completed  acc 0.5000  80.0s",
+        # 3 in 80 s: 26.7 s for the last, rounded up.
+        "[kavg] " + "━" * 15 + " " * 5 + " 3/4 elapsed 0:01:20 ETA 0:00:27",
+        "[kavg] end   K8-P2-s0  completed  acc 0.5000  100.0s",
+        "[kavg] " + "━" * 20 + " 4/4 elapsed 0:01:40 ETA 0:00:00",
+    ]
+    assert {k1, k2, k4, k8} == set(tr.statuses)
+
+
+def test_a_piped_sweep_gets_plain_lines_on_stdout_and_nothing_in_the_log(
+    tmp_path: Path,
+) -> None:
+    """The sweep's own path: the tracker's echo is console.quiet's, and stdout a pipe."""
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from kavg_ray.analysis.results import ResultsStore\n"
+        "from kavg_ray.config import parse_run\n"
+        "from kavg_ray.launch.console import quiet\n"
+        "from kavg_ray.launch.progress import TrialTracker\n"
+        "from kavg_ray.launch.sweep import _row\n"
+        "cfg = parse_run({'name': 's', 'workload': {'epochs': 1}, 'K': 2, 'P': 2})\n"
+        "tid = cfg.trial_name()\n"
+        "with quiet(Path(sys.argv[1]) / 'x.log') as echo:\n"
+        "    tr = TrialTracker(ResultsStore(Path(sys.argv[1])), 's', {tid: cfg}, [tid],\n"
+        "                      echo=echo, now=lambda: 0.0)\n"
+        "    tr.start(tid)\n"
+        "    tr.finish(tid, 'ValueError: bad K', _row)\n"
+    )
+    env = {"FORCE_COLOR": "1", "TERM": "xterm-256color", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                         text=True, check=True, env=env)  # fmt: skip
+    assert "\x1b" not in out.stdout and "\r" not in out.stdout and out.stderr == ""
+    assert out.stdout.splitlines() == [
+        "[kavg] start K2-P2-s0  (kavg P=2 K=2 seed=0, 1 epochs)",
+        "[kavg] end   K2-P2-s0  failed  acc nan  nans  error: ValueError: bad K",
+        "[kavg] " + "━" * 20 + " 1/1 elapsed 0:00:00 ETA 0:00:00",
+    ]
+    assert (tmp_path / "x.log").read_text() == ""
+
+
+def test_on_a_terminal_the_bar_redraws_below_the_lines(tmp_path: Path) -> None:
+    screen, now, echoed = io.StringIO(), Clock(), []
+    terminal = Console(file=screen, force_terminal=True, force_interactive=True, width=100,
+                       color_system=None)  # fmt: skip
+    tr = TrialTracker(ResultsStore(tmp_path), "s", GRID, list(GRID), echo=echoed.append,
+                      now=now, console=terminal)  # fmt: skip
+    _run_grid(tr, now, [30.0, 50.0, 80.0, 100.0])
+    shown = screen.getvalue()
+    assert echoed == []  # the terminal console has every line
+    # Redrawn in place (carriage return, erase the line), the cursor hidden meanwhile and
+    # shown again at the end, below the bar's last state.
+    assert shown.startswith("[kavg] start K1-P2-s0  (kavg P=2 K=1 seed=0, 1 epochs)\n\x1b[?25l")
+    assert shown.endswith("[kavg] " + "━" * 20 + " 4/4 elapsed 0:01:40 ETA 0:00:00\n\x1b[?25h")
+    # What stays on the screen: each redraw starts on a line it erased first.
+    kept = [ln for part in shown.split("\r\x1b[2K") for ln in part.splitlines()[:-1]]
+    assert [ln for ln in kept if not ln.startswith("[kavg] ━")] == [
+        *(f"[kavg] start {t}  (kavg P=2 K={GRID[t].period} seed=0, 1 epochs)" for t in GRID),
+        *(f"[kavg] end   {t}  completed  acc 0.5000  {s:.1f}s"
+          for t, s in zip(GRID, [30.0, 50.0, 80.0, 100.0], strict=True)),
+    ]  # fmt: skip
+    assert not tr.display.progress.live.is_started
 
 
 def test_quiet_sends_all_output_but_kavgs_lines_to_the_log(tmp_path: Path) -> None:
     """Python prints, logging and writes to fds 1 and 2 (as Ray's C++ core and forwarded
     worker logs do) land in the log; only the echo reaches the terminal."""
-    import subprocess
-    import sys
-
     code = (
         "import logging, os, sys\n"
         "from pathlib import Path\n"
@@ -236,11 +362,188 @@ def test_sweep_status_shows_the_running_trials(tmp_path: Path) -> None:
 def test_the_tracker_pickles_without_its_terminal(tmp_path: Path) -> None:
     """Tune pickles its callbacks with the experiment's state; an echo to the terminal
     (a file object) cannot be pickled, and the sweep died there before it was dropped."""
-    import pickle
-
     with open(tmp_path / "terminal", "w") as terminal:
         tr = TrialTracker(ResultsStore(tmp_path), "s", {TID: CFG}, [TID],
                           echo=lambda line: terminal.write(line))  # fmt: skip
         tr.start(TID)
         copy = pickle.loads(pickle.dumps(tr))
     assert copy.trials[TID].status == "running" and copy.echo("x") is None
+
+
+def test_the_tracker_pickles_without_its_terminal_console(tmp_path: Path) -> None:
+    terminal = Console(file=io.StringIO(), force_terminal=True, force_interactive=True)
+    tr = TrialTracker(ResultsStore(tmp_path), "s", {TID: CFG}, [TID], console=terminal)
+    tr.start(TID)
+    copy = pickle.loads(pickle.dumps(tr))
+    assert copy.display.console is None and copy.display.live is False
+    assert copy.display.echo("x") is None and copy.trials[TID].status == "running"
+    tr.close()
+    assert not tr.display.progress.live.is_started
+
+
+# ----------------------------------------------------------- the reason of a failure
+
+
+def _raise(exc: Exception) -> Exception:
+    """``exc`` raised and caught, so that it has a traceback as a worker's has."""
+    try:
+        raise exc
+    except Exception as caught:
+        return caught
+
+
+def _task_error(cause: BaseException, function: str = "ImplicitFunc.train") -> RayTaskError:
+    """A RayTaskError as the actor that ran ``function`` hands it back to the driver."""
+    tb = "".join(traceback.format_exception(type(cause), cause, cause.__traceback__))
+    return RayTaskError(function, tb, cause, proctitle=f"ray::{function}", pid=4242,
+                        ip="127.0.0.1")  # fmt: skip
+
+
+def _tune_error(cause: BaseException) -> BaseException:
+    """What Tune gets when a trial's trainer.fit() raised a Ray Train failure: the actor
+    task's RayTaskError, as the type that is both it and its cause."""
+    return _task_error(cause).as_instanceof_cause()
+
+
+def _from(outer: Exception, inner: Exception | None) -> Exception:
+    try:
+        raise outer from inner
+    except Exception as caught:
+        return caught
+
+
+def _during(outer: Exception, inner: Exception) -> Exception:
+    try:
+        try:
+            raise inner
+        except Exception:  # outer is raised while handling inner
+            raise outer  # noqa: B904 - the implicit chain is what this builds
+    except Exception as caught:
+        return caught
+
+
+def _worker_failed(rank_errors: dict[int, BaseException]) -> BaseException:
+    return _tune_error(WorkerGroupError("workers failed", rank_errors))
+
+
+@pytest.mark.parametrize(
+    ("exc", "reason"),
+    [
+        # A worker's exception, in Ray Train's WorkerGroupError, in Tune's RayTaskError.
+        (_worker_failed({0: _raise(ValueError("bad K"))}), "ValueError: bad K"),
+        # Several ranks failed: the lowest rank's.
+        (_worker_failed({1: _raise(RuntimeError("CUDA out of memory on learner 1")),
+                         0: _raise(ValueError("bad K"))}), "ValueError: bad K"),
+        # The worker's own exception still wrapped with its traceback text.
+        (_worker_failed({0: UserExceptionWithTraceback(KeyError("lr"), "Traceback ...")}),
+         "KeyError: 'lr'"),
+        # The controller failed: the first line of its failure's message.
+        (_tune_error(ControllerError(RuntimeError(
+            "Worker group is not active.\nCall WorkerGroup.create() first."))),
+         "RuntimeError: Worker group is not active."),
+        (_tune_error(WorkerHealthCheckFailedError(
+            "health check failed", _task_error(_raise(OSError("node 10.0.0.2 died")),
+                                               "RayTrainWorker.poll_status"))),
+         "OSError: node 10.0.0.2 died"),
+        (_from(ValueError("no lr in the config"), None), "ValueError: no lr in the config"),
+        # No message: the type alone; a long one capped.
+        (_tune_error(_raise(MemoryError())), "MemoryError"),
+        (ValueError("x" * 400), "ValueError: " + "x" * (MAX_ERROR_CHARS - 15) + "..."),
+    ],
+)  # fmt: skip
+def test_the_reason_is_the_innermost_exception_of_the_chain(
+    exc: BaseException, reason: str
+) -> None:
+    assert failure_reason(exc) == reason
+    # As Tune stores it (pickled), and reads it back: the chain Ray keeps survives.
+    assert failure_reason(cloudpickle.loads(cloudpickle.dumps(exc))) == reason
+
+
+@pytest.mark.parametrize(
+    ("exc", "reason", "pickled"),
+    [
+        (_tune_error(_from(RuntimeError("epoch 3 failed"), OSError(28, "No space left"))),
+         "OSError: [Errno 28] No space left", "RuntimeError: epoch 3 failed"),
+        (_during(ValueError("no lr in the config"), KeyError("lr")), "KeyError: 'lr'",
+         "ValueError: no lr in the config"),
+    ],
+)  # fmt: skip
+def test_pythons_chains_are_followed_where_pickling_kept_them(
+    exc: BaseException, reason: str, pickled: str
+) -> None:
+    """``raise ... from`` and raising while handling: followed in this process; pickling
+    (how Ray moves exceptions between processes) drops ``__cause__`` and ``__context__``,
+    so there the reason is the exception Ray's wrapper holds."""
+    assert failure_reason(exc) == reason
+    assert failure_reason(cloudpickle.loads(cloudpickle.dumps(exc))) == pickled
+
+
+def test_a_cycle_in_the_chain_ends_the_walk() -> None:
+    first, second = ValueError("a"), KeyError("b")
+    first.__cause__, second.__cause__ = second, first
+    assert root_cause(first) is second and failure_reason(first) == "KeyError: 'b'"
+
+
+def test_the_exception_decides_the_reason_and_the_text_is_kept(tmp_path: Path) -> None:
+    tr = _tracker(tmp_path, [], Clock())
+    exc = _worker_failed({0: _raise(ValueError("bad K"))})
+    row = tr.finish(TID, RAY_ERROR, _row, exc)
+    # The text's last line names another error: the exception wins, the text is saved.
+    assert (row["status"], row["error"]) == ("failed", "ValueError: bad K")
+    assert Path(row["error_file"]).read_text() == RAY_ERROR
+
+
+def test_without_error_text_the_exceptions_own_is_saved(tmp_path: Path) -> None:
+    tr = _tracker(tmp_path, [], Clock())
+    exc = _from(RuntimeError("epoch 3 failed"), _raise(OSError(28, "No space left")))
+    row = tr.finish(TID, "", _row, exc)
+    assert row["error"] == "OSError: [Errno 28] No space left"
+    assert Path(row["error_file"]).read_text() == "".join(
+        traceback.format_exception(type(exc), exc, exc.__traceback__)
+    )
+
+
+def test_a_failure_with_neither_text_nor_exception_says_so(tmp_path: Path) -> None:
+    row = _tracker(tmp_path, [], Clock()).finish(TID, "", _row)
+    assert (row["status"], row["error"]) == ("failed", NO_ERROR_TEXT)
+    assert Path(row["error_file"]).read_text() == NO_ERROR_TEXT + "\n"
+
+
+def _failed_trial(tmp_path: Path, pickled: bytes | None, stored: BaseException | None = None
+                  ) -> SimpleNamespace:  # fmt: skip
+    """A failed Tune trial as the callback sees it: Tune's error.txt and error.pkl in its
+    local folder (``pickled`` None: no error.pkl), ``stored``: the copy in storage."""
+    (tmp_path / "error.txt").write_text(RAY_ERROR)
+    pkl = tmp_path / "error.pkl"
+    if pickled is not None:
+        pkl.write_bytes(pickled)
+    return SimpleNamespace(
+        trial_id="t0", config={"trial": {"trial_id": TID}}, error_file=str(tmp_path / "error.txt"),
+        pickled_error_file=str(pkl), get_pickled_error=lambda: stored,
+        get_error=lambda: None,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("source", "reason"),
+    [
+        ("local", "ValueError: bad K"),
+        ("storage", "ValueError: bad K"),
+        # Unreadable (truncated): the last line of error.txt.
+        ("broken", "RuntimeError: CUDA out of memory on learner 1"),
+    ],
+)
+def test_the_callback_reads_the_exception_tune_pickled(
+    tmp_path: Path, source: str, reason: str
+) -> None:
+    exc = _worker_failed({0: _raise(ValueError("bad K"))})
+    pickled = {"local": cloudpickle.dumps(exc), "storage": None,
+               "broken": cloudpickle.dumps(exc)[:40]}[source]  # fmt: skip
+    trial = _failed_trial(tmp_path, pickled, exc if source == "storage" else None)
+    tracker = _tracker(tmp_path, [], Clock())
+    cb = plans.make_callback(tracker, _row, {}, trial_error_text)
+    cb.on_trial_start(0, [], trial)
+    cb.on_trial_error(0, [], trial)
+    (row,) = ResultsStore(tmp_path).read_trials("s").to_dict("records")
+    assert (row["status"], row["error"]) == ("failed", reason)
+    assert Path(row["error_file"]).read_text() == RAY_ERROR
