@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: demo test lint clean
+.PHONY: demo test test-fast lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ demo: $(STAMP)
 test: $(TEST_STAMP)
 	$(VENV)/bin/ruff check kavg_ray tests benchmarks
 	$(PY) -m pytest -q
+
+# Every test that starts no Ray (the inner loop; `make test` is the whole suite).
+test-fast: $(TEST_STAMP)
+	$(VENV)/bin/ruff check kavg_ray tests benchmarks
+	$(PY) -m pytest -q -m "not ray"
 
 lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check kavg_ray tests benchmarks

@@ -32,25 +32,10 @@ REPORT_FILE = "report.md"
 
 #: Columns of the trials table, in order; a column absent or empty in the sweep is left out.
 TRIAL_REPORT_COLUMNS: list[str] = [
-    "trial_id",
-    "algorithm",
-    "dataset",
-    "model",
-    "P",
-    "K",
-    "S",
-    "K1",
-    "K2",
-    "seed",
-    "status",
-    "final_test_acc",
-    "best_test_acc",
-    "time_to_target_s",
-    "wall_time_s",
-    "comm_time_s",
-    "rounds",
-    "error",
-]
+    "trial_id", "algorithm", "dataset", "model", "P", "K", "S", "K1", "K2", "seed", "status",
+    "final_test_acc", "best_test_acc", "time_to_target_s", "wall_time_s", "comm_time_s",
+    "rounds", "error",
+]  # fmt: skip
 _ALWAYS = {"trial_id", "P", "K", "seed", "status", "final_test_acc"}
 _SORT_KEYS = ["algorithm", "dataset", "model", "P", "K", "S", "K1", "seed", "trial_id"]
 

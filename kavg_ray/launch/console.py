@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 LOGS_DIR = "logs"
 
@@ -28,6 +29,17 @@ def log_path(sweep_dir: Path, kind: str = "sweep") -> Path:
     folder = sweep_dir / LOGS_DIR
     folder.mkdir(parents=True, exist_ok=True)
     return folder / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+
+
+def rich_console(echo: Callable[[str], None]) -> Any:
+    """A rich Console on the terminal behind ``echo`` when that is a terminal (a live
+    progress bar), else None (plain lines: CI, a pipe, a log file)."""
+    stream = getattr(echo, "terminal", sys.stdout)
+    if not stream.isatty():
+        return None
+    from rich.console import Console
+
+    return Console(file=stream)
 
 
 @contextlib.contextmanager
@@ -52,6 +64,7 @@ def quiet(path: Path | None) -> Iterator[Callable[[str], None]]:
             terminal.write(line + "\n")
             terminal.flush()
 
+        echo.terminal = terminal  # type: ignore[attr-defined] - for rich_console
         yield echo
     finally:
         with contextlib.suppress(Exception):

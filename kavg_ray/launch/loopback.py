@@ -30,7 +30,7 @@ def is_loopback(host: str) -> bool:
 def main() -> None:
     from kavg_ray.launch.ray_private import keep_loopback
 
-    keep_loopback()
+    keep_loopback(is_loopback)
     from ray.scripts.scripts import main as ray_main
 
     ray_main()

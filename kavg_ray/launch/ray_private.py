@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 CHECKED_ON = "2.60.0"
@@ -94,12 +95,10 @@ def missing() -> list[str]:
     return problems
 
 
-def keep_loopback() -> None:
-    """Make Ray's ``resolve_ip_for_localhost`` leave loopback addresses alone (in this
-    process: `python -m kavg_ray.launch.loopback start ...`)."""
+def keep_loopback(is_loopback: Callable[[str], bool]) -> None:
+    """Make Ray's ``resolve_ip_for_localhost`` leave the addresses ``is_loopback`` accepts
+    alone (in this process: `python -m kavg_ray.launch.loopback start ...`)."""
     from ray._private import services
-
-    from kavg_ray.launch.loopback import is_loopback
 
     original = services.resolve_ip_for_localhost
 

@@ -16,11 +16,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kavg_ray.analysis.results import ResultsStore
 from kavg_ray.config import ALGORITHMS, RunConfig, SearchConfig
 from kavg_ray.errors import KavgError, SweepError
-from kavg_ray.launch import console, plans
+from kavg_ray.launch import console, plans, ray_private
 from kavg_ray.launch.progress import HISTORY_KEYS, TrialTracker  # noqa: F401 - HISTORY_KEYS: API
-from kavg_ray.results import ResultsStore
+from kavg_ray.metrics import is_finite_number
 
 
 def trial_row(
@@ -28,7 +29,7 @@ def trial_row(
 ) -> dict[str, Any]:
     """The trials.parquet row of one trial, derived from its per-epoch reports."""
     last = history[-1] if history else {}
-    accs = [h["test_acc"] for h in history if _finite(h.get("test_acc"))]
+    accs = [h["test_acc"] for h in history if is_finite_number(h.get("test_acc"))]
     target = cfg.target_accuracy
     reached = [h["wall_time_s"] for h in history if target and h.get("test_acc", 0) >= target]
     row = {
@@ -57,8 +58,8 @@ def trial_row(
     row["global_comm_time_s"] = last.get("global_comm_time_s", row["comm_time_s"])
     if ALGORITHMS[cfg.algorithm].needs_server:
         # Parameter-server runs: staleness (mean of the per-epoch means, overall max).
-        means = [h["staleness_mean"] for h in history if _finite(h.get("staleness_mean"))]
-        maxes = [h["staleness_max"] for h in history if _finite(h.get("staleness_max"))]
+        means = [h["staleness_mean"] for h in history if is_finite_number(h.get("staleness_mean"))]
+        maxes = [h["staleness_max"] for h in history if is_finite_number(h.get("staleness_max"))]
         row["staleness_mean"] = sum(means) / len(means) if means else math.nan
         row["staleness_max"] = max(maxes) if maxes else math.nan
         row["pushes"] = last.get("pushes", 0)
@@ -87,7 +88,7 @@ def _setting_columns(cfg: RunConfig) -> dict[str, Any]:
 
 def estimate_theory(points: list[RunConfig], echo=print) -> dict:
     """`theory: estimate`: probe L, M, F gap once per workload; predict K_opt per P."""
-    from kavg_ray.estimate import estimate_constants, predict_for_config
+    from kavg_ray.train.estimate import estimate_constants, predict_for_config
 
     by_workload: dict[str, list[RunConfig]] = {}
     for p in points:
@@ -106,10 +107,6 @@ def estimate_theory(points: list[RunConfig], echo=print) -> dict:
             )  # fmt: skip
             echo(f"[kavg] theory: P={row['P']} predicted K_opt {row['predicted_kopt']}")
     return {"estimates": estimates, "predictions": predictions}
-
-
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
 
 
 def _status(cfg: RunConfig, history: list[dict]) -> str:
@@ -211,12 +208,10 @@ def _connect(address: str | None) -> bool:
     if ray.is_initialized():
         return False
     env = {
-        "RAY_TRAIN_V2_ENABLED": "1",
+        ray_private.TRAIN_V2_ENV: "1",
         # A worker's report blocks until the Train controller polls it, every 2 s by
         # default: per-epoch reports of small models would spend most time waiting.
-        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get(
-            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"
-        ),
+        ray_private.HEALTH_CHECK_ENV: os.environ.get(ray_private.HEALTH_CHECK_ENV, "0.2"),
     }
     # Inside a submitted Ray job the job's runtime_env already reaches every worker, and
     # Ray refuses a ray.init runtime_env that sets one of its keys again: its value wins.
@@ -226,12 +221,12 @@ def _connect(address: str | None) -> bool:
     runtime_env = {"env_vars": env}
     if address:
         if _loopback_bound(address):
-            _loopback_only()
+            ray_private.single_machine_mode()
         ray.init(address=address, runtime_env=runtime_env)
         return True
     for attempt in range(3):
         try:
-            _loopback_only()
+            ray_private.single_machine_mode()
             ray.init(
                 include_dashboard=True, dashboard_host="127.0.0.1",
                 _node_ip_address="127.0.0.1", runtime_env=runtime_env,
@@ -239,29 +234,9 @@ def _connect(address: str | None) -> bool:
             return True
         except Exception as exc:
             # Ray gives a new local node 30 s to register; a loaded machine can miss that.
-            if "timed out during startup" not in str(exc) or attempt == 2:
+            if not ray_private.is_startup_timeout(exc) or attempt == 2:
                 raise
             ray.shutdown()
-
-
-LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-
-
-def _loopback_only() -> None:
-    """Make the local Ray about to start listen on 127.0.0.1 only.
-
-    Ray 2.60 turns a node IP of 127.0.0.1 given to ray.init into the machine's external
-    address, and then binds GCS, raylet, workers and agents on every interface. Its
-    single-machine mode (the default on macOS and Windows, ``RAY_ENABLE_WINDOWS_OR_OSX_
-    CLUSTER=0``) uses the loopback as the node IP instead, and Ray binds its servers to
-    the node IP when that is local. The variable reaches the processes Ray starts (they
-    inherit this environment); the constant is also set in this process, where Ray read it
-    at import. A local Ray is one node, so nothing is lost.
-    """
-    from ray._private import ray_constants
-
-    os.environ[LOOPBACK_ENV] = "0"
-    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def _loopback_bound(address: str) -> bool:
@@ -269,8 +244,6 @@ def _loopback_bound(address: str) -> bool:
     (cluster/local.sh): a loopback HOST:PORT whose port does not answer on the machine's
     external address. Ray would dial that external address; kavg then keeps 127.0.0.1."""
     import socket
-
-    from ray._private.services import node_ip_address_from_perspective
 
     from kavg_ray.launch.address import split_host_port
     from kavg_ray.launch.loopback import is_loopback
@@ -281,7 +254,7 @@ def _loopback_bound(address: str) -> bool:
         return False
     if address.startswith("ray://") or not is_loopback(host):
         return False
-    external = node_ip_address_from_perspective()
+    external = ray_private.external_address()
     if is_loopback(external):
         return False
     try:
@@ -415,14 +388,19 @@ def run_sweep(
         try:
             check_placement(todo_points)
             _prepare(store, sweep, spec_doc, points, todo, resume, say)
+            # A live bar only where kavg's lines alone reach a terminal (not --verbose).
             tracker = TrialTracker(
                 store, sweep, by_id, todo, echo=say, epoch_lines=progress,
                 trial_lines=not progress,
+                console=None if log is None else console.rich_console(say),
             )  # fmt: skip
-            _tune(
-                tracker, [by_id[t] for t in todo] or points, sweep_dir.resolve(), verbose,
-                _layout([by_id[t] for t in todo], sweep_dir.resolve(), plan, search, pack),
-            )  # fmt: skip
+            try:
+                _tune(
+                    tracker, [by_id[t] for t in todo] or points, sweep_dir.resolve(), verbose,
+                    _layout([by_id[t] for t in todo], sweep_dir.resolve(), plan, search, pack),
+                )  # fmt: skip
+            finally:
+                tracker.close()
         finally:
             if connected_here:
                 import ray

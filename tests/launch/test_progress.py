@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -32,7 +33,7 @@ from rich.console import Console
 from kavg_ray import cli
 from kavg_ray.analysis.results import ResultsStore
 from kavg_ray.config import parse_run
-from kavg_ray.launch import plans
+from kavg_ray.launch import console, plans
 from kavg_ray.launch.progress import (
     MAX_ERROR_CHARS,
     NO_ERROR_TEXT,
@@ -547,3 +548,18 @@ def test_the_callback_reads_the_exception_tune_pickled(
     (row,) = ResultsStore(tmp_path).read_trials("s").to_dict("records")
     assert (row["status"], row["error"]) == ("failed", reason)
     assert Path(row["error_file"]).read_text() == RAY_ERROR
+
+
+def test_a_live_bar_only_on_a_terminal(tmp_path: Path) -> None:
+    import pty
+
+    from kavg_ray.launch.console import rich_console
+
+    with console.quiet(tmp_path / "log.txt") as say:  # pytest's stdout: no terminal
+        assert rich_console(say) is None
+    leader, follower = pty.openpty()
+    with os.fdopen(follower, "w") as tty:
+        say.terminal = tty  # type: ignore[attr-defined]
+        live = rich_console(say)
+        assert live is not None and live.is_terminal and live.file is tty
+    os.close(leader)
