@@ -365,7 +365,8 @@ def run_sweep(
 
     ``progress``: print every epoch (``kavg train``) instead of a line per trial start and
     end. Unless ``verbose``, Ray's, Tune's and the workers' output goes to
-    ``<sweep>/logs/`` (kavg_ray.launch.console) and only kavg's own lines show.
+    ``<sweep>/logs/`` (kavg_ray.launch.console) and only kavg's own lines show (with a
+    live bar when they reach a terminal).
     """
     store = ResultsStore(storage)
     by_id = {p.trial_name(): p for p in points}
@@ -388,19 +389,15 @@ def run_sweep(
         try:
             check_placement(todo_points)
             _prepare(store, sweep, spec_doc, points, todo, resume, say)
-            # A live bar only where kavg's lines alone reach a terminal (not --verbose).
             tracker = TrialTracker(
                 store, sweep, by_id, todo, echo=say, epoch_lines=progress,
                 trial_lines=not progress,
                 console=None if log is None else console.rich_console(say),
             )  # fmt: skip
-            try:
-                _tune(
-                    tracker, [by_id[t] for t in todo] or points, sweep_dir.resolve(), verbose,
-                    _layout([by_id[t] for t in todo], sweep_dir.resolve(), plan, search, pack),
-                )  # fmt: skip
-            finally:
-                tracker.close()
+            _tune(
+                tracker, todo_points or points, sweep_dir.resolve(), verbose,
+                _layout(todo_points, sweep_dir.resolve(), plan, search, pack),
+            )  # fmt: skip
         finally:
             if connected_here:
                 import ray
@@ -476,7 +473,8 @@ def _tune(
     tracker: TrialTracker, todo: list[RunConfig], sweep_root: Path, verbose: bool,
     layout: plans.Layout,
 ) -> None:  # fmt: skip
-    """Run ``layout``'s trials (``todo``: the grid points) as one Tune experiment."""
+    """Run ``layout``'s trials (``todo``: the grid points) as one Tune experiment; the
+    tracker's live bar (if any) is closed however it ends."""
     from ray import tune
     from ray.tune.logger import JsonLoggerCallback
 
@@ -500,4 +498,7 @@ def _tune(
             verbose=1 if verbose else 0,
         ),
     )
-    tuner.fit()
+    try:
+        tuner.fit()
+    finally:
+        tracker.close()

@@ -13,6 +13,7 @@ from kavg_ray.analysis.costmodel import fit_alpha_beta, parse_network
 from kavg_ray.errors import BadInputError
 from kavg_ray.launch.calibrate import format_fit, parse_sizes, profile_of, time_averages
 from tests.distributed import run_distributed
+from tests.ray_head import RayHead
 
 KAVG = Path(sys.executable).with_name("kavg")
 
@@ -82,12 +83,12 @@ def test_cli_rejects_bad_sizes_before_starting_ray(tmp_path: Path) -> None:
 
 
 @pytest.mark.ray
-def test_calibrate_on_a_local_ray(tmp_path: Path) -> None:
+def test_calibrate_on_ray(tmp_path: Path, ray_head: RayHead) -> None:
     out = tmp_path / "lab.yaml"
     proc = subprocess.run(
         [str(KAVG), "calibrate", "--P", "2", "--sizes", "4k,4M", "--repeats", "3",
-         "--out", str(out), "--name", "lab", "--gap-ms", "5"],
-        capture_output=True, text=True, timeout=300,
+         "--out", str(out), "--name", "lab", "--gap-ms", "5", "--address", ray_head.address],
+        capture_output=True, text=True, timeout=300, env=ray_head.env,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("alpha = ")

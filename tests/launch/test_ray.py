@@ -1,14 +1,14 @@
 """Real Ray runs through the CLI: one `kavg train`, one 2 x 2 sweep and its resume.
 
-Each starts a local Ray (dashboard on 127.0.0.1) and stops it when the command ends.
-These are the slow tests (about a minute each on 2 cores); the algorithms are
-tested without Ray in test_averaging.py and tests/train/.
+They run on the pytest run's shared local Ray head (tests/ray_head.py: `--address`); a
+kavg that starts its own local Ray is tested in test_loopback.py and test_reliability.py.
+These are slow tests (tens of seconds each on 2 cores); the algorithms are tested without
+Ray in test_averaging.py and tests/train/.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +18,8 @@ import pytest
 import yaml
 
 from kavg_ray.analysis.results import HISTORY_COLUMNS, TRIAL_COLUMNS, ResultsStore
+
+from ..ray_head import RayHead
 
 pytestmark = pytest.mark.ray
 
@@ -30,19 +32,22 @@ WORKLOAD = {
 }
 
 
-def kavg(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RAY_DEDUP_LOGS": "0", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "kavg_ray.cli", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+@pytest.fixture
+def kavg(ray_head: RayHead):  # noqa: ANN201
+    """Run `kavg ARGS` (on the shared head when ARGS start a run: ``train`` or ``sweep run``)."""
+
+    def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+        on_ray = args[0] == "train" or args[:2] == ("sweep", "run")
+        address = ("--address", ray_head.address) if on_ray else ()
+        return subprocess.run(
+            [sys.executable, "-m", "kavg_ray.cli", *args, *address], cwd=cwd, env=ray_head.env,
+            capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+
+    return run
 
 
-def test_kavg_train_on_ray(tmp_path: Path) -> None:
+def test_kavg_train_on_ray(tmp_path: Path, kavg) -> None:  # noqa: ANN001
     config = {
         "name": "digits-train",
         "workload": WORKLOAD,
@@ -74,7 +79,7 @@ def test_kavg_train_on_ray(tmp_path: Path) -> None:
     assert history["epoch"].tolist() == [1, 2, 3, 4, 5]
 
 
-def test_sweep_tables_kopt_and_resume(tmp_path: Path) -> None:
+def test_sweep_tables_kopt_and_resume(tmp_path: Path, kavg) -> None:  # noqa: ANN001
     spec = {
         "name": "grid2x2",
         "workload": {**WORKLOAD, "epochs": 3},
@@ -143,7 +148,7 @@ def test_sweep_tables_kopt_and_resume(tmp_path: Path) -> None:
     assert (merged["final_test_acc"] == merged["final_test_acc_first"]).all()
 
 
-def test_simulated_and_real_backends_in_one_sweep(tmp_path: Path) -> None:
+def test_simulated_and_real_backends_in_one_sweep(tmp_path: Path, kavg) -> None:  # noqa: ANN001
     """One grid point on both backends: same schema, same numbers, K_opt per backend."""
     spec = {
         "name": "mixed",

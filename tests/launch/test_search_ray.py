@@ -1,8 +1,8 @@
-"""`kavg sweep run` with search: refine on a real local Ray (one small simulated sweep)."""
+"""`kavg sweep run` with search: refine on a real Ray (one small simulated sweep, on the
+pytest run's shared head: tests/ray_head.py)."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,10 +13,12 @@ import yaml
 from kavg_ray.analysis.results import ResultsStore, kopt_table
 from kavg_ray.launch.search import k_scores, refine_ks
 
+from ..ray_head import RayHead
+
 pytestmark = pytest.mark.ray
 
 
-def test_refine_sweep_runs_coarse_then_refined_k(tmp_path: Path) -> None:
+def test_refine_sweep_runs_coarse_then_refined_k(tmp_path: Path, ray_head: RayHead) -> None:
     spec = {
         "name": "refine",
         "workload": {"dataset": "digits", "model": "mlp", "epochs": 1, "batch_size": 16,
@@ -27,9 +29,10 @@ def test_refine_sweep_runs_coarse_then_refined_k(tmp_path: Path) -> None:
         "resources": {"cpus_per_worker": 0.5},
     }  # fmt: skip
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = ray_head.env
     out = subprocess.run(
-        [sys.executable, "-m", "kavg_ray.cli", "sweep", "run", "spec.yaml", "--storage", "s"],
+        [sys.executable, "-m", "kavg_ray.cli", "sweep", "run", "spec.yaml", "--storage", "s",
+         "--address", ray_head.address],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

@@ -7,7 +7,6 @@ the last test runs both algorithms for real on Ray (P = 2, one sweep, one Ray st
 from __future__ import annotations
 
 import math
-import os
 import re
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from kavg_ray.train.data import epoch_indices, load_dataset
 from kavg_ray.train.models import build_model
 from kavg_ray.train.parameter_server import ParameterServer, initial_params
 
+from ..ray_head import RayHead
 from ..workloads import diverging_least_squares
 
 CPU = torch.device("cpu")
@@ -316,7 +316,7 @@ def test_config_validation(doc: dict, message: str | None) -> None:
 
 
 @pytest.mark.ray
-def test_sweep_on_ray_learns_and_marks_divergence(tmp_path: Path) -> None:
+def test_sweep_on_ray_learns_and_marks_divergence(tmp_path: Path, ray_head: RayHead) -> None:
     """One sweep, one Ray start: Downpour and EAMSGD learn with P = 2; a huge step diverges."""
     least_squares = {
         "dataset": "synthetic",
@@ -336,10 +336,10 @@ def test_sweep_on_ray_learns_and_marks_divergence(tmp_path: Path) -> None:
         "resources": {"cpus_per_worker": 0.5},
     }
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
-    env = {**os.environ, "RAY_DEDUP_LOGS": "0", "PYTHONUNBUFFERED": "1"}
     out = subprocess.run(
-        [sys.executable, "-m", "kavg_ray.cli", "sweep", "run", "spec.yaml", "--storage", "store"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+        [sys.executable, "-m", "kavg_ray.cli", "sweep", "run", "spec.yaml", "--storage", "store",
+         "--address", ray_head.address],
+        cwd=tmp_path, env=ray_head.env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
 
