@@ -25,12 +25,12 @@ demo: $(STAMP)
 
 test: $(TEST_STAMP)
 	$(VENV)/bin/ruff check kavg_ray tests benchmarks
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=10
 
 # Every test that starts no Ray (the inner loop; `make test` is the whole suite).
 test-fast: $(TEST_STAMP)
 	$(VENV)/bin/ruff check kavg_ray tests benchmarks
-	$(PY) -m pytest -q -m "not ray"
+	$(PY) -m pytest -q -m "not ray" --durations=10
 
 lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check kavg_ray tests benchmarks

@@ -17,12 +17,15 @@ def test_models_tuple_lists_every_model():
 
 
 def test_config_accepts_exactly_the_built_models_and_datasets():
-    """A name the config accepts must build, and every model that builds must be nameable."""
+    """A name the config accepts must build or load, and every model that builds and every
+    data set that loads must be nameable: the names are written once (kavg_ray.config) and
+    the builders and loaders must not drift from them."""
     from kavg_ray.config import BUILTIN_DATASETS, BUILTIN_MODELS
-    from kavg_ray.train.data import DATASETS
+    from kavg_ray.train import data, models
 
-    assert set(BUILTIN_MODELS) == set(MODELS)
-    assert set(BUILTIN_DATASETS) == set(DATASETS)
+    assert MODELS is BUILTIN_MODELS and data.DATASETS is BUILTIN_DATASETS
+    assert set(models._BUILDERS) == set(BUILTIN_MODELS)
+    assert set(data._LOADERS) == set(BUILTIN_DATASETS)
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-DATASETS = ("digits", "synthetic", "cifar10", "mnist", "fashion_mnist", "cifar100", "text")
+from kavg_ray.config import BUILTIN_DATASETS
+
+#: The built-in data sets, by the names the config accepts (one list: kavg_ray.config).
+DATASETS = BUILTIN_DATASETS
 SAMPLINGS = ("shard", "iid")
 
 # Per-channel statistics of the CIFAR-10 training set (pixel values scaled to [0, 1]).
@@ -143,19 +146,21 @@ def load_dataset(
     :func:`load_text`); ``data_dir``/``download`` apply to the torchvision data sets.
     """
     del seed  # accepted for a uniform call signature; see the docstring
-    if name == "digits":
-        return load_digits()
-    if name == "synthetic":
-        return make_synthetic(**(synthetic or {}))
-    if name == "cifar10":
-        return load_cifar10(data_dir, download=download)
-    if name == "cifar100":
-        return load_cifar100(data_dir, download=download)
-    if name in ("mnist", "fashion_mnist"):
-        return load_mnist(name, data_dir, download=download)
-    if name == "text":
-        return load_text(**(options or {}))
-    raise ValueError(f"unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)}")
+    if name not in _LOADERS:
+        raise ValueError(f"unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)}")
+    return _LOADERS[name](name, data_dir, download, synthetic or {}, options or {})
+
+
+# name, data_dir, download, synthetic options, text options -> the data set.
+_LOADERS: dict[str, Callable[[str, Any, bool, dict, dict], Dataset]] = {
+    "digits": lambda name, d, dl, syn, opt: load_digits(),
+    "synthetic": lambda name, d, dl, syn, opt: make_synthetic(**syn),
+    "cifar10": lambda name, d, dl, syn, opt: load_cifar10(d, download=dl),
+    "cifar100": lambda name, d, dl, syn, opt: load_cifar100(d, download=dl),
+    "mnist": lambda name, d, dl, syn, opt: load_mnist(name, d, download=dl),
+    "fashion_mnist": lambda name, d, dl, syn, opt: load_mnist(name, d, download=dl),
+    "text": lambda name, d, dl, syn, opt: load_text(**opt),
+}
 
 
 def load_digits() -> Dataset:

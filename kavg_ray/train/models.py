@@ -17,9 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kavg_ray.config import BUILTIN_MODELS
 from kavg_ray.errors import BadInputError
 
-MODELS = ("mlp", "cnn", "vgg16", "nin", "resnet18", "linear", "gpt")
+#: The built-in models, by the names the config accepts (one list: kavg_ray.config).
+MODELS = BUILTIN_MODELS
 
 # CIFAR VGG-16: numbers are conv widths, "M" is a 2x2 max pool (five pools: 32 -> 1).
 _VGG16_CFG: tuple[int | str, ...] = (
