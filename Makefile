@@ -3,6 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
+PYTEST_ARGS ?=
 
 .PHONY: demo test test-fast lint clean
 
@@ -25,12 +26,12 @@ demo: $(STAMP)
 
 test: $(TEST_STAMP)
 	$(VENV)/bin/ruff check kavg_ray tests benchmarks
-	$(PY) -m pytest -q --durations=10
+	$(PY) -m pytest -q --durations=10 $(PYTEST_ARGS)
 
 # Every test that starts no Ray (the inner loop; `make test` is the whole suite).
 test-fast: $(TEST_STAMP)
 	$(VENV)/bin/ruff check kavg_ray tests benchmarks
-	$(PY) -m pytest -q -m "not ray" --durations=10
+	$(PY) -m pytest -q -m "not ray" --durations=10 $(PYTEST_ARGS)
 
 lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check kavg_ray tests benchmarks

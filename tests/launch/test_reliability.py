@@ -375,7 +375,7 @@ class StoreReader(threading.Thread):
 
     def __init__(self, storage: Path, sweep: str) -> None:
         super().__init__(daemon=True)
-        self.store, self.sweep = ResultsStore(storage), sweep
+        self.store, self.sweep, self.folder = ResultsStore(storage), sweep, storage / sweep
         self.counts: list[int] = []
         self.errors: list[str] = []
         self.done = threading.Event()
@@ -383,6 +383,9 @@ class StoreReader(threading.Thread):
 
     def run(self) -> None:
         while not self.done.is_set():
+            if not self.folder.exists():  # an unknown sweep until the driver makes it
+                time.sleep(0.05)
+                continue
             try:
                 trials = self.store.read_trials(self.sweep)
                 history = self.store.read_history(self.sweep)
