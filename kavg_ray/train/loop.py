@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from kavg_ray.config import RunConfig
-from kavg_ray.metrics import HISTORY_BEFORE
+from kavg_ray.metrics import HISTORY_BEFORE, METRIC_KEYS  # noqa: F401 - METRIC_KEYS: the engines' contract
 from kavg_ray.train.workload import EvalSums
 
 # report(metrics, state): state is this learner's checkpoint, or None when nothing new

@@ -13,9 +13,9 @@ import torch
 
 from kavg_ray.config import RunConfig
 from kavg_ray.launch.sweep import HISTORY_KEYS
+from kavg_ray.metrics import HISTORY_BEFORE, METRIC_KEYS
 from kavg_ray.train import train
 from kavg_ray.train.averaging import AveragingSchedule
-from kavg_ray.train.loop import HISTORY_BEFORE, METRIC_KEYS
 from kavg_ray.train.parameter_server import ParameterServer, initial_params
 
 WORKLOAD = {"dataset": "digits", "model": "mlp", "epochs": 1, "batch_size": 64,

@@ -23,9 +23,10 @@ from torch import nn
 import kavg_ray.train.stacked as stacked
 import kavg_ray.train.workload as wl_module
 from kavg_ray.config import RunConfig
+from kavg_ray.metrics import METRIC_KEYS
 from kavg_ray.train import train
 from kavg_ray.train.data import CIFAR10_MEAN, CIFAR10_STD, Dataset, load_dataset, random_crop_flip
-from kavg_ray.train.loop import METRIC_KEYS, run_epochs
+from kavg_ray.train.loop import run_epochs
 from kavg_ray.train.stacked import StackedEngine, estimate_memory_bytes, input_spec
 
 from ..distributed import run_distributed
