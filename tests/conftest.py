@@ -17,3 +17,11 @@ def ray_head() -> Iterator[RayHead]:
         yield head
     finally:
         head.stop()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that uses the shared head is a Ray test (`make test-fast` leaves it out),
+    whether or not its module says so."""
+    for item in items:
+        if "ray_head" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
