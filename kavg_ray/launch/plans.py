@@ -57,11 +57,12 @@ __all__ = [
 
 
 def search_metric(points: list[RunConfig]) -> tuple[str, str]:
-    """What a search ranks K by: final test accuracy, or test loss for a regression task."""
+    """What a search ranks K by: final test accuracy, or test loss for a regression task
+    (``workload.task: regression``, or the synthetic least-squares task)."""
     for p in points:
         wl = p.workload
         synthetic_task = (wl.synthetic or {}).get("task") if wl.dataset == "synthetic" else None
-        if wl.task == "regression" or synthetic_task == "regression":
+        if wl.task == "regression" or synthetic_task == "least_squares":
             return "test_loss", "min"
     return "test_acc", "max"
 

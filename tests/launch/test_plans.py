@@ -180,3 +180,14 @@ def test_packs_group_by_workload_and_p_and_split_to_fit() -> None:
     budget = pack_memory_bytes(packs[1][:4])
     small = plans.plan_packs(points, budget)
     assert sorted(len(p) for p in small if p[0].P == 2) == [2, 4]
+
+
+def test_a_regression_workload_is_searched_by_test_loss() -> None:
+    def metric(workload: dict) -> tuple[str, str]:
+        spec = {**SPEC, "workload": {"model": "linear", "epochs": 1, **workload}}
+        return plans.search_metric(parse_sweep(spec).points())
+
+    assert metric({"dataset": "digits"}) == ("test_acc", "max")
+    assert metric({"dataset": "synthetic"}) == ("test_acc", "max")
+    least_squares = {"dataset": "synthetic", "synthetic": {"task": "least_squares"}}
+    assert metric(least_squares) == ("test_loss", "min")
