@@ -386,6 +386,10 @@ class ResourcesConfig(_Strict):
     cpus_per_worker: Float = Field(default=1.0, gt=0, le=1024)
     gpus_per_worker: Float = Field(default=1.0, ge=0, le=64)
     max_concurrent_trials: Int | None = Field(default=None, ge=1)
+    nccl_timeout_s: Float = Field(
+        default=1800.0, gt=0, le=86400,
+        description="seconds a collective may wait before the process group gives up",
+    )  # fmt: skip
 
 
 class FaultInjection(_Strict):
@@ -486,6 +490,13 @@ class RunConfig(_Strict):
             )
         if inject is not None and self.backend != "ray":
             raise ValueError("failure.inject kills a Ray Train worker: it needs backend ray")
+        res = self.resources
+        if res.use_gpu and self.workers > 1 and res.gpus_per_worker < 1:
+            raise ValueError(
+                f"resources.gpus_per_worker {res.gpus_per_worker:g} would put two of the "
+                f"{self.workers} learners' ranks on one GPU, which NCCL refuses: give each "
+                "learner a whole GPU, or use backend simulated"
+            )
         self._check_outer()
         return self._check_algorithm_keys()
 

@@ -22,7 +22,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from kavg_ray.config import RunConfig
 from kavg_ray.launch.dashboard import record_epoch
-from kavg_ray.train import train
+from kavg_ray.train import collectives, train
 from kavg_ray.train.parameter_server import ParameterServer, initial_params
 
 STATE_FILE = "learner-{rank}.pt"
@@ -151,7 +151,9 @@ def make_trainer(
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
+        torch_config=TorchConfig(
+            backend=collectives.backend(res.use_gpu), timeout_s=int(res.nccl_timeout_s)
+        ),
         scaling_config=ScalingConfig(
             num_workers=cfg.workers, use_gpu=res.use_gpu, resources_per_worker=per_worker
         ),

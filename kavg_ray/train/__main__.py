@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import sys
 
@@ -9,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from kavg_ray.errors import ConfigError
+from kavg_ray.train import collectives
 from kavg_ray.train.loop import format_progress
 from kavg_ray.train.run import train
 
@@ -34,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     use_cuda = cfg.resources.use_gpu and torch.cuda.is_available()
     if "RANK" in os.environ:
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        timeout = datetime.timedelta(seconds=cfg.resources.nccl_timeout_s)
+        dist.init_process_group(collectives.backend(use_cuda), timeout=timeout)
         rank, world = dist.get_rank(), dist.get_world_size()
     else:
         rank, world = 0, 1

@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from kavg_ray.train import collectives
+
 
 @dataclass
 class CommStats:
@@ -56,7 +58,7 @@ class CommStats:
         if not self.unsettled:
             return
         times = torch.tensor(self.unsettled, dtype=torch.float64, device=device)
-        dist.all_reduce(times, op=dist.ReduceOp.MIN, group=group)
+        collectives.all_reduce(times, device, dist.ReduceOp.MIN, group)
         self.wait_seconds += max(0.0, sum(self.unsettled) - float(times.sum()))
         self.unsettled.clear()
 
@@ -291,10 +293,12 @@ class _Averager:
             return
         start = time.perf_counter()
         buf, n, outer = self.flat.buffer, self.n_params, self.outer
-        nccl = dist.get_backend(group) == dist.Backend.NCCL
+        dev = self.flat.device
+        nccl = collectives.has_average(group, dev)
         op = dist.ReduceOp.AVG if nccl else dist.ReduceOp.SUM
         parts = pieces(n, buf.numel())
-        works = [dist.all_reduce(buf[a:b], op=op, group=group, async_op=True) for a, b in parts]
+        works = [collectives.all_reduce(buf[a:b], dev, op, group, async_op=True)
+                 for a, b in parts]  # fmt: skip
         first = self.outer_momentum is None and outer.momentum != 0
         if first:
             self.outer_momentum = torch.empty_like(self.anchor)
@@ -318,11 +322,12 @@ class _Averager:
             return
         start = time.perf_counter()
         buf = self.flat.buffer
-        if dist.get_backend(group) == dist.Backend.NCCL:
-            dist.all_reduce(buf, op=dist.ReduceOp.AVG, group=group)
+        dev = self.flat.device
+        if collectives.has_average(group, dev):
+            collectives.all_reduce(buf, dev, dist.ReduceOp.AVG, group)
         else:
             # gloo has no AVG: sum, then one in-place division.
-            dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
+            collectives.all_reduce(buf, dev, dist.ReduceOp.SUM, group)
             buf.div_(size)
         if self._sync_cuda:
             torch.cuda.synchronize(self.flat.device)
@@ -342,7 +347,7 @@ class _Averager:
         if self._scratch is None:
             self._scratch = torch.empty_like(self.flat.buffer)
         self._scratch.copy_(self.flat.buffer)
-        dist.all_reduce(self.flat.buffer, op=dist.ReduceOp.SUM)
+        collectives.all_reduce(self.flat.buffer, self.flat.device)
         self.flat.buffer.div_(world)
         try:
             yield

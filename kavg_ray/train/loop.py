@@ -21,10 +21,10 @@ from collections.abc import Callable
 from typing import Protocol
 
 import torch
-import torch.distributed as dist
 
 from kavg_ray.config import RunConfig
 from kavg_ray.metrics import HISTORY_BEFORE, METRIC_KEYS  # noqa: F401 - METRIC_KEYS: the engines' contract
+from kavg_ray.train import collectives
 from kavg_ray.train.workload import EvalSums
 
 # report(metrics, state): state is this learner's checkpoint, or None when nothing new
@@ -74,9 +74,11 @@ class EngineBase:
         """Nothing to do before the first epoch, unless an engine says otherwise."""
 
     def all_reduce(self, totals: torch.Tensor) -> torch.Tensor:
-        """Sum over the run's processes (in place); the identity for one process."""
+        """Sum over the run's processes, on this process's device (where the run's
+        collectives are: NCCL takes no host tensor); the identity for one process."""
         if self.world_size > 1:
-            dist.all_reduce(totals)
+            totals = totals.to(self.device)
+            collectives.all_reduce(totals, self.device)
         return totals
 
     def synchronize(self) -> None:

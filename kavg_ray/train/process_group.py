@@ -11,9 +11,9 @@ the test set.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from kavg_ray.config import RunConfig
+from kavg_ray.train import collectives
 from kavg_ray.train.averaging import HierAvgAverager, KAvgAverager
 from kavg_ray.train.data import augment_generator, epoch_indices, steps_per_epoch
 from kavg_ray.train.loop import EngineBase, empty_comm_metrics
@@ -47,7 +47,7 @@ class ProcessGroupEngine(EngineBase):
         if world_size > 1:
             # Seeded init gives every learner the same start; the broadcast makes that hold
             # even where initialization is not bit-reproducible across processes.
-            dist.broadcast(self.averager.flat.buffer, src=0)
+            collectives.broadcast(self.averager.flat.buffer, self.device, src=0)
             self.averager.reset_anchor()
         wl = cfg.workload
         self.optimizer = build_optimizer(cfg, model.parameters())

@@ -1,0 +1,18 @@
+"""What kavg asks Ray Train for: the process group's backend and timeout (no Ray started)."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def test_the_process_group_timeout_reaches_ray_train(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kavg_ray.config import parse_run
+    from kavg_ray.launch.ray_train import make_trainer
+
+    monkeypatch.setenv("RAY_TRAIN_V2_ENABLED", "1")
+    cfg = parse_run({"K": 4, "P": 2, "resources": {"nccl_timeout_s": 60}})
+    backend = make_trainer(cfg, "/tmp/unused", "t").backend_config
+    assert (backend.backend, backend.timeout_s) == ("gloo", 60)
+    gpu = parse_run({"K": 4, "P": 2, "resources": {"use_gpu": True}})
+    backend = make_trainer(gpu, "/tmp/unused", "t").backend_config
+    assert (backend.backend, backend.timeout_s) == ("cpu:gloo,cuda:nccl", 1800)
