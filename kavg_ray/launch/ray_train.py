@@ -69,6 +69,14 @@ def checkpoint_due(cfg: RunConfig, epoch: int, diverged: bool = False) -> bool:
     return every > 0 and (diverged or epoch % every == 0 or epoch == cfg.workload.epochs)
 
 
+def load_learner_state(folder: Path, rank: int, device: torch.device) -> dict:
+    """Learner ``rank``'s checkpoint, onto this worker's ``device``: after a restart Ray may
+    place the rank on another GPU than the one that saved it (or where that index does
+    not exist)."""
+    return torch.load(folder / STATE_FILE.format(rank=rank), map_location=device,
+                      weights_only=False)  # fmt: skip
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Entry point of every Ray Train worker."""
     cfg = RunConfig.model_validate(config["run"])
@@ -81,7 +89,7 @@ def train_loop_per_worker(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            resume = torch.load(Path(d) / STATE_FILE.format(rank=rank), weights_only=False)
+            resume = load_learner_state(Path(d), rank, device)
 
     def report(metrics: dict, state: dict | None) -> None:
         if state is not None:  # a trained epoch (None: a replay of finished ones)

@@ -130,7 +130,7 @@ class Recorder:
         self.history: list[dict] = []
         if resume is not None:
             engine.load_state_dict(resume.get("engine", {}))
-            torch.set_rng_state(resume["rng"])
+            restore_random_states(resume, engine.device)
             self.counters = dict(resume["counters"])
             self.history = list(resume["history"])
         self.replay = list(self.history)  # epochs the next report hands over
@@ -184,12 +184,29 @@ class Recorder:
         self.history.append(metrics)
         state = {
             "engine": self.engine.state_dict(),
-            "rng": torch.get_rng_state(),
+            **random_states(self.engine.device),
             "counters": dict(self.counters),
             "history": list(self.history),
         }
         report({**metrics, HISTORY_BEFORE: self.replay} if self.replay else metrics, state)
         self.replay = []
+
+
+def random_states(device: torch.device) -> dict:
+    """This process's random states for a checkpoint: the CPU generator's, and on a GPU
+    the device's (dropout draws there)."""
+    states = {"rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def restore_random_states(states: dict, device: torch.device) -> None:
+    """Restore :func:`random_states`. A checkpoint loaded onto the worker's device holds
+    them there; the generators take host tensors."""
+    torch.set_rng_state(states["rng"].cpu())
+    if device.type == "cuda" and "cuda_rng" in states:
+        torch.cuda.set_rng_state(states["cuda_rng"].cpu(), device)
 
 
 def format_progress(cfg: RunConfig, m: dict) -> str:

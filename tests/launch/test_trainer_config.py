@@ -16,3 +16,15 @@ def test_the_process_group_timeout_reaches_ray_train(monkeypatch: pytest.MonkeyP
     gpu = parse_run({"K": 4, "P": 2, "resources": {"use_gpu": True}})
     backend = make_trainer(gpu, "/tmp/unused", "t").backend_config
     assert (backend.backend, backend.timeout_s) == ("cpu:gloo,cuda:nccl", 1800)
+
+
+def test_a_checkpoint_loads_onto_this_workers_device(tmp_path) -> None:  # noqa: ANN001
+    import torch
+
+    from kavg_ray.launch.ray_train import STATE_FILE, load_learner_state
+
+    torch.save({"w": torch.ones(3), "rng": torch.get_rng_state()},
+               tmp_path / STATE_FILE.format(rank=1))  # fmt: skip
+    # "meta" stands in for another GPU than the one that saved it.
+    state = load_learner_state(tmp_path, 1, torch.device("meta"))
+    assert state["w"].device == torch.device("meta") == state["rng"].device

@@ -126,3 +126,24 @@ def test_torchrun_entry_refuses_a_bad_config(tmp_path) -> None:
     )  # fmt: skip
     assert out.returncode == 2
     assert out.stderr.startswith("error: ") and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_random_states_round_trip_on_cpu_and_take_the_gpus_too(monkeypatch) -> None:  # noqa: ANN001
+    from kavg_ray.train.loop import random_states, restore_random_states
+
+    states = random_states(torch.device("cpu"))
+    assert set(states) == {"rng"}
+    first = torch.rand(4)
+    restore_random_states(states, torch.device("cpu"))
+    assert torch.equal(torch.rand(4), first)
+    # On a GPU the device's generator (dropout) is saved and restored too, from host
+    # tensors whatever device the checkpoint was loaded onto. Stand-ins: no GPU here.
+    calls = []
+    seven = torch.full((8,), 7, dtype=torch.uint8)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda d: seven)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, d: calls.append((s.device, d)))
+    gpu = torch.device("cuda", 1)
+    states = random_states(gpu)
+    assert set(states) == {"rng", "cuda_rng"} and int(states["cuda_rng"][0]) == 7
+    restore_random_states(states, gpu)
+    assert calls == [(torch.device("cpu"), gpu)]
