@@ -340,18 +340,25 @@ def results_list(storage: str | None, fmt: str) -> None:
 def _show_on_network(sweep_name: str, storage: str, trials: Any, net: tuple, fmt: str) -> tuple:
     """`results show --network`: the trials with the cost model's columns; (frame, the
     columns the table adds)."""
-    from kavg_ray.analysis import costmodel
-
-    network, step_time, target = net
-    df = costmodel.predict_sweep(
-        sweep_name, storage, network, trials=trials, step_time=step_time, target=target,
-        require_target=False, model_bytes=_model_bytes(),
-    )
+    network = net[0]
+    df = _predict_on(sweep_name, storage, net, trials, require_target=False)
     if fmt == "table":
         click.echo(f"network assumed: {network.describe()}")
     cols = ["predicted_time_to_target_s", "predicted_time_s", "predicted_comm_time_s",
             "measured_transfer_time_s"]  # fmt: skip
     return df, cols
+
+
+def _predict_on(sweep_name: str, storage: str, net: tuple, trials: Any, **kw: Any) -> Any:
+    """costmodel.predict_sweep on ``net`` = (network, step time, target), sizing the models
+    of trials that moved no bytes."""
+    from kavg_ray.analysis import costmodel
+
+    network, step_time, target = net
+    return costmodel.predict_sweep(
+        sweep_name, storage, network, trials=trials, step_time=step_time, target=target,
+        model_bytes=_model_bytes(), **kw,
+    )
 
 
 def _model_bytes() -> Callable:
@@ -427,12 +434,9 @@ def _kopt_on_network(sweep_name: str, storage: str, fmt: str, by: str, net: tupl
 
     if by != "time":
         raise BadInput("--network predicts time: use it with --by time")
-    network, step_time, target = net
+    network = net[0]
     trials = _trials_with_predictions(_check_name(sweep_name), storage)
-    pred = costmodel.predict_sweep(
-        sweep_name, storage, network, trials=trials, step_time=step_time, target=target,
-        model_bytes=_model_bytes(),
-    )
+    pred = _predict_on(sweep_name, storage, net, trials)
     if fmt == "table":
         click.echo(f"network assumed: {network.describe()}")
     click.echo(results.format_frame(costmodel.kopt_by_predicted_time(pred), fmt))
@@ -509,13 +513,8 @@ def results_plot(sweep_name: str, out: str, storage: str | None, net: tuple | No
     history = results.load_history(sweep_name, storage)
     written, skipped = plots.save_all_detailed(trials, history, out)
     if net is not None:
-        from kavg_ray.analysis import costmodel
-
-        network, step_time, target = net
-        pred = costmodel.predict_sweep(
-            sweep_name, storage, network, trials=trials, step_time=step_time, target=target,
-            model_bytes=_model_bytes(),
-        )
+        network = net[0]
+        pred = _predict_on(sweep_name, storage, net, trials)
         try:
             fig = plots.predicted_time_vs_k(pred, network.name)
         except plots.PlotDataError as exc:

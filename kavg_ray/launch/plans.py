@@ -331,7 +331,4 @@ def make_callback(
             for p in still_open(trial):
                 tracker.finish(p, text, row_fn, exc)
 
-        def on_experiment_end(self, trials, **info):  # noqa: ANN001
-            tracker.close()
-
     return ResultsCallback()

@@ -45,7 +45,7 @@ from rich.progress import (
 
 from kavg_ray.analysis.results import ResultsStore
 from kavg_ray.config import RunConfig
-from kavg_ray.metrics import HISTORY_BEFORE, HISTORY_KEYS
+from kavg_ray.metrics import HISTORY_BEFORE, HISTORY_KEYS, is_finite_number
 
 
 def history_row(report: dict) -> dict:
@@ -232,7 +232,7 @@ class TrialTracker:
         self.display = _Display(_silent, None, len(self.trials), self.now)
 
     def close(self) -> None:
-        """Ends a live bar early (a sweep that stops before its trials end)."""
+        """Ends a live bar (kavg_ray.launch.sweep does when Tune returns, however it ends)."""
         self.display.close()
 
     # ----------------------------------------------------------------- events
@@ -364,4 +364,4 @@ def _silent(line: str) -> None:
 
 
 def _finite_or_none(x: Any) -> float | None:
-    return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
+    return float(x) if is_finite_number(x) else None

@@ -379,10 +379,7 @@ def run_sweep(
     if not todo and not (plan is not None and plan.has_work()):
         return {}
     sweep_dir = store.sweep_dir(sweep)
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    log = None if verbose else console.log_path(sweep_dir, "train" if progress else "sweep")
-    if log is not None and not progress:
-        echo(f"[kavg] sweep {sweep}: {len(todo)} trials; Ray, Tune and worker logs: {log}")
+    log = _ray_log(sweep_dir, len(todo), verbose, progress, echo)
     with console.quiet(log) as say:
         say = echo if log is None else say
         connected_here = connect(address, log)
@@ -405,6 +402,20 @@ def run_sweep(
                 # Ends Ray's forwarding of worker logs, so the caller's table prints last.
                 ray.shutdown()
     return tracker.statuses
+
+
+def _ray_log(
+    sweep_dir: Path, trials: int, verbose: bool, progress: bool, echo: Any
+) -> Path | None:
+    """Where Ray's, Tune's and the workers' output goes (None with ``verbose``: the
+    terminal), said once for a sweep."""
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    if verbose:
+        return None
+    log = console.log_path(sweep_dir, "train" if progress else "sweep")
+    if not progress:
+        echo(f"[kavg] sweep {sweep_dir.name}: {trials} trials; Ray, Tune and worker logs: {log}")
+    return log
 
 
 def _refine_plan(

@@ -27,7 +27,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,7 +43,7 @@ from kavg_ray.config import RunConfig
 from kavg_ray.train import train
 
 from ..distributed import run_distributed
-from ..ray_head import RayHead
+from ..ray_head import RayHead, pids_under
 
 pytestmark = pytest.mark.ray
 
@@ -65,7 +64,7 @@ def ray_tmp() -> Iterator[Path]:
     # A driver's Ray takes a moment to wind down; after the 40-trial sweep at load 10 one
     # of its processes once took over 60 s to exit.
     deadline = time.monotonic() + 180
-    while (leftovers := _ray_pids(d)) and time.monotonic() < deadline:
+    while (leftovers := pids_under(d)) and time.monotonic() < deadline:
         time.sleep(1)
     for pid in leftovers:  # only processes of this test's own Ray
         _kill(pid)
@@ -102,24 +101,6 @@ def _wait(proc: subprocess.Popen, cwd: Path, timeout: float = 600) -> tuple[int,
     return rc, (cwd / "stdout.txt").read_text(), (cwd / "stderr.txt").read_text()
 
 
-def _ray_pids(ray_tmp: Path) -> list[int]:
-    """PIDs of processes that belong to the Ray under ``ray_tmp`` (its path in their
-    command line or environment: Ray workers retitle themselves, but keep the env)."""
-    mark = str(ray_tmp).encode()
-    pids = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit() or int(d.name) == os.getpid():
-            continue
-        try:
-            if (d / "stat").read_text().split(") ")[-1].startswith("Z"):
-                continue  # a zombie is dead already
-            if mark in (d / "cmdline").read_bytes() or mark in (d / "environ").read_bytes():
-                pids.append(int(d.name))
-        except OSError:  # gone, or not ours to read
-            continue
-    return pids
-
-
 def _kill(pid: int) -> None:
     try:
         os.kill(pid, signal.SIGKILL)
@@ -135,12 +116,6 @@ def _wait_until(predicate, timeout: float, what: str, poll: float = 0.5):  # noq
             return value
         time.sleep(poll)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _reference_rank(rank: int, world: int, doc: dict, out: str) -> None:
@@ -317,7 +292,7 @@ def test_driver_killed_mid_sweep_then_resume(tmp_path: Path, ray_tmp: Path) -> N
         driver.wait(timeout=60)
     # The local Ray that the driver started dies with it (Ray's kernel fate sharing,
     # and the driver's process group): nothing of that session is left running.
-    _wait_until(lambda: not _ray_pids(ray_tmp), 60, "the driver's Ray to exit")
+    _wait_until(lambda: not pids_under(ray_tmp), 60, "the driver's Ray to exit")
     before = store.read_trials("killdriver")
     done = set(before["trial_id"])
     assert before["trial_id"].is_unique and 1 <= len(done) < len(names)
@@ -360,7 +335,7 @@ def test_ctrl_c_keeps_finished_rows_and_says_how_to_resume(tmp_path: Path, ray_t
     finally:
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
-    _wait_until(lambda: not _ray_pids(ray_tmp), 60, "the driver's Ray to exit")
+    _wait_until(lambda: not pids_under(ray_tmp), 60, "the driver's Ray to exit")
     done = ResultsStore(tmp_path / "store").finished_trial_ids("interrupted")
     assert 1 <= len(done) < 3, done
     assert rc == 1, (rc, out[-2000:], err[-2000:])
