@@ -11,11 +11,22 @@
 #                   against each trial's comm_time_s less its wait for the last learner
 #   packed          benchmarks/gpu.py: the packed simulated backend, samples/s and memory
 #   loop_cuda       the epoch loop against a bare CUDA loop (P = 1)
+#   gpu_emulation   issue 25's GPU check (benchmarks/gpu_emulation.py): NCCL at P = 1
+#                   through python -m kavg_ray.train for K-AVG, DiLoCo and the simulated
+#                   backend; P = 2 and P = 4 processes on the one GPU in groups registered
+#                   for CUDA tensors only (cuda:gloo), training K-AVG, DiLoCo and Hier-AVG
+#                   through the engine and loop, each average checked against the mean;
+#                   an average's CUDA-event time beside synchronised host clocks. Exit 1
+#                   on a failed check. (bf16 against fp32 step times come with issue 26.)
 #
 # Usage (repo root): OUT=DIR bash benchmarks/gpu_session.sh   (DIR gets log.txt + JSON)
-# About 8 minutes on the H200 machine of 2026-11-30 (the step limits add up to more).
+# About 8 minutes on the H200 machine of 2026-11-30 (the step limits add up to more), plus
+# gpu_emulation (not yet run on a GPU; 23 s on the 2-core CPU in smoke mode). ONLY=NAME
+# runs one step (e.g. ONLY=gpu_emulation for a short device session). SMOKE=1 ONLY=
+# gpu_emulation runs that step on the CPU in its smoke mode (tests/test_gpu_script.py).
 # Wheels: python -m pip download --no-deps --only-binary=:all: --python-version 3.12 ...
 #         -d .whl pydantic pydantic_core annotated-types typing-inspection typing_extensions
+#         pyyaml    (kavg_ray.config reads YAML; the 2026-11-30 machine had PyYAML)
 set -u
 OUT=${OUT:-/tmp/kavg-gpu-session}
 PY=${PYTHON:-python3}
@@ -27,18 +38,26 @@ if [ -d .whl ] && ! $PY -c "import pydantic" 2>/dev/null; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
-date -u; nproc; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-$PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
+date -u; nproc
+if [ "${SMOKE:-}" != 1 ]; then
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+fi
+$PY -c "import torch; print('torch', torch.__version__,
+    torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')"
 
 step() {  # step NAME SECONDS CMD...: run CMD under a time limit, go on whatever happens
     local name=$1 limit=$2
     shift 2
+    if [ -n "${ONLY:-}" ] && [ "$ONLY" != "$name" ]; then return; fi
     echo "=== $name: start $(date -u +%T), limit ${limit}s: $*"
     timeout "$limit" "$@"
     echo "=== $name: rc=$? at $(date -u +%T)"
 }
 
-# First what is still open (issue 18 on a quiet multi-core host): calibrations with and
+# Issue 25 first: NCCL at P = 1, ranks in CUDA-only groups, event-timed averages.
+step gpu_emulation 300 $PY benchmarks/gpu_emulation.py --device cuda --backend cuda:gloo \
+    --P 2,4 --epochs 2 --reps 20 --time-model resnet18 --out "$OUT/gpu_emulation.json"
+# Then what is still open (issue 18 on a quiet multi-core host): calibrations with and
 # without the 2 ms gap, then trials whose wait for the last learner is split off.
 step calibrate_gap2 60 $PY benchmarks/costmodel.py calibrate --P 2 --P 4 --repeats 8 \
     --gap-ms 2 --out "$OUT/profile_gap2.json"

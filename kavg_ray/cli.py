@@ -7,10 +7,11 @@ fraction of a second and launches nothing. Exit codes: 0 success, 2 bad input,
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import wraps
 from typing import Any
 
@@ -48,12 +49,57 @@ def _user_errors(fn: Callable) -> Callable:
 
 def _storage(storage: str | None, write: bool = False) -> str:
     """The results folder (--storage, $KAVG_STORAGE, ./kavg_results), refused (exit 2) when
-    it is empty or is, or lies under, a file (and, for ``write``, when it is not writable)."""
+    it is empty or is, or lies under, a file (and, for ``write``, when it is not writable);
+    or an s3:// or gs:// URI, refused (exit 2) when kavg cannot serve its scheme."""
+    from kavg_ray.analysis.storage import check_uri, is_uri
     from kavg_ray.launch.address import check_storage
 
     if storage is None:
         storage = os.environ.get("KAVG_STORAGE") or "./kavg_results"
-    return check_storage(storage, write=write)
+    # Before the folder checks: a URI (or a broken one, s3:bucket) is never a folder.
+    storage = check_uri(storage)
+    return storage if is_uri(storage) else check_storage(storage, write=write)
+
+
+def _is_uri(storage: str) -> bool:
+    from kavg_ray.analysis.storage import is_uri
+
+    return is_uri(storage)
+
+
+@contextlib.contextmanager
+def _out_folder(out: str) -> Iterator[tuple[str, Callable[[str], str], list[str]]]:
+    """--out of plot and report: yields (the local folder to write, how to name a file
+    written there, a list of lines to print once the files are where they belong). An
+    s3:// or gs:// --out is a temporary folder whose files go up there at the end."""
+    from kavg_ray.analysis.storage import check_uri, is_uri, storage_root
+
+    lines: list[str] = []
+    if not is_uri(check_uri(out, "--out")):
+        yield out, str, lines
+    else:
+        import tempfile
+        from pathlib import Path
+
+        root = storage_root(out)
+        with tempfile.TemporaryDirectory(prefix="kavg-out-") as tmp:
+
+            def name(path: str) -> str:
+                return str(root.joinpath(*Path(path).relative_to(tmp).parts))
+
+            yield tmp, name, lines
+            for f in sorted(Path(tmp).rglob("*")):
+                if f.is_file():
+                    root.joinpath(*f.relative_to(tmp).parts).upload(f)
+    for line in lines:
+        click.echo(line)
+
+
+def _at(storage: str, *parts: str) -> str:
+    """``storage/parts`` as the user writes it (a URI keeps its ?query at the end)."""
+    from kavg_ray.analysis.storage import join
+
+    return join(storage, *parts)
 
 
 def _address(address: str | None) -> str | None:
@@ -130,7 +176,9 @@ def train(config: str, address: str | None, storage: str | None, verbose: bool) 
         f"wall time {row['wall_time_s']:.1f}s  averaging time {row['comm_time_s']:.2f}s{wait}  "
         f"bytes averaged {int(row['bytes_communicated']):,}  rounds {int(row['rounds'])}"
     )
-    click.echo(f"results: {os.path.join(storage, cfg.name)}")
+    from kavg_ray.launch.jobs import absolute_storage
+
+    click.echo(f"results: {_at(absolute_storage(storage), cfg.name)}")  # from any folder
     if statuses.get(tid) == "failed":
         click.echo(f"error: run failed: {row['error']}", err=True)
         sys.exit(1)
@@ -172,9 +220,16 @@ def sweep_run(
     trials = results.load_trials(sweep_name, storage)
     by = "time" if points[0].target_accuracy else results.ranked_by(trials)
     click.echo(f"\nK_opt by {by} for sweep '{sweep_name}' ({len(trials)} trials):")
-    click.echo(results.format_frame(results.kopt_table(trials, by=by), "table"), nl=False)
-    at = ["--storage", storage] if storage != _storage(None) else []
-    click.echo(f"results: {os.path.join(storage, sweep_name)}")
+    table = results.kopt_table(trials, by=by, history=results.load_history(sweep_name, storage))
+    click.echo(results.format_frame(table, "table"), nl=False)
+    # Where the results are, and the commands that read them from any folder: the default
+    # storage, ./kavg_results, is relative to the folder the sweep ran in.
+    from kavg_ray.launch.jobs import absolute_storage
+
+    at = ["--storage", absolute_storage(storage)]
+    click.echo(f"results: {_at(at[1], sweep_name)}")
+    click.echo("kopt:    " + shlex.join(
+        ["kavg", "results", "kopt", sweep_name, *(["--by", by] if by == "time" else []), *at]))
     click.echo("plot:    " + shlex.join(
         ["kavg", "results", "plot", sweep_name, "--out", f"plots/{sweep_name}", *at]))
     click.echo("report:  " + shlex.join(
@@ -243,7 +298,10 @@ def sweep_submit(
     _check_factories(points)
     sweep_name = _check_name(name if name is not None else points[0].name)
     storage = jobs.absolute_storage(_storage(storage))
-    if not resume and os.path.exists(os.path.join(storage, sweep_name, "trials.parquet")):
+    # A URI is checked by the job's driver (the head's credentials, not necessarily ours).
+    if not resume and not _is_uri(storage) and os.path.exists(
+        os.path.join(storage, sweep_name, "trials.parquet")
+    ):
         raise BadInput(
             f"sweep '{sweep_name}' already has results under {storage}; "
             "use --resume to finish it or --name for a new sweep"
@@ -255,7 +313,7 @@ def sweep_submit(
     click.echo(f"submitted sweep '{sweep_name}' ({len(points)} trials) as job {job_id}")
     click.echo(f"dashboard: {link}")
     click.echo(f"follow: kavg sweep status {job_id} --address {address}")
-    click.echo(f"results: {os.path.join(storage, sweep_name)}")
+    click.echo(f"results: {_at(storage, sweep_name)}")
 
 
 @sweep.command("status")
@@ -283,7 +341,9 @@ def sweep_status(name_or_job: str, address: str | None, storage: str | None, fmt
     else:
         sweep_name = _check_name(name_or_job)
         storage = _storage(storage)
-        if not os.path.isdir(os.path.join(storage, sweep_name)):
+        from kavg_ray.analysis.results import ResultsStore
+
+        if not ResultsStore(storage).sweep_dir(sweep_name).is_dir():
             raise BadInput(f"unknown sweep '{sweep_name}' under {storage}")
         status = jobs.sweep_progress(sweep_name, storage)
     if fmt == "json":
@@ -411,6 +471,8 @@ def results_show(sweep_name: str, storage: str | None, fmt: str, net: tuple | No
     from kavg_ray.analysis import results
 
     df = results.load_trials(_check_name(sweep_name), _storage(storage))
+    # A failed trial's full text is in its errors file (a diverged or stopped one has none).
+    error_files = df["error_file"].fillna("").astype(str).str.strip().ne("").any()
     predicted: list[str] = []
     if net is not None:
         df, predicted = _show_on_network(sweep_name, _storage(storage), df, net, fmt)
@@ -423,8 +485,8 @@ def results_show(sweep_name: str, storage: str | None, fmt: str, net: tuple | No
                 *predicted, "error"]  # fmt: skip
         df = results.show_columns(df, cols)
     click.echo(results.format_frame(df, fmt), nl=False)
-    if fmt == "table" and "error" in df.columns:
-        click.echo("full error texts: " + os.path.join(
+    if fmt == "table" and "error" in df.columns and error_files:
+        click.echo("full error texts: " + _at(
             _storage(storage), sweep_name, "errors", "TRIAL.txt"))  # fmt: skip
 
 
@@ -456,17 +518,23 @@ def _kopt_on_network(sweep_name: str, storage: str, fmt: str, by: str, net: tupl
               "[accuracy; loss for a sweep without accuracy]")
 @click.option("--storage", default=None, help="results directory [./kavg_results, $KAVG_STORAGE]")
 @click.option("--format", "fmt", type=FORMATS, default="table")
-@click.option("--uncertainty", is_flag=True, help="bootstrap over seeds and a K_opt(P) fit")
+@click.option("--score", default="last", show_default=True,
+              help="a trial's score: last (the final evaluation), last:N (the mean of the "
+              "last N), best (the best evaluation); accuracy and loss only")
+@click.option("--uncertainty", is_flag=True,
+              help="the full bootstrap table over seeds and a K_opt(P) fit")
 @click.option("--n-boot", type=click.IntRange(1, 1_000_000), default=1000, show_default=True)
 @click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="bootstrap seed")
 @_user_errors
 @_network_options
 def results_kopt(
-    sweep_name: str, by: str, storage: str | None, fmt: str,
+    sweep_name: str, by: str, storage: str | None, fmt: str, score: str = "last",
     uncertainty: bool = False, n_boot: int = 1000, seed: int = 0, net: tuple | None = None,
 ) -> None:  # fmt: skip
     """The best K per P (by final accuracy, by time to the target accuracy, or by final
-    test loss).
+    test loss), and how sure it is: how often it is best over paired bootstrap resamples
+    of the seeds, the credible set of K, how often K = 1 is best, K_opt against K = 1, and
+    a verdict (clear, narrow, inconclusive, single seed) with what would settle it.
 
     With --uncertainty: how often each K is best over bootstrap resamples of the seeds,
     and K_opt(P) = a * P^b fitted across P, with predictions at P not run.
@@ -474,19 +542,56 @@ def results_kopt(
     from kavg_ray.analysis import results
 
     storage = _storage(storage)
+    if not results.SCORE_RE.match(score):
+        raise BadInput(f"--score {score!r}: expected last, last:N (N >= 1) or best")
     if net is not None:
         if uncertainty:
             raise BadInput("--uncertainty does not combine with --network")
+        if score != "last":
+            raise BadInput("--network ranks by predicted time: --score does not apply")
         return _kopt_on_network(sweep_name, storage, fmt, by, net)
     trials = _trials_with_predictions(_check_name(sweep_name), storage)
+    history = results.load_history(sweep_name, storage)
     by = by or results.ranked_by(trials)
+    if by == "time" and score != "last":
+        raise BadInput("--score ranks accuracy or loss: by time it is last")
     if uncertainty:
         from kavg_ray.analysis import uncertainty as unc
 
-        frames = unc.uncertainty_report(trials, by=by, n_boot=n_boot, seed=seed)
+        frames = unc.uncertainty_report(
+            trials, by=by, n_boot=n_boot, seed=seed, score=score, history=history
+        )
         click.echo(unc.format_uncertainty(frames, fmt, n_boot, seed), nl=False)
         return
-    click.echo(results.format_frame(results.kopt_table(trials, by=by), fmt))
+    try:
+        table = results.kopt_table(
+            trials, by=by, score=score, history=history, n_boot=n_boot, seed=seed
+        )
+    except ValueError as exc:  # e.g. last:N of a sweep without a history
+        raise BadInput(str(exc)) from None
+    click.echo(results.format_frame(table, fmt), nl=fmt != "table")
+    if fmt == "table":  # under the table: its output still starts with the header
+        click.echo(f"K_opt by {by}: {_score_words(score, by)}. {KOPT_LEGEND}")
+
+
+#: Under `kavg results kopt`'s table: what its new columns say (docs/design.md section 11).
+KOPT_LEGEND = (
+    "freq_best: how often K_opt is best over paired bootstrap resamples of the seeds;\n"
+    "credible_set: the fewest K that are best in at least 0.8 of them; freq_k1: how often "
+    "K = 1 is best;\n"
+    "diff_vs_k1: K_opt minus K = 1 on the same seeds, with its 90% interval [lo, hi]."
+)
+
+
+def _score_words(score: str, by: str) -> str:
+    if by == "time":
+        return "mean time to the target"
+    what = "accuracy" if by == "accuracy" else "test loss"
+    if score == "best":
+        return f"best {what} of each run"
+    if score == "last":
+        return f"final {what}"
+    return f"{what}, mean of the last {score.split(':')[1]} evaluations"
 
 
 def _trials_with_predictions(sweep_name: str, storage: str):  # noqa: ANN202
@@ -511,19 +616,19 @@ def results_plot(sweep_name: str, out: str, storage: str | None, net: tuple | No
     storage = _storage(storage)
     trials = _trials_with_predictions(_check_name(sweep_name), storage)
     history = results.load_history(sweep_name, storage)
-    written, skipped = plots.save_all_detailed(trials, history, out)
-    if net is not None:
-        network = net[0]
-        pred = _predict_on(sweep_name, storage, net, trials)
-        try:
-            fig = plots.predicted_time_vs_k(pred, network.name)
-        except plots.PlotDataError as exc:
-            skipped["predicted_time_vs_k"] = str(exc)
-        else:
-            written.append(os.path.join(out, plots.PREDICTED_TIME_FILE))
-            fig.savefig(written[-1], dpi=plots.DPI, format="png")
-    for path in written:
-        click.echo(str(path))
+    with _out_folder(out) as (folder, shown, lines):  # an s3:// --out: uploaded at the end
+        written, skipped = plots.save_all_detailed(trials, history, folder)
+        if net is not None:
+            network = net[0]
+            pred = _predict_on(sweep_name, storage, net, trials)
+            try:
+                fig = plots.predicted_time_vs_k(pred, network.name)
+            except plots.PlotDataError as exc:
+                skipped["predicted_time_vs_k"] = str(exc)
+            else:
+                written.append(os.path.join(folder, plots.PREDICTED_TIME_FILE))
+                fig.savefig(written[-1], dpi=plots.DPI, format="png")
+        lines += [shown(str(path)) for path in written]
     for name, why in skipped.items():
         click.echo(f"skipped {name}: {why}", err=True)
 
@@ -543,8 +648,9 @@ def results_report(
 
     storage = _storage(storage)
     net = None if net is None else (*net, _model_bytes())
-    path = write_report(_check_name(sweep_name), storage, out, network=net)
-    click.echo(str(path))
+    with _out_folder(out) as (folder, shown, lines):  # an s3:// --out: uploaded at the end
+        lines.append(shown(str(write_report(_check_name(sweep_name), storage, folder,
+                                            network=net))))  # fmt: skip
 
 
 @main.command()
@@ -600,6 +706,22 @@ def _powers_of_two(k_max: int) -> list[int]:
     return ks
 
 
+def _step_budget(step_budget: float | None, old_S: float | None) -> float:
+    """`theory predict`'s budget: --step-budget, or its old spelling --S (S is Hier-AVG's
+    group size everywhere else), accepted for this release with a warning on stderr."""
+    if old_S is not None:
+        if step_budget is not None:
+            raise BadInput("--S is the old spelling of --step-budget: give only --step-budget")
+        click.echo("warning: --S is deprecated and will be removed in the next release: use "
+                   "--step-budget (S is Hier-AVG's group size elsewhere)", err=True)  # fmt: skip
+        step_budget = old_S
+    if step_budget is None:
+        raise BadInput("missing option --step-budget (local steps per learner, N*K)")
+    if not step_budget > 0:
+        raise BadInput(f"--step-budget must be > 0, got {step_budget:g}")
+    return step_budget
+
+
 @theory.command("predict")
 @click.option("--L", "L", type=float, required=True, help="Lipschitz constant of the gradient")
 @click.option("--M", "M", type=float, required=True, help="variance bound of a stochastic gradient")
@@ -607,17 +729,22 @@ def _powers_of_two(k_max: int) -> list[int]:
 @click.option("--gamma", type=float, required=True, help="step size")
 @click.option("--B", "B", type=int, required=True, help="mini-batch size per learner")
 @click.option("--P", "P", type=int, multiple=True, required=True, help="learners (repeatable)")
-@click.option("--S", "S", type=float, required=True, help="budget: local steps per learner (N*K)")
+@click.option("--step-budget", "step_budget", type=float, default=None,
+              help="local steps per learner, N*K (Theorem 3.4's S; `kavg theory estimate` "
+              "reports it as step_budget)  [required]")
+@click.option("--S", "old_S", type=float, default=None, hidden=True,
+              help="deprecated spelling of --step-budget (removed in the next release)")
 @click.option("--delta", type=float, default=0.5, show_default=True, help="slack of (3.1)")
 @click.option("--k-max", type=int, default=1024, show_default=True)
 @click.option("--format", "fmt", type=FORMATS, default="table")
 def theory_predict(
-    L: float, M: float, F_gap: float, gamma: float, B: int, P: tuple[int, ...], S: float,
-    delta: float, k_max: int, fmt: str,
+    L: float, M: float, F_gap: float, gamma: float, B: int, P: tuple[int, ...],
+    step_budget: float | None, delta: float, k_max: int, fmt: str, old_S: float | None = None,
 ) -> None:  # fmt: skip
     """Print B(K) of (3.44) for K = 1, 2, 4, ... and the predicted K_opt for each P."""
     from kavg_ray.analysis import theory as th
 
+    S = _step_budget(step_budget, old_S)
     rows = []
     try:
         for p in P:

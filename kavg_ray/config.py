@@ -7,6 +7,7 @@ under a second, before torch or Ray are loaded.
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -99,13 +100,17 @@ MAX_FILE_BYTES = 1_000_000
 # mismatch is refused before Ray starts rather than inside a worker.
 _IMAGE_SIDE = {
     "digits": 8, "cifar10": 32, "synthetic": None, "mnist": 28, "fashion_mnist": 28,
-    "cifar100": 32,
+    "cifar100": 32, "mnist1d": None,
 }  # fmt: skip
 _MIN_IMAGE_SIDE = {"cnn": 2, "vgg16": 32, "nin": 4, "resnet18": 8}
+# Models of 1-D signals (flat vectors: mnist1d, synthetic), refused on images.
+_SIGNAL_MODELS = ("cnn1d",)
 # Built-in data sets, models and losses; anything else is a factory "module.path:function"
 # (docs/design.md section 8), imported and tried by kavg_ray.train.factories before a launch.
-BUILTIN_DATASETS = ("digits", "synthetic", "cifar10", "mnist", "fashion_mnist", "cifar100", "text")
-BUILTIN_MODELS = ("linear", "mlp", "cnn", "vgg16", "nin", "resnet18", "gpt")
+BUILTIN_DATASETS = (
+    "digits", "synthetic", "cifar10", "mnist", "fashion_mnist", "cifar100", "text", "mnist1d",
+)  # fmt: skip
+BUILTIN_MODELS = ("linear", "mlp", "cnn", "vgg16", "nin", "resnet18", "gpt", "mlp1d", "cnn1d")
 BUILTIN_LOSSES = ("cross_entropy", "mse")
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 FACTORY_RE = re.compile(rf"^{_IDENT}(\.{_IDENT})*:{_IDENT}$")
@@ -195,6 +200,36 @@ class TextOptions(_Strict):
     )  # fmt: skip
 
 
+class MNIST1DOptions(_Strict):
+    """``dataset: mnist1d``'s ``dataset_args`` (kavg_ray.train.data.load_mnist1d): the
+    ``mnist1d`` package's generator with its published defaults, but for these two."""
+
+    num_samples: Int = Field(
+        default=5000, ge=10, le=1_000_000,
+        description="samples made (the published 5,000): num_samples // 10 per digit, 80% "
+        "for training",
+    )  # fmt: skip
+    seed: Int = Field(
+        default=42, ge=0, le=2**32 - 1,
+        description="the generator's seed (the published 42; not the run's: every trial sees "
+        "one data set)",
+    )  # fmt: skip
+
+
+class MLP1DOptions(_Strict):
+    """``model: mlp1d``'s ``model_args`` (the MNIST-1D paper's MLP, 40-100-100-10)."""
+
+    hidden: Int = Field(default=100, ge=1, le=1_000_000, description="width of a hidden layer")
+    layers: Int = Field(default=2, ge=1, le=100, description="hidden layers")
+
+
+class CNN1DOptions(_Strict):
+    """``model: cnn1d``'s ``model_args`` (the MNIST-1D paper's 1-D CNN: three convolutions,
+    then one linear layer)."""
+
+    channels: Int = Field(default=25, ge=1, le=65_536, description="channels of each convolution")
+
+
 class GPTOptions(_Strict):
     """``model: gpt``'s ``model_args`` (kavg_ray.train.models.GPT, a small causal transformer)."""
 
@@ -211,19 +246,82 @@ class GPTOptions(_Strict):
         return self
 
 
-class LRConfig(_Strict):
-    """The paper's step-size schedule: gamma0, halved every N epochs."""
+SCHEDULES = ("constant", "step", "cosine", "linear")
 
-    initial: Float = Field(gt=0, description="initial learning rate gamma0")
+
+class LRConfig(_Strict):
+    """The inner learning rate per optimizer step (docs/design.md section 1, "Learning
+    rate"): the paper's gamma0 halved every N epochs, or a cosine or linear decay to
+    ``min_lr``, each after an optional linear warm-up."""
+
+    initial: Float = Field(gt=0, description="initial (peak) learning rate gamma0")
     halve_every_epochs: Int | None = Field(
-        default=None, ge=1, description="halve the rate every this many epochs (none: constant)"
+        default=None, ge=1, description="schedule step: halve the rate every this many epochs"
+    )
+    schedule: Literal[SCHEDULES] | None = Field(  # type: ignore[valid-type]
+        default=None,
+        description="constant | step | cosine | linear; none: step with halve_every_epochs, "
+        "else constant",
+    )
+    warmup_steps: Int = Field(
+        default=0, ge=0, le=100_000_000,
+        description="linear warm-up: optimizer step s < W takes the rate times (s + 1) / W",
+    )  # fmt: skip
+    min_lr: Float = Field(
+        default=0.0, ge=0, description="cosine and linear: the rate they decay to at the end"
     )
 
+    @model_validator(mode="after")
+    def _check_schedule(self) -> LRConfig:
+        kind = self.kind
+        if kind == "step" and self.halve_every_epochs is None:
+            raise ValueError("schedule step needs halve_every_epochs")
+        if kind != "step" and self.halve_every_epochs is not None:
+            raise ValueError(f"halve_every_epochs belongs to schedule step, not {kind}")
+        if kind not in ("cosine", "linear") and self.min_lr != 0:
+            raise ValueError(f"min_lr belongs to schedules cosine and linear, not {kind}")
+        if self.min_lr > self.initial:
+            raise ValueError(f"min_lr {self.min_lr:g} is above initial {self.initial:g}")
+        return self
+
+    @property
+    def kind(self) -> str:
+        """The schedule: as given, else step with halve_every_epochs, else constant."""
+        if self.schedule is not None:
+            return self.schedule
+        return "step" if self.halve_every_epochs is not None else "constant"
+
     def at_epoch(self, epoch: int) -> float:
-        """Learning rate for a 0-based epoch."""
+        """Learning rate of schedule step (or constant) for a 0-based epoch, no warm-up."""
         if self.halve_every_epochs is None:
             return self.initial
         return self.initial * 0.5 ** (epoch // self.halve_every_epochs)
+
+    def at_step(self, step: int, total_steps: int, steps_per_epoch: int) -> float:
+        """Learning rate of 0-based optimizer step ``step`` of a learner (counted over the
+        whole run) of a run of ``total_steps`` steps, ``steps_per_epoch`` a epoch: a pure
+        function of the three, so every engine, and a resumed run, set the same rates.
+
+        constant: ``initial``; step: ``at_epoch(step // steps_per_epoch)``; cosine and
+        linear: with progress ``p = (step - W) / (total_steps - W)`` clipped to [0, 1],
+        ``min_lr + (initial - min_lr) (1 + cos(pi p)) / 2`` and ``initial + (min_lr -
+        initial) p``. During the warm-up (step < W) the rate is multiplied by (step + 1) / W.
+        """
+        kind, W = self.kind, self.warmup_steps
+        if kind == "constant":
+            lr = self.initial
+        elif kind == "step":
+            lr = self.at_epoch(step // steps_per_epoch)
+        else:
+            p = min(1.0, max(0.0, (step - W) / max(1, total_steps - W)))
+            span = self.initial - self.min_lr
+            if kind == "cosine":
+                lr = self.min_lr + span * 0.5 * (1.0 + math.cos(math.pi * p))
+            else:
+                lr = self.initial - span * p
+        if step < W:
+            lr = lr * (step + 1) / W
+        return lr
 
 
 class WorkloadConfig(_Strict):
@@ -272,6 +370,30 @@ class WorkloadConfig(_Strict):
         default=(0.9, 0.999), description="adamw: the moment decay rates, each in [0, 1)"
     )
     eps: Float = Field(default=1e-8, gt=0, description="adamw: added to the denominator")
+    grad_clip: Float | None = Field(
+        default=None, gt=0, description="clip each learner's gradients to this global norm"
+    )
+    grad_accum: Int = Field(
+        default=1, ge=1, le=65_536,
+        description="micro-batches of batch_size per optimizer step (K counts optimizer steps)",
+    )  # fmt: skip
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        default="fp32",
+        description="autocast of forward and loss (fp16 with a gradient scaler); parameters, "
+        "optimizer state and averages stay fp32",
+    )
+    tf32: Bool | None = Field(
+        default=None, description="CUDA: TF32 matmuls and convolutions on/off (none: torch's)"
+    )
+    steps: Int | None = Field(
+        default=None, ge=1, le=10_000_000_000,
+        description="a budget of optimizer steps per learner instead of epochs",
+    )  # fmt: skip
+    eval_every_steps: Int | None = Field(
+        default=None, ge=1, le=10_000_000_000,
+        description="with steps: evaluate (and checkpoint) every this many optimizer steps "
+        "and at the end; none: at the end only",
+    )  # fmt: skip
     sampling: Literal["shard", "iid"] = "shard"
     data_dir: str | None = None
     download: Bool = False
@@ -320,7 +442,23 @@ class WorkloadConfig(_Strict):
                 )
         if self.synthetic is not None and self.dataset != "synthetic":
             raise ValueError("'synthetic' options given but dataset is not 'synthetic'")
+        self._check_budget()
         return self
+
+    def _check_budget(self) -> None:
+        """steps is an alternative to epochs; eval_every_steps belongs to steps."""
+        if self.steps is not None and "epochs" in self.model_fields_set:
+            raise ValueError("give epochs or steps, not both")
+        if self.eval_every_steps is not None and self.steps is None:
+            raise ValueError(
+                "eval_every_steps needs a step budget (workload.steps); an epoch budget "
+                "evaluates every epoch"
+            )
+
+    @property
+    def step_budget(self) -> bool:
+        """Whether the run counts optimizer steps (workload.steps) rather than epochs."""
+        return self.steps is not None
 
     def _check_builtin_pair(self) -> None:
         """A built-in model on a built-in data set: the inputs it takes."""
@@ -333,6 +471,11 @@ class WorkloadConfig(_Strict):
         need = _MIN_IMAGE_SIDE.get(self.model)
         if need is not None and side is None:
             raise ValueError(f"model {self.model} needs images; dataset {self.dataset} has none")
+        if self.model in _SIGNAL_MODELS and side is not None:
+            raise ValueError(
+                f"model {self.model} needs 1-D signals (mnist1d, synthetic); dataset "
+                f"{self.dataset} has {side}x{side} images"
+            )
         if need is not None and side < need:
             raise ValueError(
                 f"model {self.model} needs images of at least {need}x{need}; "
@@ -342,8 +485,9 @@ class WorkloadConfig(_Strict):
     def _check_args(self) -> None:
         """dataset_args and model_args: for factories, or text's and gpt's own options."""
         for key, name, options in (
-            ("dataset_args", self.dataset, {"text": TextOptions}),
-            ("model_args", self.model, {"gpt": GPTOptions}),
+            ("dataset_args", self.dataset, {"text": TextOptions, "mnist1d": MNIST1DOptions}),
+            ("model_args", self.model,
+             {"gpt": GPTOptions, "mlp1d": MLP1DOptions, "cnn1d": CNN1DOptions}),
         ):
             args = getattr(self, key)
             if is_factory(name):
@@ -389,6 +533,11 @@ class ResourcesConfig(_Strict):
     nccl_timeout_s: Float = Field(
         default=1800.0, gt=0, le=86400,
         description="seconds a collective may wait before the process group gives up",
+    )  # fmt: skip
+    gpu_memory_gb: Float | None = Field(
+        default=None, gt=0, le=4096,
+        description="GiB of GPU memory a simulated or packed trial may use (default: from "
+        "the GPU type Ray reports for the cluster's nodes, or the local GPU's free memory)",
     )  # fmt: skip
 
 
@@ -438,6 +587,10 @@ class RunConfig(_Strict):
     S: Int | None = Field(default=None, ge=1, le=4096, description="Hier-AVG group size")
     K1: Int | None = Field(default=None, ge=1, le=1_000_000, description="Hier-AVG local period")
     K2: Int | None = Field(default=None, ge=1, le=1_000_000, description="Hier-AVG global period")
+    hier_groups: Literal["node", "any"] = Field(
+        default="node",
+        description="Hier-AVG: groups share a node (node), or may span nodes (any)",
+    )
     # Downpour and EAMSGD (kavg_ray.asgd); alpha = beta / P is EAMSGD's moving rate.
     fetch_period: Int | None = Field(
         default=None, ge=1, le=1_000_000, description="Downpour: pull the center every N steps"
@@ -491,6 +644,8 @@ class RunConfig(_Strict):
         if inject is not None and self.backend != "ray":
             raise ValueError("failure.inject kills a Ray Train worker: it needs backend ray")
         res = self.resources
+        if res.gpu_memory_gb is not None and not res.use_gpu:
+            raise ValueError("resources.gpu_memory_gb is for GPU trials: it needs use_gpu: true")
         if res.use_gpu and self.workers > 1 and res.gpus_per_worker < 1:
             raise ValueError(
                 f"resources.gpus_per_worker {res.gpus_per_worker:g} would put two of the "
@@ -498,7 +653,22 @@ class RunConfig(_Strict):
                 "learner a whole GPU, or use backend simulated"
             )
         self._check_outer()
+        self._check_recipe()
         return self._check_algorithm_keys()
+
+    def _check_recipe(self) -> None:
+        """The training recipe's keys (docs/design.md section 1) that an engine cannot honour."""
+        wl = self.workload
+        if wl.tf32 is not None and not self.resources.use_gpu:
+            raise ValueError("workload.tf32 is for CUDA: it needs resources.use_gpu: true")
+        if wl.precision == "fp16" and (
+            self.backend == "simulated" or ALGORITHMS[self.algorithm].needs_server
+        ):
+            raise ValueError(
+                "workload.precision fp16 needs a gradient scaler, which only the process-group "
+                f"engine (kavg, hier_avg on backend ray) has, not {self.algorithm} on backend "
+                f"{self.backend}: use bf16"
+            )
 
     def _check_outer(self) -> None:
         wl = self.workload
@@ -526,6 +696,8 @@ class RunConfig(_Strict):
             raise ValueError(f"algorithm {algo.name} needs {own}{which}")
         if self.backend not in algo.backends:
             raise ValueError(f"algorithm {algo.name} needs backend ray (a parameter server)")
+        if algo.name != "hier_avg" and self.hier_groups != "node":
+            raise ValueError(f"hier_groups belongs to hier_avg, not {algo.name}")
         if algo.name == "hier_avg":
             if self.S > self.P:
                 raise ValueError(f"S={self.S} is larger than P={self.P}")
@@ -842,10 +1014,27 @@ def _check_grid_key(key: str, values: Any, doc: dict, variants: list, source: st
         seen.add(repr(v))
     if any(_has_path(v, path) for v in variants):
         where = ".".join(path)
-        raise ConfigError(f"{source}: {where} is given both in variants and in grid.{key}")
+        raise ConfigError(
+            f"{source}: {where} is given both in variants and in grid.{key}: set it in the "
+            f"variants or list it in grid.{key}, not both"
+        )
     if _has_path(doc, path):
-        where = ".".join(path)
-        raise ConfigError(f"{source}: {where} is given both as a scalar and in grid.{key}")
+        raise ConfigError(f"{source}: {_scalar_and_grid(doc, path, key)}")
+
+
+def _scalar_and_grid(doc: dict, path: tuple[str, ...], key: str) -> str:
+    """Why a setting given both as a scalar and in ``grid.<key>`` is refused, and the fix
+    (a run config made a sweep keeps its scalar: ``lr: {initial: 0.1}`` plus ``grid.lr``)."""
+    where = ".".join(path)
+    parent = doc
+    for part in path[:-1]:
+        parent = parent[part]
+    others = [k for k in parent if k != path[-1]] if len(path) > 1 else []
+    keep = f"; {'.'.join(path[:-1])} keeps {', '.join(others)}" if others else ""
+    return (
+        f"{where} is given both as a scalar and in grid.{key}: delete {where}, grid.{key} "
+        f"sets it for every grid point{keep}"
+    )
 
 
 def _check_distinct_trial_names(points: list[RunConfig], source: str) -> None:

@@ -8,17 +8,25 @@ Training reports exactly :data:`METRIC_KEYS` (kavg_ray.train.loop), the sweep dr
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
-#: Measured alike by every engine, every epoch.
+#: Measured alike by every engine, at every evaluation (each epoch's end, or every
+#: ``eval_every_steps`` of a step budget, where ``epoch`` is fractional): the optimizer
+#: steps per learner, the samples and tokens (target positions: a text sequence's length,
+#: else 1 per sample) of all learners, and per learner samples and tokens per second of
+#: training time (compute and communication, no evaluation).
 EPOCH_KEYS = (
-    "epoch", "samples", "rounds", "train_loss", "test_loss", "test_acc", "lr",
-    "compute_time_s", "comm_time_s", "wait_time_s", "bytes_communicated", "wall_time_s",
+    "epoch", "step", "samples", "tokens", "rounds", "train_loss", "test_loss", "test_acc",
+    "lr", "compute_time_s", "comm_time_s", "wait_time_s", "bytes_communicated", "wall_time_s",
+    "samples_per_s", "tokens_per_s",
 )  # fmt: skip
-#: Hier-AVG's two levels and the parameter server's counters (zeros or NaN elsewhere).
+#: Hier-AVG's two levels (and whether its groups share a node: 1.0, else 0.0) and the
+#: parameter server's counters (zeros or NaN elsewhere).
 ALGORITHM_KEYS = (
     "local_reductions", "global_reductions", "local_comm_time_s", "global_comm_time_s",
-    "local_bytes", "global_bytes", "staleness_mean", "staleness_max", "pushes", "applied",
+    "local_bytes", "global_bytes", "local_on_node", "staleness_mean", "staleness_max",
+    "pushes", "applied",
 )  # fmt: skip
 #: Every engine reports exactly these keys, every epoch.
 METRIC_KEYS = (*EPOCH_KEYS, "diverged", *ALGORITHM_KEYS)
@@ -32,3 +40,15 @@ HISTORY_BEFORE = "history_before"
 def is_finite_number(x: Any) -> bool:
     """Whether ``x`` is an int or float that is neither NaN nor infinite."""
     return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def divergence_reason(report: Mapping[str, Any]) -> str:
+    """Where and how a run diverged, from the report of the epoch that did (the ``error`` of
+    a diverged trial's row): ``diverged at epoch 3: train loss nan``. An epoch diverges when
+    its mean training loss or the evaluated parameters are not finite (docs/design.md
+    section 1); with a finite loss it was the parameters."""
+    epoch, loss = report.get("epoch"), report.get("train_loss")
+    loss = float(loss) if isinstance(loss, (int, float)) else math.nan
+    if math.isfinite(loss):
+        return f"diverged at epoch {epoch}: parameters not finite (train loss {loss:.4g})"
+    return f"diverged at epoch {epoch}: train loss {loss:g}"

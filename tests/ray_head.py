@@ -25,6 +25,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.s3_server import CREDENTIALS as S3_CREDENTIALS
+
 RAY = Path(sys.executable).parent / "ray"
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,6 +76,9 @@ class RayHead:
             # `ray start --head` turns token authentication on: clients need its token.
             "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token,
             "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+            # The test S3 server's credentials (tests/s3_server.py), on every node as a real
+            # cluster's nodes hold their own: kavg copies none to the workers.
+            **S3_CREDENTIALS,
         }  # fmt: skip
         env.pop("RAY_ADDRESS", None)
         return env

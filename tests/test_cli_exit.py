@@ -3,6 +3,8 @@ them and gives the command that finishes the sweep (no Ray: the sweep itself is 
 
 from __future__ import annotations
 
+import shlex
+
 import pytest
 import yaml
 from click.testing import CliRunner
@@ -79,3 +81,46 @@ def test_all_points_finished_exits_0(tmp_path, monkeypatch):
     result = CliRunner().invoke(cli.main, ["sweep", "run", "spec.yaml", "--storage", "s"])
     assert result.exit_code == 0, result.output
     assert result.stderr == ""
+
+
+@pytest.mark.parametrize("target", [None, 0.5])
+def test_the_last_lines_say_where_the_results_are_and_how_to_read_them(
+    tmp_path, monkeypatch, target
+):
+    """`cd examples && kavg sweep run ...` stores under examples/kavg_results (the default
+    storage is relative to the folder the sweep ran in): the last lines name it absolutely
+    and give the commands that read it from any folder (K_opt by time: --by time)."""
+    (tmp_path / "examples").mkdir()
+    monkeypatch.chdir(tmp_path / "examples")
+    monkeypatch.delenv("KAVG_STORAGE", raising=False)
+    spec = {**SPEC, "target_accuracy": target} if target else SPEC
+    (tmp_path / "examples" / "spec.yaml").write_text(yaml.safe_dump(spec))
+    monkeypatch.setattr("kavg_ray.launch.sweep.run_sweep", _fake_sweep(["completed"] * 3))
+    result = CliRunner().invoke(cli.main, ["sweep", "run", "spec.yaml"])
+    assert result.exit_code == 0, result.output
+    store = tmp_path / "examples" / "kavg_results"
+    by = ["--by time"] if target else []
+    assert result.stdout.splitlines()[-4:] == [
+        f"results: {store / 'partial'}",
+        " ".join(["kopt:    kavg results kopt partial", *by, f"--storage {store}"]),
+        f"plot:    kavg results plot partial --out plots/partial --storage {store}",
+        f"report:  kavg results report partial --out reports/partial --storage {store}",
+    ]
+    monkeypatch.chdir(tmp_path)  # elsewhere: the printed command finds the sweep
+    command = shlex.split(result.stdout.splitlines()[-3].split(maxsplit=1)[1])
+    kopt = CliRunner().invoke(cli.main, command[1:])
+    assert kopt.exit_code == 0 and kopt.stdout.startswith("algorithm"), kopt.output
+
+
+def test_show_points_at_error_files_only_when_a_trial_failed(tmp_path, monkeypatch):
+    """A diverged trial's error is where and how it diverged; only a failed trial has a
+    full error text to point at."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(SPEC))
+    monkeypatch.setattr("kavg_ray.launch.sweep.run_sweep", _fake_sweep(["diverged"] * 3))
+    run = CliRunner().invoke(cli.main, ["sweep", "run", "spec.yaml", "--storage", "s"])
+    assert run.exit_code == 0, run.output
+    show = CliRunner().invoke(cli.main, ["results", "show", "partial", "--storage", "s"])
+    assert show.exit_code == 0, show.output
+    assert "diverged at epoch 2: parameters not finite (train loss 0.2)" in show.stdout
+    assert "full error texts" not in show.stdout

@@ -483,3 +483,41 @@ def test_a_diverged_epoch_is_checkpointed_when_checkpoints_are_on():
     assert checkpoint_due(cfg(4), 3, diverged=True)
     assert not checkpoint_due(cfg(4), 3, diverged=False)
     assert not checkpoint_due(cfg(0), 3, diverged=True)
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        # A run config made a sweep keeps its lr scalar: the message says what to delete
+        # and that the schedule's other keys stay (README, "Configs and sweep specs").
+        ({"workload": {"lr": {"initial": 0.1, "halve_every_epochs": 5}}, "K": 1,
+          "grid": {"lr": [0.1, 0.3]}},
+         "spec: workload.lr.initial is given both as a scalar and in grid.lr: delete "
+         "workload.lr.initial, grid.lr sets it for every grid point; workload.lr keeps "
+         "halve_every_epochs"),
+        ({"K": 2, "grid": {"K": [1, 2]}},
+         "spec: K is given both as a scalar and in grid.K: delete K, grid.K sets it for every "
+         "grid point"),
+        ({"variants": [{"K": 2}], "grid": {"K": [1, 2]}},
+         "spec: K is given both in variants and in grid.K: set it in the variants or list it "
+         "in grid.K, not both"),
+    ],
+)  # fmt: skip
+def test_a_setting_both_scalar_and_swept_is_refused_with_the_fix(doc, message):
+    assert _sweep_error(doc) == message
+    # The fix works: the lr schedule's other keys stay beside grid.lr.
+    if "lr" in doc.get("grid", {}):
+        fixed = {**doc, "workload": {"lr": {"halve_every_epochs": 5}}}
+        assert [p.workload.lr.halve_every_epochs for p in parse_sweep(fixed).points()] == [5, 5]
+
+
+def test_gpu_memory_gb_is_for_gpu_trials_and_positive():
+    assert RunConfig.model_validate({"K": 1}).resources.gpu_memory_gb is None
+    ok = parse_run({"K": 1, "resources": {"use_gpu": True, "gpu_memory_gb": 79.5}})
+    assert ok.resources.gpu_memory_gb == 79.5
+    assert _run_error({"K": 1, "resources": {"gpu_memory_gb": 40}}) == (
+        "config: resources.gpu_memory_gb is for GPU trials: it needs use_gpu: true"
+    )
+    for bad in (0, -1, True, "big", float("inf"), 10_000):
+        message = _run_error({"K": 1, "resources": {"use_gpu": True, "gpu_memory_gb": bad}})
+        assert message.startswith("config: resources.gpu_memory_gb: "), message

@@ -1,6 +1,8 @@
+import json
 import pickle
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -318,3 +320,120 @@ def test_cifar10_missing_directory(tmp_path):
         load_dataset("cifar10", data_dir=missing, download=False)
     assert str(missing) in str(info.value)
     assert "download: true" in str(info.value) and "cifar-10-batches-py" in str(info.value)
+
+
+# ----------------------------------------------------------------------------------- mnist1d
+
+
+@pytest.fixture(scope="module")
+def mnist1d_dir(tmp_path_factory):
+    """One cache folder for this module's MNIST-1D sets (each is made once)."""
+    return tmp_path_factory.mktemp("mnist1d-cache")
+
+
+def test_mnist1d_published_defaults_shapes_and_split(mnist1d_dir):
+    ds = load_dataset("mnist1d", data_dir=mnist1d_dir)
+    assert (ds.n_train, ds.n_test) == (4000, 1000)  # 5,000 samples, 80% for training
+    assert ds.train_x.shape == (4000, 40) and ds.test_x.shape == (1000, 40)
+    assert ds.train_x.dtype == torch.float32 and ds.train_y.dtype == torch.int64
+    assert ds.input_shape == (40,) and ds.num_classes == 10 and ds.task == "classification"
+    labels = torch.cat([ds.train_y, ds.test_y])
+    assert torch.bincount(labels).tolist() == [500] * 10  # num_samples // 10 per digit
+    # The generator standardises the whole set (mean 0, std 1) before splitting it.
+    x = torch.cat([ds.train_x, ds.test_x]).double()
+    assert abs(x.mean().item()) < 1e-5 and x.std().item() == pytest.approx(1.0, abs=1e-3)
+    small = load_dataset("mnist1d", data_dir=mnist1d_dir, options={"num_samples": 1003})
+    assert (small.n_train, small.n_test) == (800, 200)  # 1003 // 10 = 100 per digit
+
+
+def test_mnist1d_is_deterministic_per_seed_and_leaves_global_rngs_alone(tmp_path):
+    import random
+
+    np.random.seed(7)
+    random.seed(7)
+    before = np.random.get_state()[1].copy(), random.getstate()
+    a = load_dataset("mnist1d", data_dir=tmp_path / "a", options={"num_samples": 300, "seed": 3})
+    b = load_dataset("mnist1d", data_dir=tmp_path / "b", options={"num_samples": 300, "seed": 3})
+    c = load_dataset("mnist1d", data_dir=tmp_path / "a", options={"num_samples": 300, "seed": 4})
+    assert np.array_equal(np.random.get_state()[1], before[0]) and random.getstate() == before[1]
+    for name in ("train_x", "train_y", "test_x", "test_y"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert not torch.equal(a.train_x, c.train_x)
+    # The run's seed is not the generator's: every trial sees one data set.
+    d = load_dataset("mnist1d", data_dir=tmp_path / "a", seed=9, options={"num_samples": 300,
+                                                                          "seed": 3})
+    assert torch.equal(a.train_x, d.train_x)
+
+
+def test_mnist1d_cache_is_reused_and_made_again_when_unreadable(tmp_path, monkeypatch):
+    from kavg_ray.train import data
+
+    calls = []
+    real = data._generate_mnist1d
+
+    def counting(num_samples, seed):
+        calls.append((num_samples, seed))
+        return real(num_samples, seed)
+
+    monkeypatch.setattr(data, "_generate_mnist1d", counting)
+    first = load_dataset("mnist1d", data_dir=tmp_path, options={"num_samples": 200, "seed": 1})
+    second = load_dataset("mnist1d", data_dir=tmp_path, options={"num_samples": 200, "seed": 1})
+    assert calls == [(200, 1)]  # the second load read the file
+    assert torch.equal(first.train_x, second.train_x)
+    path = tmp_path / "mnist1d" / Path(first.extras["source"]).name
+    assert first.extras["source"] == str(path) and path.is_file()
+    assert path.name.startswith("mnist1d-n200-seed1-v")
+    assert [p.name for p in path.parent.iterdir() if p.suffix == ".tmp"] == []  # renamed
+    # Another argument set is another file; $KAVG_DATA_DIR is the default root.
+    monkeypatch.setenv("KAVG_DATA_DIR", str(tmp_path))
+    load_dataset("mnist1d", options={"num_samples": 200, "seed": 2})
+    assert calls == [(200, 1), (200, 2)]
+    load_dataset("mnist1d", options={"num_samples": 200, "seed": 2})
+    assert len(calls) == 2
+    path.write_bytes(b"not a zip")  # a damaged file is made again, not trusted
+    again = load_dataset("mnist1d", data_dir=tmp_path, options={"num_samples": 200, "seed": 1})
+    assert len(calls) == 3 and torch.equal(again.train_x, first.train_x)
+
+
+def test_mnist1d_generator_arguments_round_trip(tmp_path, monkeypatch):
+    """The generator gets its published arguments but num_samples and seed, and the set
+    carries them back (from the cached file)."""
+    import mnist1d.data
+
+    from kavg_ray.train import data
+
+    seen = []
+    real = mnist1d.data.make_dataset
+
+    def spy(args=None, template=None):
+        seen.append(dict(vars(args)))
+        return real(args, template)
+
+    monkeypatch.setattr(mnist1d.data, "make_dataset", spy)
+    ds = load_dataset("mnist1d", data_dir=tmp_path, options={"num_samples": 250, "seed": 11})
+    published = mnist1d.data.get_dataset_args(as_dict=True)
+    assert seen == [{**published, "num_samples": 250, "seed": 11}]
+    expected = {k: v for k, v in seen[0].items() if k != "url"}
+    assert json.loads(json.dumps(ds.extras["generator_args"])) == json.loads(json.dumps(expected))
+    reread = data.load_mnist1d(250, 11, data_dir=tmp_path)
+    assert len(seen) == 1 and reread.extras["generator_args"] == ds.extras["generator_args"]
+    with pytest.raises(ValueError, match="num_samples must be >= 10"):
+        data.load_mnist1d(9, data_dir=tmp_path)
+
+
+def test_mnist1d_config_checks():
+    from kavg_ray.config import RunConfig
+
+    ok = {"dataset": "mnist1d", "model": "cnn1d", "dataset_args": {"num_samples": 20_000,
+          "seed": 0}, "model_args": {"channels": 8}}  # fmt: skip
+    assert RunConfig.model_validate({"K": 1, "workload": ok}).workload.dataset == "mnist1d"
+    bad = [
+        ({**ok, "dataset_args": {"n": 5}}, "dataset_args.n"),
+        ({**ok, "dataset_args": {"num_samples": 5}}, "num_samples"),
+        ({**ok, "model_args": {"width": 5}}, "model_args.width"),
+        ({**ok, "model": "cnn", "model_args": {}}, "model cnn needs images"),
+        ({"dataset": "digits", "model": "cnn1d"}, "model cnn1d needs 1-D signals"),
+    ]
+    for workload, match in bad:
+        with pytest.raises(ValueError, match=match):
+            RunConfig.model_validate({"K": 1, "workload": workload})

@@ -30,13 +30,14 @@ def test_factories_and_their_arguments_are_kept_as_written() -> None:
     ("workload", "message"),
     [
         ({"dataset": "my_pkg.data"}, "workload.dataset: Input should be 'digits', 'synthetic',"
-         " 'cifar10', 'mnist', 'fashion_mnist', 'cifar100' or 'text', or a factory "
+         " 'cifar10', 'mnist', 'fashion_mnist', 'cifar100', 'text' or 'mnist1d', or a factory "
          "'module.path:function'"),
         ({"model": "pkg:fn:x"}, "workload.model: Input should be 'linear'"),
         ({"loss": "huber"}, "workload.loss: Input should be 'cross_entropy' or 'mse', or a "
          "factory 'module.path:function'"),
         ({"dataset": "digits", "dataset_args": {"root": "x"}},
-         "workload: dataset_args given, but digits takes none (a factory or text does)"),
+         "workload: dataset_args given, but digits takes none (a factory or text / mnist1d "
+         "does)"),
         ({"model_args": {"width": 3}}, "workload: model_args given, but mlp takes none"),
         ({"dataset": "text", "model": "gpt", "dataset_args": {"seq_len": 1}},
          "workload: dataset_args.seq_len: Input should be greater than or equal to 2"),

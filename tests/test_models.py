@@ -13,7 +13,9 @@ def _n_params(model: nn.Module) -> int:
 
 
 def test_models_tuple_lists_every_model():
-    assert set(MODELS) == {"mlp", "cnn", "vgg16", "nin", "resnet18", "linear", "gpt"}
+    assert set(MODELS) == {
+        "mlp", "cnn", "vgg16", "nin", "resnet18", "linear", "gpt", "mlp1d", "cnn1d",
+    }  # fmt: skip
 
 
 def test_config_accepts_exactly_the_built_models_and_datasets():
@@ -40,6 +42,10 @@ def test_config_accepts_exactly_the_built_models_and_datasets():
         ("vgg16", CIFAR_SHAPE, 10),
         ("nin", CIFAR_SHAPE, 10),
         ("resnet18", CIFAR_SHAPE, 7),
+        ("mlp1d", (40,), 10),
+        ("cnn1d", (40,), 10),
+        ("cnn1d", (2, 40), 10),
+        ("mlp1d", DIGITS_SHAPE, 10),
     ],
 )
 def test_forward_shape(name, shape, num_classes):
@@ -120,3 +126,53 @@ def test_image_model_rejects_flat_input():
         build_model("cnn", (20,), 4)
     with pytest.raises(ValueError, match="at least 32x32"):
         build_model("vgg16", DIGITS_SHAPE, 10)
+
+
+def test_mnist1d_models_have_the_published_shapes():
+    """Greydanus (2020)'s MLP 40-100-100-10 and ConvBase (25 channels, 125 features into the
+    linear layer), parameter for parameter; both sized through their options."""
+    mlp = build_model("mlp1d", (40,), 10)
+    assert [(m.in_features, m.out_features) for m in mlp.modules() if isinstance(m, nn.Linear)] \
+        == [(40, 100), (100, 100), (100, 10)]
+    assert _n_params(mlp) == 15_210
+    cnn = build_model("cnn1d", (40,), 10)
+    convs = [m for m in cnn.modules() if isinstance(m, nn.Conv1d)]
+    assert [(c.kernel_size[0], c.stride[0], c.padding[0], c.out_channels) for c in convs] == [
+        (5, 2, 1, 25), (3, 2, 1, 25), (3, 2, 1, 25),
+    ]  # fmt: skip
+    assert [m.in_features for m in cnn.modules() if isinstance(m, nn.Linear)] == [125]
+    assert _n_params(cnn) == 5_210
+    wide = build_model("mlp1d", (40,), 10, {"hidden": 32, "layers": 3})
+    assert _n_params(wide) == 40 * 32 + 32 + 2 * (32 * 32 + 32) + 32 * 10 + 10
+    assert _n_params(build_model("cnn1d", (40,), 10, {"channels": 8})) == (
+        8 * 5 + 8 + 2 * (8 * 8 * 3 + 8) + 8 * 5 * 10 + 10
+    )
+    with pytest.raises(ValueError, match="takes no options"):
+        build_model("mlp", (40,), 10, {"hidden": 3})
+    with pytest.raises(ValueError, match="signals"):
+        build_model("cnn1d", DIGITS_SHAPE, 10)
+
+
+def test_mnist1d_models_stack_under_vmap():
+    """The simulated engine runs P learners as vmap(grad(functional_call)): the 1-D models
+    must batch there, learner by learner equal to the model run alone."""
+    from torch.func import functional_call, grad, stack_module_state, vmap
+
+    for name in ("mlp1d", "cnn1d"):
+        models = []
+        for seed in range(3):
+            torch.manual_seed(seed)
+            models.append(build_model(name, (40,), 10))
+        params, buffers = stack_module_state(models)
+        x, y = torch.randn(3, 8, 40), torch.randint(0, 10, (3, 8))
+
+        def loss(p, b, xb, yb, base=models[0]):
+            out = functional_call(base, (p, b), (xb,))
+            return torch.nn.functional.cross_entropy(out, yb)
+
+        grads = vmap(grad(loss))(params, buffers, x, y)
+        for r, model in enumerate(models):
+            model.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[r]), y[r]).backward()
+            for pname, p in model.named_parameters():
+                assert torch.allclose(grads[pname][r], p.grad, atol=1e-6), (name, pname)

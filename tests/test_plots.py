@@ -428,7 +428,8 @@ def test_report_contains_kopt_table_and_links_plots(tmp_path):
     text = path.read_text()
     assert "# Sweep report: hand" in text
     assert "grid:" in text and "algorithm: kavg" in text  # the spec, as YAML
-    kopt = kopt_table(stored, by="accuracy")
+    history = ResultsStore(storage).read_history("hand")
+    kopt = kopt_table(stored, by="accuracy", history=history)
     assert markdown_table(kopt) in text
     # Independently of markdown_table: the K_opt table parsed back has the right cells.
     (table,) = [
@@ -436,7 +437,11 @@ def test_report_contains_kopt_table_and_links_plots(tmp_path):
         for tb in _md_tables(text)
         if tb[0][:5] == ["algorithm", "dataset", "model", "P", "K_opt"]
     ]
-    assert [(r[3], r[4], r[5]) for r in table[1:]] == [("1", "1", "0.7812"), ("4", "2", "0.7812")]
+    mean = table[0].index("mean")
+    assert [(r[3], r[4], r[mean]) for r in table[1:]] == [("1", "1", "0.7812"),
+                                                          ("4", "2", "0.7812")]
+    # Each row's verdict in words under the table.
+    assert f"- P=1: K_opt = 1, **{kopt['verdict'][0]}**: best in" in text
     assert "K_opt by time" not in text  # no trial has a time to target
     for name in (
         "accuracy_vs_k",

@@ -60,8 +60,9 @@ def test_kopt_columns_exact():
     out = kopt_table(frame(trial(1, 0.9), trial(2, 0.8)))
     assert list(out.columns) == [
         "algorithm", "dataset", "model", "P",
-        "K_opt", "mean", "std", "n_seeds", "k_within_1std", "n_excluded",
-        "K_values_tried", "note",
+        "K_opt", "verdict", "freq_best", "credible_set", "freq_k1", "diff_vs_k1",
+        "diff_vs_k1_lo", "diff_vs_k1_hi",
+        "mean", "std", "n_seeds", "k_within_1std", "n_excluded", "K_values_tried", "note",
     ]
 
 
@@ -74,7 +75,8 @@ def test_kopt_accuracy_picks_max_mean():
     assert row["k_within_1std"] == "2"
     assert row["K_values_tried"] == "1,2,4"
     assert row["n_excluded"] == 0
-    assert row["note"] == ""
+    assert row["verdict"] == "single seed"
+    assert row["note"] == "to settle: more seeds (1 now)"
 
 
 def test_kopt_tie_smallest_k_wins():
@@ -148,19 +150,31 @@ def test_kopt_diverged_with_best_raw_accuracy_does_not_win():
     row = only_row(kopt_table(df))
     assert row["K_opt"] == 1
     assert row["mean"] == pytest.approx(0.81)
-    assert row["n_excluded"] == 1
+    assert row["n_excluded"] == 0  # the diverged seed counts, at chance accuracy
     assert row["K_values_tried"] == "1,8"
+    assert row["note"].startswith("diverged (K=8 1 of 2), counted at chance accuracy 0.1")
 
 
-def test_kopt_diverged_not_in_mean():
-    # If the diverged 0.0 were averaged in, K=2 (mean .45) would lose to K=1.
+def test_kopt_diverged_counts_against_its_k():
+    """Averaging only the survivors, K=2 (0.90 on its one surviving seed) would win; the
+    diverged seed counts at chance (0.1 on digits): K=2's mean is 0.5 and K_opt moves to 1."""
     df = frame(
-        trial(1, 0.85), trial(2, 0.90, seed=0), trial(2, 0.0, seed=1, status="diverged"),
+        trial(1, 0.85, seed=0), trial(1, 0.84, seed=1),
+        trial(2, 0.90, seed=0), trial(2, NAN, seed=1, status="diverged"),
     )
     row = only_row(kopt_table(df))
-    assert row["K_opt"] == 2
-    assert row["mean"] == pytest.approx(0.90)
-    assert row["n_seeds"] == 1
+    assert row["K_opt"] == 1
+    assert row["mean"] == pytest.approx(0.845)
+    survivors = only_row(kopt_table(df[df["status"] == "completed"]))
+    assert survivors["K_opt"] == 2  # what dropping the diverged seed would have said
+    # By loss it counts at the group's worst loss (here K=1 seed 1's 0.9).
+    loss = df.assign(final_test_loss=[0.5, 0.9, 0.6, NAN])
+    by_loss = only_row(kopt_table(loss, by="loss"))
+    assert by_loss["K_opt"] == 1 and by_loss["mean"] == pytest.approx(0.7)
+    assert "counted at the worst loss 0.9" in by_loss["note"]
+    # A data set whose chance is unknown: the diverged seed scores 0.
+    other = only_row(kopt_table(df.assign(dataset="mywl:load")))
+    assert other["K_opt"] == 1 and "counted at 0" in other["note"]
 
 
 def test_kopt_failed_trial_does_not_win():
@@ -327,7 +341,11 @@ def test_kopt_time_nothing_reached_target():
     assert math.isnan(out.loc[1, "mean"])
     assert out.loc[1, "k_within_1std"] == ""
     assert out.loc[2, "K_opt"] == 2
-    assert out.loc[2, "note"] == ""
+    assert out.loc[2, "verdict"] == "single seed"
+    assert out.loc[2, "note"] == (
+        "K_opt is the largest K tried: the best K may be larger; to settle: more seeds "
+        "(1 now); or a K range that brackets the best (K beyond the largest K tried)"
+    )
 
 
 def test_kopt_empty_frame():
@@ -614,8 +632,8 @@ def test_format_table(kopt_out):
     assert lines[0].split()[:5] == ["algorithm", "dataset", "model", "P", "K_opt"]
     assert len(lines) == 3
     table = format_frame(kopt_table(frame(trial(1, 0.81234567))), "table")
-    mean_col = table.splitlines()[0].split().index("mean")
-    assert table.splitlines()[1].split()[mean_col] == "0.8123"  # 4 significant digits
+    assert " 0.8123 " in table.splitlines()[1]  # 4 significant digits
+    assert "0.81234" not in table
 
 
 def test_format_unknown():

@@ -468,3 +468,51 @@ def test_module_does_not_import_heavy_dependencies():
         elif isinstance(node, ast.ImportFrom) and node.module:
             imported.add(node.module.split(".")[0])
     assert not imported & {"torch", "numpy", "ray", "pandas"}
+
+
+# ------------------------------------------------------------------- kavg theory predict
+
+PREDICT = ["theory", "predict", "--L", "1", "--M", "1", "--F-gap", "1", "--gamma", "0.1",
+           "--B", "16", "--P", "2", "--k-max", "8", "--format", "csv"]  # fmt: skip
+
+
+def _predict(*args: str):  # noqa: ANN202
+    from click.testing import CliRunner
+
+    from kavg_ray import cli
+
+    return CliRunner().invoke(cli.main, [*PREDICT, *args])
+
+
+def test_predict_takes_the_step_budget_as_estimate_names_it() -> None:
+    """--step-budget (`kavg theory estimate`'s step_budget; S is Hier-AVG's group size)."""
+    new = _predict("--step-budget", "100")
+    assert new.exit_code == 0, new.output
+    assert new.stdout.splitlines()[0] == "P,K,N,bound,stepsize_ok,K_opt"
+    assert new.stdout.splitlines()[1].startswith("2,1,100.0,")
+    assert "--step-budget" in _predict("--help").stdout
+
+
+def test_predict_keeps_the_old_spelling_for_one_release_with_a_warning() -> None:
+    new, old = _predict("--step-budget", "100"), _predict("--S", "100")
+    assert old.exit_code == 0, old.output
+    assert old.stdout == new.stdout and "warning" not in new.stderr
+    assert old.stderr.splitlines()[0] == (
+        "warning: --S is deprecated and will be removed in the next release: use "
+        "--step-budget (S is Hier-AVG's group size elsewhere)"
+    )
+    assert "--S " not in _predict("--help").stdout  # not advertised
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((), "error: missing option --step-budget (local steps per learner, N*K)"),
+        (("--S", "100", "--step-budget", "100"),
+         "error: --S is the old spelling of --step-budget: give only --step-budget"),
+        (("--step-budget", "0"), "error: --step-budget must be > 0, got 0"),
+    ],
+)  # fmt: skip
+def test_predict_without_a_step_budget_is_bad_input(args: tuple, message: str) -> None:
+    result = _predict(*args)
+    assert result.exit_code == 2 and result.stderr.strip().splitlines()[-1] == message

@@ -67,6 +67,43 @@ def reference_freq(values_by_k: list[list[float]], n_boot: int, seed: int) -> li
     return [v / n_boot for v in votes]
 
 
+def paired_reference_freq(values_by_k: list[list[float]], n_boot: int, seed: int) -> list[float]:
+    """The paired bootstrap as a plain loop: value i of each K is seed i's (a K with fewer
+    seeds lacks the last ones); each resample draws the seeds jointly, with the documented
+    draw, and every K averages its values on the drawn seeds it has."""
+    n = max(len(v) for v in values_by_k)
+    draws = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    votes = [0.0] * len(values_by_k)
+    for b in range(n_boot):
+        means = []
+        for v in values_by_k:
+            got = sorted(v[i] for i in draws[b] if i < len(v))
+            means.append(math.fsum(got) / len(got) if got else None)  # None: sits it out
+        best = max(m for m in means if m is not None)
+        winners = [j for j, m in enumerate(means)
+                   if m is not None and abs(m - best) <= 1e-12 * max(1.0, abs(m))]
+        for j in winners:
+            votes[j] += 1.0 / len(winners)
+    return [v / n_boot for v in votes]
+
+
+def exact_paired_freq(values_by_k: list[list[float]]) -> list[float]:
+    """The infinite paired bootstrap, by enumerating every joint resample of the seeds."""
+    n = max(len(v) for v in values_by_k)
+    votes, total = [0.0] * len(values_by_k), 0
+    for combo in itertools.product(range(n), repeat=n):
+        means = []
+        for v in values_by_k:
+            got = sorted(v[i] for i in combo if i < len(v))
+            means.append(math.fsum(got) / len(got) if got else None)
+        best = max(m for m in means if m is not None)
+        winners = [j for j, m in enumerate(means) if m is not None and abs(m - best) <= 1e-12]
+        for j in winners:
+            votes[j] += 1.0 / len(winners)
+        total += 1
+    return [v / total for v in votes]
+
+
 def exact_freq(values_by_k: list[list[float]]) -> list[float]:
     """The infinite-bootstrap frequencies, by enumerating every resample of every K."""
     per_k = [list(itertools.product(v, repeat=len(v))) for v in values_by_k]
@@ -94,10 +131,14 @@ def test_bootstrap_matches_reference_loop_exactly():
     assert list(out.columns) == [
         "algorithm", "dataset", "model", "P", "K", "n_seeds", "mean", "freq_best",
     ]  # fmt: skip
-    want = reference_freq([TABLE[2][k] for k in (1, 2, 4)], 500, 7)
+    want = paired_reference_freq([TABLE[2][k] for k in (1, 2, 4)], 500, 7)
     assert freqs(out, 2) == pytest.approx(want, abs=1e-12)
     assert sum(want) == pytest.approx(1.0)
     assert 0.0 < want[0] < 1.0 and 0.0 < want[1] < 1.0 and want[2] == 0.0
+    unpaired = bootstrap_kopt(table_frame(), n_boot=500, seed=7, paired=False)
+    want = reference_freq([TABLE[2][k] for k in (1, 2, 4)], 500, 7)
+    assert freqs(unpaired, 2) == pytest.approx(want, abs=1e-12)
+    assert freqs(unpaired, 4) == [0.5, 0.5, 0.0]
     # Ties are split equally: K=1 and K=2 both 0.5 at P=4, in every resample.
     assert freqs(out, 4) == [0.5, 0.5, 0.0]
     p2 = out[out["P"] == 2].sort_values("K")
@@ -115,20 +156,25 @@ def test_bootstrap_is_deterministic_per_seed_and_varies_with_it():
 
 def test_bootstrap_converges_to_enumerated_frequencies():
     values = [TABLE[2][k] for k in (1, 2, 4)]
-    exact = exact_freq(values)
+    exact = exact_paired_freq(values)
     out = bootstrap_kopt(table_frame(), n_boot=40_000, seed=0)
     assert freqs(out, 2) == pytest.approx(exact, abs=0.01)
     assert exact[2] == 0.0 and exact[0] + exact[1] == pytest.approx(1.0)
+    exact = exact_freq(values)
+    out = bootstrap_kopt(table_frame(), n_boot=40_000, seed=0, paired=False)
+    assert freqs(out, 2) == pytest.approx(exact, abs=0.01)
 
 
 def test_bootstrap_skips_unusable_trials_and_minimises_time():
     extra = [
-        trial(2, 4, 1, 0.99, status="diverged"),  # never averaged
+        trial(2, 4, 1, 0.99, status="diverged"),  # counted at chance accuracy, 0.1
         trial(2, 8, 0, float("nan")),  # completed without accuracy: unusable
+        trial(2, 8, 1, 0.99, status="failed"),  # unusable
     ]
     out = bootstrap_kopt(table_frame(extra_rows=extra), n_boot=200, seed=7)
     p2 = out[out["P"] == 2].sort_values("K")
-    assert list(p2["K"]) == [1, 2, 4] and list(p2["n_seeds"]) == [3, 2, 1]
+    assert list(p2["K"]) == [1, 2, 4] and list(p2["n_seeds"]) == [3, 2, 2]
+    assert list(p2["mean"]) == pytest.approx([0.85, 0.86, 0.40])
     times = pd.DataFrame([
         {**trial(2, 1, 0, 0.9), "time_to_target_s": 10.0},
         {**trial(2, 2, 0, 0.9), "time_to_target_s": 5.0},
@@ -234,7 +280,7 @@ def test_cli_uncertainty_prints_the_bootstrap_frequencies(tmp_path):
     assert res.exit_code == 0, res.output
     doc = json.loads(res.output)
     got = {(r["P"], r["K"]): r["freq_best"] for r in doc["bootstrap"]}
-    want = reference_freq([TABLE[2][k] for k in (1, 2, 4)], 400, 5)
+    want = paired_reference_freq([TABLE[2][k] for k in (1, 2, 4)], 400, 5)
     assert [got[(2, k)] for k in (1, 2, 4)] == pytest.approx(want, abs=1e-12)
     assert [got[(4, k)] for k in (1, 2, 4)] == [0.5, 0.5, 0.0]
     assert doc["n_boot"] == 400 and doc["seed"] == 5

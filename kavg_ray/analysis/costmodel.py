@@ -8,7 +8,8 @@ steps and averages it needed) and a model of the network.
 all-reduce: ``2 (P-1) alpha + 2 (P-1)/P * n / beta`` seconds, with ``alpha`` the latency
 of one message (s) and ``beta`` the bandwidth (bytes/s); P = 1 costs nothing. Hier-AVG's
 local averages (groups of S) run on the intra-node link, its global ones (all P) on the
-inter-node link.
+inter-node link; a trial whose groups spanned nodes (``hier_groups: any``, its row's
+``local_on_node`` is 0) pays its local averages on the inter-node link too.
 
 **Parameter server (Downpour, EAMSGD).** Every pull or push moves ``n`` bytes through one
 server: ``alpha + n / beta`` for the learner that makes it (an EAMSGD exchange is one push
@@ -180,7 +181,9 @@ def _comm_time(row: Mapping[str, Any], network: Network) -> float:
     total = row["averages"] * allreduce_time(P, n, network.inter)
     if algo == "hier_avg" and row["local_averages"]:
         S = int(row["S"])
-        total += row["local_averages"] * allreduce_time(S, n, network.local_link)
+        # Groups that spanned nodes (hier_groups: any) average over the inter-node link.
+        link = network.inter if row.get("local_on_node") == 0 else network.local_link
+        total += row["local_averages"] * allreduce_time(S, n, link)
     return total
 
 
@@ -438,6 +441,7 @@ def _progress(trial: Mapping[str, Any], hist: Mapping[str, Any], nbytes: float) 
     if trial["algorithm"] == "hier_avg":
         row["averages"] = _num(hist.get("global_reductions", hist.get("rounds")))
         row["local_averages"] = _num(hist.get("local_reductions"))
+        row["local_on_node"] = _num(trial.get("local_on_node"), 1.0)
     if trial["algorithm"] in _ASGD:
         ins = _num(hist.get("rounds")) / P  # pushes (Downpour) or exchanges (EAMSGD)
         messages = _num(hist.get("bytes_communicated")) / nbytes if nbytes > 0 else 0.0
@@ -546,9 +550,10 @@ def kopt_by_predicted_time(predicted: pd.DataFrame) -> pd.DataFrame:
     ``measured_K_opt`` (K_opt by the measured time) and ``network``."""
     from kavg_ray.analysis.results import kopt_table
 
-    by_pred = kopt_table(
-        predicted.assign(time_to_target_s=predicted["predicted_time_to_target_s"]), by="time"
-    )
+    by_pred = kopt_table(  # predicted times hold no wait for the last learner
+        predicted.assign(time_to_target_s=predicted["predicted_time_to_target_s"]), by="time",
+        flag_wait=False,
+    )  # fmt: skip
     by_meas = kopt_table(
         predicted.assign(time_to_target_s=predicted["measured_time_to_target_s"]), by="time"
     )

@@ -467,8 +467,10 @@ def kopt_vs_p(
     default :func:`~kavg_ray.analysis.results.ranked_by`) against P.
 
     The bar at each point spans the K whose mean accuracy is within one std of the best
-    (``k_within_1std``). ``predicted`` (P -> K) is drawn as a dashed line; without it the
-    trials' ``predicted_kopt`` column is used when present. Both axes log2.
+    (``k_within_1std``); beside each point, its verdict and how often it is best over the
+    paired bootstrap (``clear 0.91``, kopt_table's ``verdict`` and ``freq_best``).
+    ``predicted`` (P -> K) is drawn as a dashed line; without it the trials'
+    ``predicted_kopt`` column is used when present. Both axes log2.
     """
     by = by or ranked_by(trials)
     _require(trials, ("P", "K", "status", RANK_METRICS[by]), "kopt_vs_p")
@@ -521,6 +523,11 @@ def _draw_measured_kopt(ax: Axes, g: pd.DataFrame) -> tuple[Any, Any, list]:
         x, y, yerr=[lo, hi], marker="o", markersize=8, capsize=5, linewidth=1.8,
         color="tab:blue", label="measured K_opt (bar: K within 1 std)",
     )  # fmt: skip
+    if "verdict" in g.columns:  # how sure each point is
+        for px, py, verdict, freq in zip(x, y, g["verdict"], g["freq_best"], strict=True):
+            label = verdict if pd.isna(freq) else f"{verdict} {float(freq):.2f}"
+            ax.annotate(label, (px, py), xytext=(6, 6), textcoords="offset points",
+                        fontsize="small", color="tab:blue")  # fmt: skip
     return x, y, ranges
 
 

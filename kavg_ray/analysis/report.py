@@ -18,6 +18,7 @@ import pandas as pd
 
 from kavg_ray.analysis.plots import PLOT_FILES, save_all_detailed
 from kavg_ray.analysis.results import (
+    KOPT_COLUMNS,
     ResultsError,
     ResultsStore,
     _mean_std,
@@ -183,7 +184,7 @@ def write_report(
 
     parts = _header_section(store, sweep, trials)
     parts += _accuracy_section(trials)
-    parts += _kopt_sections(trials)
+    parts += _kopt_sections(trials, history)
     if network is not None:
         parts += _network_section(sweep, storage, trials, out, network)
     parts += _plots_section(trials, history, out, predicted)
@@ -222,26 +223,54 @@ def _accuracy_section(trials: pd.DataFrame) -> list[str]:
     ]
 
 
-def _kopt_sections(trials: pd.DataFrame) -> list[str]:
-    """K_opt by the ranked metric, then by time to target when some trial reached it."""
+def _kopt_sections(trials: pd.DataFrame, history: pd.DataFrame | None = None) -> list[str]:
+    """K_opt by the ranked metric, then by time to target when some trial reached it; each
+    table followed by its verdicts in words."""
     by = ranked_by(trials)  # the final test loss for a sweep without accuracy
     best = "best mean final test accuracy" if by == "accuracy" else "lowest mean final test loss"
+    table = kopt_table(trials, by=by, history=history)
     parts = [
         f"## K_opt by {by}\n",
         f"K with the {best} at the fixed epoch budget; "
-        "`k_within_1std`: K whose mean is within one std of the best.\n",
-        markdown_table(kopt_table(trials, by=by)),
+        "`k_within_1std`: K whose mean is within one std of the best; `freq_best`: how "
+        "often K_opt is best over paired bootstrap resamples of the seeds; "
+        "`credible_set`: the fewest K best in at least 0.8 of them; `freq_k1`: how often "
+        "K = 1 is best; `diff_vs_k1`: K_opt minus K = 1 on the same seeds (90% interval).\n",
+        markdown_table(table),
+        verdict_lines(table),
     ]
     if "time_to_target_s" in trials.columns:
         ttt = pd.to_numeric(trials["time_to_target_s"], errors="coerce")
         if ttt.notna().any():
+            by_time = kopt_table(trials, by="time", history=history)
             parts += [
                 "## K_opt by time to target\n",
                 "K with the least mean wall-clock time to reach the target accuracy, as "
                 "measured on the machine that ran the sweep (no network model assumed).\n",
-                markdown_table(kopt_table(trials, by="time")),
+                markdown_table(by_time),
+                verdict_lines(by_time),
             ]
     return parts
+
+
+def verdict_lines(table: pd.DataFrame) -> str:
+    """One Markdown bullet per row of a kopt_table: its K_opt, verdict and evidence."""
+    keys = [c for c in table.columns if c not in KOPT_COLUMNS and c != "predicted_kopt"]
+    lines = []
+    for row in table.to_dict("records"):
+        where = ", ".join(f"{k}={_cell(row[k])}" for k in keys if k not in
+                          ("algorithm", "dataset", "model"))  # fmt: skip
+        if pd.isna(row["K_opt"]):
+            lines.append(f"- {where}: no K_opt ({row['note']})")
+            continue
+        text = (
+            f"- {where}: K_opt = {_cell(row['K_opt'])}, **{row['verdict']}**: best in "
+            f"{row['freq_best']:.0%} of the resamples; credible set {row['credible_set']}"
+        )
+        if not pd.isna(row["freq_k1"]):
+            text += f"; K = 1 best in {row['freq_k1']:.0%}"
+        lines.append(text + (f". {row['note']}" if row["note"] else ""))
+    return "\n".join(lines) + "\n"
 
 
 def _plots_section(

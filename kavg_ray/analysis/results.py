@@ -10,6 +10,10 @@ Every file is rewritten atomically (temporary file in the same directory, fsync,
 ``os.replace``), and read-modify-write cycles hold an exclusive ``flock`` on
 ``<sweep>/.lock`` so concurrent trial reporters (threads or processes) never lose rows.
 
+``storage`` may also be an ``s3://`` or ``gs://`` URI (:mod:`kavg_ray.analysis.storage`):
+each file is then one object, replaced by one write, and the lock is a local file under
+:func:`~kavg_ray.analysis.storage.local_dir` (writers on one machine exclude each other).
+
 This module imports neither torch nor ray: the CLI's ``results`` commands must stay fast.
 """
 
@@ -22,6 +26,7 @@ import json
 import math
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -32,6 +37,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from kavg_ray.analysis import confidence
+from kavg_ray.analysis.storage import RemotePath, local_dir, storage_root
 from kavg_ray.errors import ResultsError
 from kavg_ray.metrics import EPOCH_KEYS
 
@@ -122,6 +129,13 @@ VARYING_GROUP_KEYS: tuple[str, ...] = (
 #: kopt_table columns after the group keys (``predicted_kopt`` is appended when present).
 KOPT_COLUMNS: list[str] = [
     "K_opt",
+    "verdict",
+    "freq_best",
+    "credible_set",
+    "freq_k1",
+    "diff_vs_k1",
+    "diff_vs_k1_lo",
+    "diff_vs_k1_hi",
     "mean",
     "std",
     "n_seeds",
@@ -130,6 +144,14 @@ KOPT_COLUMNS: list[str] = [
     "K_values_tried",
     "note",
 ]
+#: What a seed that diverged scores by accuracy: a guess, per built-in data set (another
+#: data set's diverged seed scores 0).
+CHANCE_ACCURACY: dict[str, float] = {
+    "digits": 0.1, "mnist": 0.1, "fashion_mnist": 0.1, "cifar10": 0.1, "mnist1d": 0.1,
+    "cifar100": 0.01,
+}  # fmt: skip
+#: ``--score``: the final evaluation, the mean of the last N, or the best of the run.
+SCORE_RE = re.compile(r"^(?:last|best|last:([1-9][0-9]{0,5}))$")
 
 SWEEP_LIST_COLUMNS: list[str] = [
     "sweep",
@@ -152,7 +174,7 @@ _NAME_RE = re.compile(r"[A-Za-z0-9._-]+")
 _MAX_NAME_LEN = 128
 # Means closer than this (relative) count as tied: averaging the same accuracies in a
 # different order can differ in the last bit, and that must not decide K_opt.
-_TIE_RTOL = 1e-12
+_TIE_RTOL = confidence.TIE_RTOL
 
 
 
@@ -200,12 +222,19 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+def _atomic_write(path: Path | RemotePath, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)``, fsync it, then ``os.replace`` it onto ``path``.
 
     The temporary file lives in the same directory so the rename cannot cross
-    filesystems; readers see either the old or the new file, never a partial one.
+    filesystems; readers see either the old or the new file, never a partial one. In an
+    object store the temporary file is local and goes up in one write (atomic there).
     """
+    if isinstance(path, RemotePath):
+        with tempfile.TemporaryDirectory(prefix="kavg-") as folder:
+            tmp = os.path.join(folder, path.name)
+            write(tmp)
+            path.upload(tmp)
+        return
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -258,7 +287,7 @@ def _is_missing(v: Any) -> bool:
         return False
 
 
-def _write_parquet(path: Path, df: pd.DataFrame) -> None:
+def _write_parquet(path: Path | RemotePath, df: pd.DataFrame) -> None:
     safe = _arrow_safe(df)
     table = pa.Table.from_pandas(safe, preserve_index=False, nthreads=1)
     _atomic_write(path, lambda tmp: pq.write_table(table, tmp))
@@ -269,18 +298,47 @@ class ResultsStore:
 
     def __init__(self, storage: str | os.PathLike[str] | None = None) -> None:
         self.storage = str(storage) if storage is not None else default_storage()
-        self.root = Path(self.storage)
+        # A local Path, or a RemotePath for s3:// and gs:// (BadInputError for a URI
+        # kavg cannot serve: never a local folder named "foo:").
+        self.root: Path | RemotePath = storage_root(self.storage)
 
     def __repr__(self) -> str:
         return f"ResultsStore({self.storage!r})"
 
     # ------------------------------------------------------------------ paths and locks
 
-    def sweep_dir(self, sweep: str) -> Path:
+    @property
+    def remote(self) -> bool:
+        """Whether the store is an object store (``s3://``, ``gs://``)."""
+        return isinstance(self.root, RemotePath)
+
+    def sweep_dir(self, sweep: str) -> Path | RemotePath:
         """The directory of ``sweep`` (validated name; not created)."""
         return self.root / validate_name(sweep)
 
-    def _existing_sweep_dir(self, sweep: str) -> Path:
+    def local_dir(self, sweep: str) -> Path:
+        """Where this machine keeps what belongs to ``sweep`` but not in the store (the
+        lock, Ray's logs): the sweep's own folder for local storage; for an object store,
+        :func:`kavg_ray.analysis.storage.local_dir` (not created)."""
+        d = self.sweep_dir(sweep)
+        return local_dir(d) if isinstance(d, RemotePath) else d
+
+    def check_writable(self) -> None:
+        """Before a run: an object store's bucket exists (BadInputError, exit 2, if not;
+        StorageError, exit 1, if unreachable). A folder is checked by the CLI
+        (``kavg_ray.launch.address.check_storage``) and made when first written."""
+        if isinstance(self.root, RemotePath):
+            self.root.check_bucket()
+
+    def remove_tree(self, sweep: str, *parts: str) -> None:
+        """Delete ``<sweep>/<parts...>`` and everything under it (nothing if absent)."""
+        path = self.sweep_dir(sweep).joinpath(*parts)
+        if isinstance(path, RemotePath):
+            path.remove_tree()
+        else:
+            shutil.rmtree(path.resolve(), ignore_errors=True)
+
+    def _existing_sweep_dir(self, sweep: str) -> Path | RemotePath:
         d = self.sweep_dir(sweep)
         if not d.is_dir():
             raise ResultsError(f"unknown sweep {sweep!r} under {self.storage}")
@@ -294,8 +352,9 @@ class ResultsStore:
         threads of one process exclude each other just like two processes do.
         """
         d = self.sweep_dir(sweep)
-        d.mkdir(parents=True, exist_ok=True)
-        with open(d / LOCK_FILE, "a+b") as fh:
+        lock_dir = self.local_dir(sweep)  # d itself unless the store is an object store
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        with open(lock_dir / LOCK_FILE, "a+b") as fh:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
             try:
                 yield d
@@ -360,15 +419,14 @@ class ResultsStore:
 
     # ------------------------------------------------------------------ tables
 
-    def _read_parquet(self, path: Path, columns: list[str]) -> pd.DataFrame:
+    def _read_parquet(self, path: Path | RemotePath, columns: list[str]) -> pd.DataFrame:
         if not path.is_file():
             return _empty(columns)
         try:
             # One open, one read: a writer may rename a new file over this path at any
             # moment, and a reader that opened it twice (footer, then pages) could mix
             # the two versions.
-            with open(path, "rb") as fh:
-                data = fh.read()
+            data = path.read_bytes()
             # No Arrow thread: a pool thread still starting or busy when the interpreter
             # exits made `kavg results show` abort ("terminate called without an active
             # exception", exit 134) about once in 60 runs beside a writing sweep.
@@ -566,37 +624,59 @@ def kopt_table(
     trials_df: pd.DataFrame,
     by: str = "accuracy",
     group_by: str | list[str] | None = None,
+    *,
+    score: str = "last",
+    history: pd.DataFrame | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    flag_wait: bool = True,
 ) -> pd.DataFrame:
-    """The best averaging period K per group (default: per algorithm, dataset, model, P).
+    """The best averaging period K per group (default: per algorithm, dataset, model, P),
+    and how sure it is (docs/design.md section 11, "How sure is K_opt").
 
-    by="accuracy": per K, mean and sample std (ddof=1; 0 with one seed) of
-    ``final_test_acc`` over trials with status "completed"; K_opt has the largest mean.
-    by="time": per K, mean and std of ``time_to_target_s`` over completed trials that
-    reached the target (NaN = not reached); a K no seed reached is not a candidate;
-    K_opt has the smallest mean. by="loss": as by accuracy, over ``final_test_loss``;
-    K_opt has the smallest mean (tasks without accuracy, docs/design.md section 8). Diverged,
-    failed (any non-completed) trials and trials without K never win and are not
-    averaged; they are counted in ``n_excluded``. Ties (equal up to rounding) go to the
-    smallest K. For Hier-AVG rows the candidate is the ``K`` column as given.
+    by="accuracy": per K, mean and sample std (ddof=1; 0 with one seed) of each trial's
+    score (``score``: ``last``, the final evaluation ``final_test_acc``; ``last:N``, the
+    mean of its last N evaluations; ``best``, ``best_test_acc``; the last two from
+    ``history`` where the trials lack them); K_opt has the largest mean. by="loss": as by
+    accuracy, over the test loss (``final_test_loss``; ``best``: the least); K_opt has the
+    smallest mean. A seed that **diverged** counts against its K, not dropped: at chance
+    accuracy (:data:`CHANCE_ACCURACY`; 0 for other data sets) or at the group's worst
+    loss. by="time": per K, mean and std of ``time_to_target_s`` over completed trials that
+    reached the target (NaN = not reached); a K no seed reached is not a candidate; K_opt
+    has the smallest mean; only ``score="last"``. Failed, stopped (and, by time,
+    diverged) trials and trials without K or a score never win and are not averaged; they
+    are counted in ``n_excluded``. Ties (equal up to rounding) go to the smallest K.
 
-    Columns: the group keys, then K_opt (NA if no candidate; ``note`` says why), mean,
-    std and n_seeds of the best K, k_within_1std (comma-joined K whose mean is within
-    one std of the best, best included; by accuracy ``mean >= best - std``, by time
-    ``mean <= best + std``), n_excluded, K_values_tried (every K in the group,
-    comma-joined), note; plus ``predicted_kopt`` (first non-null per group) when the
-    input has it.
+    Columns: the group keys, then K_opt (NA if no candidate; ``note`` says why);
+    verdict, freq_best, credible_set, freq_k1 and the paired difference of K_opt against
+    K = 1 (diff_vs_k1, with its 90% bootstrap interval diff_vs_k1_lo, diff_vs_k1_hi) from
+    ``n_boot`` paired resamples of the seeds (``numpy.random.default_rng(seed)`` per group:
+    the same table on every run; :mod:`kavg_ray.analysis.confidence`); mean, std and
+    n_seeds of the best K, k_within_1std (comma-joined K whose mean is within one std of
+    the best, best included), n_excluded, K_values_tried (every K in the group,
+    comma-joined), note (diverged seeds, a K_opt at the edge of the K range, a time
+    ranking within the wait for the last learner, and for an inconclusive or single-seed
+    row what would settle it); plus ``predicted_kopt`` (first non-null per group) when
+    the input has it. ``flag_wait=False`` leaves out the wait check (predicted times).
     """
     if by not in RANK_METRICS:
         raise ValueError(f"unknown by={by!r}; expected 'accuracy', 'time' or 'loss'")
+    if not 1 <= int(n_boot) <= 1_000_000:
+        raise ValueError(f"n_boot must be between 1 and 1000000, got {n_boot}")
     metric = RANK_METRICS[by]
     keys = _kopt_group_keys(trials_df, group_by)
-    required = [c for c in ("K", "status", metric) if c not in trials_df.columns]
+    needs = [metric] if parse_score(score, by) == ("last", 1) else []
+    required = [c for c in ("K", "status", *needs) if c not in trials_df.columns]
     if required:
         raise ValueError(f"trials frame lacks column(s) {required} needed for by={by!r}")
     has_pred = "predicted_kopt" in trials_df.columns
     out_cols = keys + KOPT_COLUMNS + (["predicted_kopt"] if has_pred else [])
     if trials_df.empty:
         return _empty(out_cols)
+    ctx = _KoptContext(
+        by, _score_values(trials_df, by, score, history), _history_by_trial(history),
+        int(n_boot), int(seed), flag_wait,
+    )  # fmt: skip
 
     if keys:
         groups: Iterable[tuple[Any, pd.DataFrame]] = trials_df.groupby(
@@ -609,7 +689,7 @@ def kopt_table(
     for key, g in groups:
         key_t = key if isinstance(key, tuple) else (key,)
         row: dict[str, Any] = dict(zip(keys, key_t, strict=True))
-        row.update(_kopt_group_row(g, metric, by))
+        row.update(_kopt_group_row(g, ctx))
         if has_pred:
             pred = g["predicted_kopt"].dropna()
             row["predicted_kopt"] = pred.iloc[0] if len(pred) else pd.NA
@@ -642,50 +722,316 @@ def _kopt_group_keys(trials_df: pd.DataFrame, group_by: str | list[str] | None) 
     return keys
 
 
-def _kopt_group_row(g: pd.DataFrame, metric: str, by: str) -> dict[str, Any]:
+def parse_score(score: str, by: str = "accuracy") -> tuple[str, int]:
+    """``--score`` as (kind, N): ``last`` (1), ``last:N`` (N), ``best`` (0). By time only
+    ``last`` (the time to the target is one number per trial)."""
+    m = SCORE_RE.match(str(score))
+    if m is None:
+        raise ValueError(f"unknown score {score!r}; expected 'last', 'last:N' (N >= 1) or 'best'")
+    kind, n = ("best", 0) if score == "best" else ("last", int(m.group(1) or 1))
+    if by == "time" and (kind, n) != ("last", 1):
+        raise ValueError(f"score {score!r} ranks accuracy or loss; by time it is 'last'")
+    return kind, n
+
+
+class _KoptContext:
+    """What every group of one kopt_table call shares."""
+
+    def __init__(
+        self, by: str, values: pd.Series, history: dict[Any, pd.DataFrame] | None,
+        n_boot: int, seed: int, flag_wait: bool,
+    ) -> None:  # fmt: skip
+        self.by, self.values, self.history = by, values, history
+        self.n_boot, self.seed, self.flag_wait = n_boot, seed, flag_wait
+        self.sign = 1.0 if by == "accuracy" else -1.0  # maximise accuracy, minimise the rest
+
+
+def _history_key(df: pd.DataFrame) -> list[str]:
+    return ["sweep", "trial_id"] if "sweep" in df.columns else ["trial_id"]
+
+
+def _history_by_trial(history: pd.DataFrame | None) -> dict[Any, pd.DataFrame] | None:
+    """``{trial key: its history rows by epoch}`` (key: (sweep, trial_id) or trial_id)."""
+    if history is None or history.empty or "trial_id" not in history.columns:
+        return None
+    key = _history_key(history)
+    hist = history.sort_values([*key, "epoch"], kind="stable")
+    return {k: g for k, g in hist.groupby(key if len(key) > 1 else key[0], sort=False)}
+
+
+def _trial_key(row: pd.Series, history: dict[Any, pd.DataFrame]) -> Any:
+    first = next(iter(history), None)
+    if isinstance(first, tuple) and "sweep" in row.index:
+        return (row["sweep"], row["trial_id"])
+    return row.get("trial_id")
+
+
+def _score_values(
+    trials: pd.DataFrame, by: str, score: str, history: pd.DataFrame | None
+) -> pd.Series:
+    """Each trial's score (float, aligned to ``trials``): the column ``by`` ranks for
+    ``last``, else from ``best_test_acc`` or the history (NaN for a trial without one)."""
+    kind, n = parse_score(score, by)
+    metric = RANK_METRICS[by]
+    if (kind, n) == ("last", 1):
+        return pd.to_numeric(trials[metric], errors="coerce").astype(float)
+    if kind == "best" and by == "accuracy" and "best_test_acc" in trials.columns:
+        return pd.to_numeric(trials["best_test_acc"], errors="coerce").astype(float)
+    per_trial = _history_by_trial(history)
+    if per_trial is None or "trial_id" not in trials.columns:
+        raise ValueError(f"score {score!r} needs the sweep's history (per-epoch evaluations)")
+    col = "test_acc" if by == "accuracy" else "test_loss"
+    out = []
+    for _, row in trials.iterrows():
+        h = per_trial.get(_trial_key(row, per_trial))
+        vals = [] if h is None else [float(v) for v in pd.to_numeric(h[col], errors="coerce")]
+        vals = [v for v in vals if math.isfinite(v)] if kind == "best" else vals[-n:]
+        if not vals or not all(math.isfinite(v) for v in vals):
+            out.append(float("nan"))
+        elif kind == "best":
+            out.append(max(vals) if by == "accuracy" else min(vals))
+        else:
+            out.append(math.fsum(sorted(vals)) / len(vals))
+    return pd.Series(out, index=trials.index, dtype=float)
+
+
+def group_values(g: pd.DataFrame, values: pd.Series, by: str) -> tuple[pd.Series, pd.Series, str]:
+    """``(values, usable, note)`` of one kopt_table group: its scores with each diverged
+    seed counted against its K (at chance accuracy, or the group's worst loss), the mask of
+    the trials that count, and a note naming the diverged seeds. By time nothing changes:
+    a diverged trial never reached the target."""
+    completed = (g["status"] == "completed") & g["K"].notna()
+    values = values.astype(float).copy()
+    if by == "time":  # NaN time: target never reached, neither averaged nor excluded
+        return values, completed & values.notna(), ""
+    usable = completed & np.isfinite(values)
+    diverged = (g["status"] == "diverged") & g["K"].notna()
+    if not diverged.any():
+        return values, usable, ""
+    if by == "accuracy":
+        dataset = g["dataset"].iloc[0] if "dataset" in g.columns else None
+        fill = CHANCE_ACCURACY.get(str(dataset), 0.0)
+        how = f"at chance accuracy {fill:g}" if str(dataset) in CHANCE_ACCURACY else "at 0"
+    else:
+        finite = values[usable]
+        fill = float(finite.max()) if len(finite) else float("nan")
+        how = f"at the worst loss {fill:.4g}"
+    if not math.isfinite(fill):
+        return values, usable, "diverged seeds not counted: no finite loss to count them at"
+    values[diverged] = fill
+    per_k = g.loc[diverged, "K"].value_counts()
+    seeds = g.loc[(diverged | completed), "K"].value_counts()
+    which = ", ".join(f"K={_k_label(k)} {int(per_k[k])} of {int(seeds[k])}" for k in
+                      sorted(per_k.index))  # fmt: skip
+    return values, usable | diverged, f"diverged ({which}), counted {how}"
+
+
+def kopt_scores(
+    trials_df: pd.DataFrame,
+    by: str = "accuracy",
+    score: str = "last",
+    history: pd.DataFrame | None = None,
+) -> pd.DataFrame:
+    """The trials that count toward kopt_table's K_opt (default groups), each with its
+    score in column ``value``: diverged seeds counted against their K, groups without a
+    completed trial left out (as kopt_table leaves their K_opt NA)."""
+    if by not in RANK_METRICS:
+        raise ValueError(f"unknown by={by!r}; expected 'accuracy', 'time' or 'loss'")
+    needs = [RANK_METRICS[by]] if parse_score(score, by) == ("last", 1) else []
+    absent = [c for c in ("K", "status", *needs) if c not in trials_df.columns]
+    if absent:
+        raise ValueError(f"trials frame lacks column(s) {absent} needed for by={by!r}")
+    if trials_df.empty:
+        return trials_df.assign(value=pd.Series(dtype=float))
+    values = _score_values(trials_df, by, score, history)
+    keys = _kopt_group_keys(trials_df, None)
+    groups = trials_df.groupby(keys, sort=True, dropna=False) if keys else [((), trials_df)]
+    parts = []
+    for _, g in groups:
+        v, usable, _ = group_values(g, values.loc[g.index], by)
+        if (usable & (g["status"] == "completed")).any():
+            parts.append(g.loc[usable].assign(value=v[usable]))
+    if not parts:
+        return trials_df.iloc[:0].assign(value=pd.Series(dtype=float))
+    return pd.concat(parts)
+
+
+def pairing_units(g: pd.DataFrame) -> list[tuple[Any, int]]:
+    """The pairing unit of each of ``g``'s rows: (seed, n) for the n-th row of that seed and
+    K (0 unless a K repeats a seed); without a seed column every row is its own unit."""
+    if "seed" not in g.columns:
+        return [(i, 0) for i in range(len(g))]
+    seeds = [float("inf") if _is_missing(s) else s for s in g["seed"]]
+    reps = pd.Series(seeds, index=g.index).groupby([seeds, list(g["K"])]).cumcount()
+    return list(zip(seeds, (int(r) for r in reps), strict=True))
+
+
+def _kopt_group_row(g: pd.DataFrame, ctx: _KoptContext) -> dict[str, Any]:
     """One group's kopt_table columns after its keys (``predicted_kopt`` aside)."""
     ks_all = g["K"].dropna()
-    metric_vals = pd.to_numeric(g[metric], errors="coerce")
-    n_excluded, usable = _kopt_usable_trials(g, metric_vals, by)
-    stats = _stats_per_k(metric_vals[usable], g.loc[usable, "K"])
+    values, usable, diverged_note = group_values(g, ctx.values.loc[g.index], ctx.by)
+    stats = _stats_per_k(values[usable], g.loc[usable, "K"])
     row: dict[str, Any] = {
-        "n_excluded": n_excluded,
+        "n_excluded": int((~usable).sum()) - _not_reached(g, values, ctx.by),
         "K_values_tried": _k_join(sorted(ks_all.unique())),
         "note": "",
-    }
-    if not stats:
+        "verdict": "", "freq_best": float("nan"), "credible_set": "", "freq_k1": float("nan"),
+        "diff_vs_k1": float("nan"), "diff_vs_k1_lo": float("nan"),
+        "diff_vs_k1_hi": float("nan"),
+    }  # fmt: skip
+    if not (usable & (g["status"] == "completed")).any():  # nothing, or only diverged seeds
         row.update(
             K_opt=pd.NA,
             mean=float("nan"),
             std=float("nan"),
             n_seeds=0,
             k_within_1std="",
-            note="no completed trial" if by != "time" else "no trial reached the target",
+            n_excluded=int(len(g)) - _not_reached(g, values, ctx.by),
+            note="no completed trial" if ctx.by != "time" else "no trial reached the target",
         )
         return row
-    sign = 1.0 if by == "accuracy" else -1.0  # maximise accuracy, minimise time and loss
-    best_k = _best_k(stats, sign)
+    best_k = _best_k(stats, ctx.sign)
     best_mean, best_std, n = stats[best_k]
     row.update(
         K_opt=best_k,
         mean=best_mean,
         std=best_std,
         n_seeds=n,
-        k_within_1std=_k_join(_ks_within_one_std(stats, best_k, sign)),
+        k_within_1std=_k_join(_ks_within_one_std(stats, best_k, ctx.sign)),
     )
+    notes = [diverged_note] if diverged_note else []
+    row.update(_confidence(g.loc[usable], values[usable], best_k, stats, sorted(ks_all.unique()),
+                           ctx, notes))  # fmt: skip
+    row["note"] = "; ".join(notes)
     return row
 
 
-def _kopt_usable_trials(g: pd.DataFrame, metric_vals: pd.Series, by: str) -> tuple[int, pd.Series]:
-    """``(n_excluded, usable)``: how many of ``g``'s trials are excluded, and the mask of
-    those averaged into their K's mean."""
-    ok = (g["status"] == "completed") & g["K"].notna()
+def _not_reached(g: pd.DataFrame, values: pd.Series, by: str) -> int:
+    """By time: the completed trials that never reached the target (not excluded)."""
     if by != "time":
-        # A completed trial without an accuracy (loss) is unusable: count it excluded.
-        ok &= metric_vals.notna()
-        return int((~ok).sum()), ok
-    # NaN time: target never reached; such a trial is not averaged but not excluded either.
-    return int((~ok).sum()), ok & metric_vals.notna()
+        return 0
+    return int(((g["status"] == "completed") & g["K"].notna() & values.isna()).sum())
+
+
+def _confidence(
+    g: pd.DataFrame, values: pd.Series, best_k: Any, stats: dict[Any, tuple[float, float, int]],
+    tried: list[Any], ctx: _KoptContext, notes: list[str],
+) -> dict[str, Any]:  # fmt: skip
+    """The paired bootstrap's columns of one group (usable rows ``g``, scores ``values``),
+    and its notes appended to ``notes``."""
+    ks, matrix = confidence.paired_matrix(list(values), list(g["K"]), pairing_units(g))
+    rng = np.random.default_rng(ctx.seed)
+    freq, idx, _ = confidence.paired_bootstrap(matrix, ctx.n_boot, rng, ctx.sign)
+    j_best = ks.index(best_k)
+    cset, mass = confidence.credible_set(ks, freq)
+    out: dict[str, Any] = {
+        "freq_best": float(freq[j_best]),
+        "credible_set": confidence.format_credible(cset, mass),
+    }
+    if 1 in ks:
+        out["freq_k1"] = float(freq[ks.index(1)])
+        d, lo, hi = confidence.paired_difference(matrix, j_best, ks.index(1), idx)
+        out.update(diff_vs_k1=d, diff_vs_k1_lo=lo, diff_vs_k1_hi=hi)
+    verdict = confidence.verdict(cset, ks, stats[best_k][2])
+    edge = _edge(best_k, tried)
+    if edge:
+        notes.append(f"K_opt is the {edge} K tried: the best K may be {_EDGE_BEYOND[edge]}")
+    within_wait = ctx.by == "time" and ctx.flag_wait and _within_wait(g, best_k, stats, ctx)
+    if within_wait:
+        notes.append(within_wait)
+        verdict = "inconclusive" if verdict in ("clear", "narrow") else verdict
+    if verdict in ("inconclusive", "single seed"):
+        improving = ctx.by != "time" and _still_improving(g, cset, stats[best_k][1], ctx)
+        notes.append("to settle: " + _settle(verdict, edge, improving, bool(within_wait),
+                                             stats[best_k][2]))  # fmt: skip
+    out["verdict"] = verdict
+    return out
+
+
+_EDGE_BEYOND = {"largest": "larger", "smallest": "smaller"}
+
+
+def _edge(best_k: Any, tried: list[Any]) -> str:
+    """"largest" or "smallest" when K_opt is at that end of the K tried (K = 1 is no edge:
+    no K is smaller)."""
+    if len(tried) < 2:
+        return ""
+    if best_k == max(tried):
+        return "largest"
+    if best_k == min(tried) and best_k > 1:
+        return "smallest"
+    return ""
+
+
+def _settle(verdict: str, edge: str, improving: bool, within_wait: bool, n_seeds: int) -> str:
+    """What would settle an inconclusive or single-seed row."""
+    seeds = f"more seeds ({n_seeds} now)"
+    options = [seeds] if verdict == "single seed" else []
+    if edge:
+        options.append(f"a K range that brackets the best (K beyond the {edge} K tried)")
+    if improving:
+        options.append("a longer budget (the leading K still improved over the last epochs)")
+    if within_wait:
+        options.append("times without the wait (--network, or an idle machine)")
+    if seeds not in options:
+        options.append(seeds)
+    return "; or ".join(options)
+
+
+def _still_improving(
+    g: pd.DataFrame, cset: list[Any], std: float, ctx: _KoptContext
+) -> bool:
+    """Whether the credible set's trials still improved over the last fifth of their
+    epochs (last evaluation against the one max(1, E // 5) epochs before) by more than half
+    K_opt's seed std, on average. False without the history."""
+    if ctx.history is None:
+        return False
+    col = "test_acc" if ctx.by == "accuracy" else "test_loss"
+    gains = []
+    for _, row in g[g["K"].isin(cset) & (g["status"] == "completed")].iterrows():
+        h = ctx.history.get(_trial_key(row, ctx.history))
+        vals = [] if h is None else list(pd.to_numeric(h[col], errors="coerce"))
+        if len(vals) >= 2:
+            back = max(1, len(vals) // 5)
+            gains.append(ctx.sign * (float(vals[-1]) - float(vals[-1 - back])))
+    gains = [x for x in gains if math.isfinite(x)]
+    return bool(gains) and math.fsum(gains) / len(gains) > max(std / 2, 0.0)
+
+
+def _within_wait(
+    g: pd.DataFrame, best_k: Any, stats: dict[Any, tuple[float, float, int]], ctx: _KoptContext
+) -> str:
+    """By time: a note when the mean wait for the last learner (to the target: from the
+    history's ``wait_time_s`` at the target epoch, else the trial's ``wait_time_s``) of
+    K_opt's and the runner-up's trials is as large as the gap between their mean times."""
+    if len(stats) < 2 or "wait_time_s" not in g.columns:
+        return ""
+    others = [k for k in stats if k != best_k]
+    runner = min(others, key=lambda k: (ctx.sign * -stats[k][0], k))
+    gap = abs(stats[runner][0] - stats[best_k][0])
+    waits = [_wait_to_target(row, ctx.history) for _, row in
+             g[g["K"].isin([best_k, runner])].iterrows()]  # fmt: skip
+    waits = [w for w in waits if math.isfinite(w)]
+    if not waits:
+        return ""
+    wait = math.fsum(waits) / len(waits)
+    if wait <= 0 or wait < gap:
+        return ""
+    return (
+        f"within the wait: the wait for the last learner (mean {wait:.3g} s) is as large as "
+        f"the gap between K={_k_label(best_k)} and K={_k_label(runner)} ({gap:.3g} s)"
+    )
+
+
+def _wait_to_target(row: pd.Series, history: dict[Any, pd.DataFrame] | None) -> float:
+    ttt = pd.to_numeric(pd.Series([row.get("time_to_target_s")]), errors="coerce").iloc[0]
+    h = None if history is None else history.get(_trial_key(row, history))
+    if h is not None and "wait_time_s" in h.columns and math.isfinite(ttt):
+        wall = pd.to_numeric(h["wall_time_s"], errors="coerce")
+        at = h[wall >= ttt * (1 - 1e-9)]
+        if len(at):
+            return float(pd.to_numeric(at["wait_time_s"], errors="coerce").iloc[0])
+    return float(pd.to_numeric(pd.Series([row.get("wait_time_s")]), errors="coerce").iloc[0])
 
 
 def _stats_per_k(values: pd.Series, ks: pd.Series) -> dict[Any, tuple[float, float, int]]:
@@ -729,8 +1075,9 @@ def _typed_kopt_frame(out: pd.DataFrame) -> pd.DataFrame:
     out["K_opt"] = _as_int_if_integral(out["K_opt"])
     for col in ("n_seeds", "n_excluded"):
         out[col] = out[col].astype("int64")
-    out["mean"] = out["mean"].astype(float)
-    out["std"] = out["std"].astype(float)
+    for col in ("mean", "std", "freq_best", "freq_k1", "diff_vs_k1", "diff_vs_k1_lo",
+                "diff_vs_k1_hi"):  # fmt: skip
+        out[col] = out[col].astype(float)
     return out
 
 

@@ -4,14 +4,18 @@ Two questions a K sweep leaves open:
 
 - *How sure is K_opt at one P?* :func:`bootstrap_kopt` resamples the seeds. For each
   group (the groups of :func:`kavg_ray.analysis.results.kopt_table`: algorithm, dataset, model, P,
-  plus any setting that varies) it draws ``n_boot`` resamples; in each, every K's seeds
-  are drawn with replacement (as many as that K has), their mean is taken, and the K with
-  the best mean (largest accuracy, or least time to target) wins the resample.
-  ``freq_best`` of a K is the share of resamples it wins. **Ties are split equally**: when
-  m K share the best mean of a resample (equal up to a relative 1e-12, as in
-  ``kopt_table``), each gets 1/m of that resample's vote, so the frequencies of a group
-  always sum to 1. A K with one seed always contributes that seed's value; with one seed
-  per K the bootstrap is certain (frequency 1 for K_opt, or split between tied K).
+  plus any setting that varies) it draws ``n_boot`` resamples. Seeds are paired across K
+  (seed s gives every K the same initial model and data), so by default a resample draws
+  the seeds jointly, with replacement, and every K takes the mean of its scores on the
+  drawn seeds (:mod:`kavg_ray.analysis.confidence`, the bootstrap behind kopt_table's
+  ``freq_best`` and verdict); ``paired=False`` draws each K's seeds on its own (as many
+  as that K has). The K with the best mean (largest accuracy, least loss or time to
+  target) wins the resample. Scores are kopt_table's (``score``; a diverged seed counts
+  against its K). ``freq_best`` of a K is the share of resamples it wins. **Ties are
+  split equally**: when m K share the best mean of a resample (equal up to a relative
+  1e-12, as in ``kopt_table``), each gets 1/m of that resample's vote, so the frequencies
+  of a group always sum to 1. With one seed per K the bootstrap is certain (frequency 1
+  for K_opt, or split between tied K).
 - *What K_opt to expect at a P not run?* :func:`fit_power_law` fits
   ``K_opt = a * P**b`` by least squares on ``ln K_opt`` against ``ln P`` over the P whose
   K_opt is defined (``kopt_table``), P >= 2 only: with one learner averaging is a no-op,
@@ -20,9 +24,10 @@ Two questions a K sweep leaves open:
   default the powers of two missing between the smallest P fitted and four times the
   largest).
 
-Randomness is one ``numpy.random.default_rng(seed)`` per group, fresh for every group,
-that draws for each K in ascending order ``rng.integers(0, n_K, size=(n_boot, n_K))``
-(row b: the seed indices of resample b). Means are taken over sorted values, so the
+Randomness is one ``numpy.random.default_rng(seed)`` per group, fresh for every group:
+paired, one draw ``rng.integers(0, n_seeds, size=(n_boot, n_seeds))`` (row b: the seeds,
+in ascending order of seed, of resample b); unpaired, for each K in ascending order
+``rng.integers(0, n_K, size=(n_boot, n_K))``. Means are taken over sorted values, so the
 same seeds give the same mean whatever their order.
 
 This module imports neither torch nor ray.
@@ -37,15 +42,17 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from kavg_ray.analysis import confidence
 from kavg_ray.analysis.results import (
-    _TIE_RTOL,
     ARGS_PREFIXES,
     DEFAULT_GROUP_KEYS,
     VARYING_GROUP_KEYS,
     _as_int_if_integral,
     _mean_std,
     format_frame,
+    kopt_scores,
     kopt_table,
+    pairing_units,
 )
 from kavg_ray.errors import BadInputError
 
@@ -115,43 +122,35 @@ def bootstrap_frequencies(
         raise BadInputError(f"n_boot must be between 1 and {MAX_N_BOOT}, got {n_boot}")
     if not samples or any(len(s) == 0 for s in samples):
         raise BadInputError("every candidate K needs at least one value")
-    means = np.empty((n_boot, len(samples)))
-    for j, vals in enumerate(samples):
-        arr = np.asarray(vals, dtype=float)
-        idx = rng.integers(0, len(arr), size=(n_boot, len(arr)))
-        means[:, j] = np.sort(arr[idx], axis=1).sum(axis=1) / len(arr)
-    score = sign * means
-    best = score.max(axis=1, keepdims=True)
-    scale = np.maximum(1.0, np.maximum(np.abs(score), np.abs(best)))
-    tied = np.abs(score - best) <= _TIE_RTOL * scale
-    votes = tied / tied.sum(axis=1, keepdims=True)
-    return votes.mean(axis=0)
-
-
-def _usable(trials: pd.DataFrame, metric: str) -> pd.DataFrame:
-    for col in ("K", "status", metric):
-        if col not in trials.columns:
-            raise BadInputError(f"the trials lack column {col!r} needed for the bootstrap")
-    values = pd.to_numeric(trials[metric], errors="coerce").astype(float)
-    ok = (trials["status"] == "completed") & trials["K"].notna() & np.isfinite(values)
-    out = trials.loc[ok].copy()
-    out["_value"] = values[ok]
-    return out
+    return confidence.unpaired_bootstrap(samples, n_boot, rng, sign)
 
 
 def bootstrap_kopt(
-    trials: pd.DataFrame, by: str = "accuracy", n_boot: int = 1000, seed: int = 0
+    trials: pd.DataFrame,
+    by: str = "accuracy",
+    n_boot: int = 1000,
+    seed: int = 0,
+    *,
+    score: str = "last",
+    history: pd.DataFrame | None = None,
+    paired: bool = True,
 ) -> pd.DataFrame:
     """How often each K is best per group, over ``n_boot`` resamples of the seeds.
 
-    Uses completed trials with a finite metric (as ``kopt_table``). Columns: the group
-    keys, K, n_seeds, mean (over the seeds), freq_best. A group without a usable trial
-    has no rows.
+    Uses the trials that count in ``kopt_table`` (``kopt_scores``: completed trials with a
+    score, diverged seeds at chance accuracy or the worst loss). Columns: the group keys,
+    K, n_seeds, mean (over the seeds), freq_best. A group without a usable trial has no
+    rows. ``paired`` (default): the seeds are drawn jointly for every K.
     """
-    metric, sign = _metric(by)
+    sign = _metric(by)[1]
+    if n_boot < 1 or n_boot > MAX_N_BOOT:
+        raise BadInputError(f"n_boot must be between 1 and {MAX_N_BOOT}, got {n_boot}")
     keys = group_keys(trials)
     out_cols = keys + BOOTSTRAP_COLUMNS
-    usable = _usable(trials, metric)
+    try:
+        usable = kopt_scores(trials, by=by, score=score, history=history)
+    except ValueError as exc:
+        raise BadInputError(str(exc)) from None
     if usable.empty:
         return pd.DataFrame({c: pd.Series(dtype=object) for c in out_cols})
     groups = usable.groupby(keys, sort=True, dropna=False) if keys else [((), usable)]
@@ -159,10 +158,13 @@ def bootstrap_kopt(
     for key, g in groups:
         key_t = key if isinstance(key, tuple) else (key,)
         per_k = [(k, sorted(float(v) for v in vals)) for k, vals in
-                 g["_value"].groupby(g["K"], sort=True)]  # fmt: skip
-        freq = bootstrap_frequencies(
-            [v for _, v in per_k], n_boot, np.random.default_rng(seed), sign
-        )
+                 g["value"].groupby(g["K"], sort=True)]  # fmt: skip
+        rng = np.random.default_rng(seed)
+        if paired:
+            _, matrix = confidence.paired_matrix(list(g["value"]), list(g["K"]), pairing_units(g))
+            freq = confidence.paired_bootstrap(matrix, n_boot, rng, sign)[0]
+        else:
+            freq = bootstrap_frequencies([v for _, v in per_k], n_boot, rng, sign)
         for (k, vals), f in zip(per_k, freq, strict=True):
             row = dict(zip(keys, key_t, strict=True))
             row.update(K=k, n_seeds=len(vals), mean=_mean_std(vals)[0], freq_best=float(f))
@@ -281,8 +283,9 @@ def _workload_curve(g: pd.DataFrame, predict_p: Sequence[float] | None) -> tuple
 
 
 def kopt_curve(
-    trials: pd.DataFrame, by: str = "accuracy", predict_p: Sequence[float] | None = None
-) -> tuple[pd.DataFrame, pd.DataFrame]:
+    trials: pd.DataFrame, by: str = "accuracy", predict_p: Sequence[float] | None = None,
+    *, score: str = "last", history: pd.DataFrame | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:  # fmt: skip
     """Fit ``K_opt(P) = a * P**b`` per workload; returns (fit table, curve table).
 
     K_opt per P is ``kopt_table(trials, by)``'s. Workloads are its groups without P. The
@@ -294,7 +297,10 @@ def kopt_curve(
     """
     if predict_p is not None and any(not (float(p) > 0) for p in predict_p):
         raise BadInputError("predictions need P > 0")
-    table = kopt_table(trials, by=by)
+    try:
+        table = kopt_table(trials, by=by, score=score, history=history)
+    except ValueError as exc:
+        raise BadInputError(str(exc)) from None
     keys = [k for k in group_keys(trials) if k != "P"]
     if table.empty:
         empty = {c: pd.Series(dtype=object) for c in keys + FIT_COLUMNS}
@@ -321,10 +327,13 @@ def uncertainty_report(
     n_boot: int = 1000,
     seed: int = 0,
     predict_p: Sequence[float] | None = None,
+    *,
+    score: str = "last",
+    history: pd.DataFrame | None = None,
 ) -> dict[str, pd.DataFrame]:
     """{"bootstrap": bootstrap_kopt(...), "fit": ..., "curve": ...} of ``trials``."""
-    boot = bootstrap_kopt(trials, by=by, n_boot=n_boot, seed=seed)
-    fits, curves = kopt_curve(trials, by=by, predict_p=predict_p)
+    boot = bootstrap_kopt(trials, by=by, n_boot=n_boot, seed=seed, score=score, history=history)
+    fits, curves = kopt_curve(trials, by=by, predict_p=predict_p, score=score, history=history)
     return {"bootstrap": boot, "fit": fits, "curve": curves}
 
 
@@ -339,7 +348,7 @@ def format_uncertainty(frames: dict[str, pd.DataFrame], fmt: str, n_boot: int, s
 
     titles = {
         "bootstrap": f"bootstrap: how often each K is best over {n_boot} resamples "
-        f"of the seeds (seed {seed}; ties split equally)",
+        f"of the seeds, drawn jointly for every K (seed {seed}; ties split equally)",
         "fit": "fit: K_opt(P) = a * P^b, least squares on log K against log P (P >= 2)",
         "curve": "curve: K_opt measured and fitted per P, predicted at P not run",
     }

@@ -5,9 +5,13 @@ A cluster address is one of: ``HOST:PORT`` (a GCS, e.g. ``127.0.0.1:6379``),
 ``ray start`` last started on this machine, as recorded in
 ``$RAY_TMPDIR/ray/ray_current_cluster``, ``$TMPDIR/ray/...`` or ``/tmp/ray/...``).
 A malformed address, an ``auto`` that finds no cluster or a dashboard URL is bad input
-(exit 2). A well-formed address is then dialled (one TCP connection): nothing answering
-within ``KAVG_CONNECT_TIMEOUT_S`` seconds (default 10) is a failure at run time (exit 1),
-reported in one line that names the address, instead of Ray's long wait and traceback.
+(exit 2). A well-formed address is then dialled and greeted as gRPC (Ray's GCS and Ray
+Client both speak it): the HTTP/2 connection preface goes out and the server's SETTINGS
+frame must come back. Whatever the peer does instead (refuses, answers something else,
+closes, or accepts and stays silent), within ``KAVG_CONNECT_TIMEOUT_S`` seconds (default
+10) in all, is a failure at run time (exit 1), reported in one line that names the
+address, instead of Ray's long wait and traceback. (With ``RAY_USE_TLS`` the greeting
+would be TLS: only the TCP connection is checked then.)
 
 This module imports no Ray (and no torch): the checks cost milliseconds.
 """
@@ -84,18 +88,54 @@ def resolve_address(address: str) -> str:
     return address
 
 
+#: What an HTTP/2 client sends first (RFC 9113 3.4): the preface, then its SETTINGS frame.
+GRPC_GREETING = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+SETTINGS_FRAME_TYPE = 4
+
+
+class _NotRay(Exception):
+    """The peer answered, closed or stayed silent instead of greeting as gRPC."""
+
+
+def _uses_tls() -> bool:
+    return os.environ.get("RAY_USE_TLS", "").strip().lower() in ("1", "true", "yes")
+
+
+def _greet(sock: socket.socket, deadline: float) -> None:
+    """Send the HTTP/2 greeting; the first frame back must be the server's SETTINGS."""
+    sock.settimeout(max(0.001, deadline - time.monotonic()))
+    sock.sendall(GRPC_GREETING)
+    header = b""
+    while len(header) < 9:  # a frame header: length (3), type (1), flags (1), stream (4)
+        sock.settimeout(max(0.001, deadline - time.monotonic()))
+        chunk = sock.recv(9 - len(header))
+        if not chunk:
+            raise _NotRay("it closed the connection without answering")
+        header += chunk
+    if header[3] != SETTINGS_FRAME_TYPE or any(header[5:9]):
+        raise _NotRay("it answered, but not as a Ray cluster (no gRPC)")
+
+
 def probe(address: str, timeout_s: float | None = None) -> None:
-    """Dial ``address`` once; KavgError (exit 1) naming it if nothing answers in time."""
+    """Dial ``address`` and greet it as gRPC; KavgError (exit 1) naming it unless it
+    answers as a gRPC server within ``timeout_s`` in all."""
     timeout_s = connect_timeout_s() if timeout_s is None else timeout_s
     host, port = split_host_port(address)
     start = time.monotonic()
+    connected = False
     try:
-        with socket.create_connection((host, port), timeout=timeout_s):
+        with socket.create_connection((host, port), timeout=timeout_s) as sock:
+            connected = True
+            if not _uses_tls():
+                _greet(sock, start + timeout_s)
             return
     except socket.gaierror as exc:
         reason = f"cannot resolve {host}: {exc.strerror or exc}"
     except TimeoutError:
-        reason = f"no answer within {timeout_s:g} s"
+        accepted = "it accepted the connection but sent nothing back" if connected else ""
+        reason = accepted or f"no answer within {timeout_s:g} s"
+    except _NotRay as exc:
+        reason = str(exc)
     except OSError as exc:
         reason = exc.strerror or str(exc) or type(exc).__name__
     waited = time.monotonic() - start

@@ -154,7 +154,9 @@ def _measure(
     """Times of one average per size over ``P`` Ray Train workers (one TorchTrainer run)."""
     import ray
     from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
+
+    from kavg_ray.launch.torch_backend import KavgTorchConfig
 
     @ray.remote(num_cpus=0)
     class Collector:
@@ -180,7 +182,7 @@ def _measure(
                 "collector": collector,
                 "threads": cpus,
             },  # fmt: skip
-            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            torch_config=KavgTorchConfig(backend="nccl" if use_gpu else "gloo"),
             scaling_config=ScalingConfig(
                 num_workers=P, use_gpu=use_gpu, resources_per_worker=per_worker
             ),

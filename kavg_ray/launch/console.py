@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,10 +26,8 @@ LOGS_DIR = "logs"
 
 
 def log_path(sweep_dir: Path, kind: str = "sweep") -> Path:
-    """``<sweep>/logs/<kind>-YYYYmmdd-HHMMSS.log`` (the folder is created)."""
-    folder = sweep_dir / LOGS_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    """``<sweep>/logs/<kind>-YYYYmmdd-HHMMSS.log`` (nothing is created)."""
+    return sweep_dir / LOGS_DIR / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}.log"
 
 
 def rich_console(echo: Callable[[str], None]) -> Any:
@@ -43,19 +42,33 @@ def rich_console(echo: Callable[[str], None]) -> Any:
 
 
 @contextlib.contextmanager
-def quiet(path: Path | None) -> Iterator[Callable[[str], None]]:
+def quiet(path: Path | None, staged: bool = False) -> Iterator[Callable[[str], None]]:
     """Within: fds 1 and 2 append to ``path``; yields an echo to the real stdout.
 
     ``path`` None: nothing is redirected and the echo prints to stdout (``--verbose``).
+    ``staged``: the output goes to a temporary file outside ``path``'s folder until
+    ``echo.settle()``, which creates the folder and moves it there: joining a cluster
+    that fails writes nothing under the storage (``echo.log``: where the output is now).
     """
     if path is None:
-        yield lambda line: print(line, flush=True)
+
+        def plain(line: str) -> None:
+            print(line, flush=True)
+
+        plain.log, plain.settle = None, lambda: None  # type: ignore[attr-defined]
+        yield plain
         return
     sys.stdout.flush()
     sys.stderr.flush()
     saved_out, saved_err = os.dup(1), os.dup(2)
     terminal = os.fdopen(os.dup(saved_out), "w", buffering=1, encoding="utf-8")
-    log_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    if staged:
+        log_fd, staged_name = tempfile.mkstemp(prefix="kavg-connect-", suffix=".log")
+        os.fchmod(log_fd, 0o644)
+        stage: Path | None = Path(staged_name)
+    else:
+        log_fd, stage = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644), None
+    fds = [saved_out, saved_err, log_fd]
     try:
         os.dup2(log_fd, 1)
         os.dup2(log_fd, 2)
@@ -64,7 +77,26 @@ def quiet(path: Path | None) -> Iterator[Callable[[str], None]]:
             terminal.write(line + "\n")
             terminal.flush()
 
+        def settle() -> None:
+            nonlocal stage
+            if stage is None:
+                return
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()
+                sys.stderr.flush()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            final = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            fds.append(final)
+            with open(stage, "rb") as staged_out:
+                while chunk := staged_out.read(1 << 20):
+                    os.write(final, chunk)
+            os.dup2(final, 1)
+            os.dup2(final, 2)
+            os.unlink(stage)
+            stage, echo.log = None, path  # type: ignore[attr-defined]
+
         echo.terminal = terminal  # type: ignore[attr-defined] - for rich_console
+        echo.log, echo.settle = stage or path, settle  # type: ignore[attr-defined]
         yield echo
     finally:
         with contextlib.suppress(Exception):
@@ -72,6 +104,6 @@ def quiet(path: Path | None) -> Iterator[Callable[[str], None]]:
             sys.stderr.flush()
         os.dup2(saved_out, 1)
         os.dup2(saved_err, 2)
-        for fd in (saved_out, saved_err, log_fd):
+        for fd in fds:
             os.close(fd)
         terminal.close()

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from kavg_ray.errors import JobsError
+from kavg_ray.metrics import is_finite_number
 
 JOB_ID_PREFIXES = ("raysubmit_",)
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -311,19 +312,32 @@ def sweep_progress(sweep: str, storage: str, total: int | None = None) -> dict[s
 
 def running_trials(progress: dict[str, Any] | None, finished: set[str]) -> list[dict[str, Any]]:
     """The trials progress.json lists as running and the store has no row for yet, each
-    with its last epoch, accuracy and the age of the sweep's last report."""
+    with its last epoch, accuracy, the age of its last report (of the sweep's, from an
+    older progress.json), how long ago it started, and its pack (packed points)."""
     if not progress:
         return []
     import time
 
     age = max(0.0, time.time() - float(progress.get("updated_unix") or time.time()))
-    return [
-        {"trial_id": tid, "epoch": t.get("epoch"), "epochs": t.get("epochs"),
-         "test_acc": t.get("test_acc"), "restarts": t.get("restarts", 0),
-         "report_age_s": round(age, 1)}
-        for tid, t in sorted((progress.get("trials") or {}).items())
-        if t.get("status") == "running" and tid not in finished
-    ]  # fmt: skip
+    elapsed = progress.get("elapsed_s")
+
+    def ago(at: Any) -> float | None:  # a time on the sweep's clock, as seconds ago
+        if not is_finite_number(at) or not is_finite_number(elapsed):
+            return None
+        return round(max(0.0, age + elapsed - at), 1)
+
+    out = []
+    for tid, t in sorted((progress.get("trials") or {}).items()):
+        if t.get("status") != "running" or tid in finished:
+            continue
+        reported = ago(t.get("reported_s"))
+        out.append(
+            {"trial_id": tid, "epoch": t.get("epoch"), "epochs": t.get("epochs"),
+             "test_acc": t.get("test_acc"), "restarts": t.get("restarts", 0),
+             "report_age_s": round(age, 1) if reported is None else reported,
+             "started_age_s": ago(t.get("started_s")), "pack": t.get("pack")}
+        )  # fmt: skip
+    return out
 
 
 def _num(v: Any) -> Any:
@@ -334,6 +348,25 @@ def _num(v: Any) -> Any:
     if not math.isfinite(f):
         return None
     return int(f) if f.is_integer() else f
+
+
+def _running_line(run: dict[str, Any]) -> str:
+    """One running trial of `kavg sweep status`: its epoch, or what it does before its
+    first report (a packed point trains in its pack, which reports after the epoch)."""
+    acc, pack = run.get("test_acc"), run.get("pack")
+    if run.get("epoch"):
+        done = f"epoch {run['epoch']}/{run['epochs']}"
+        done += f", test accuracy {acc:.4f}" if is_finite_number(acc) else ""
+        done += f", packed in {pack}" if pack else ""
+    elif pack:
+        done = f"packed in {pack}: training (first epoch not reported yet)"
+    else:
+        done = f"starting ({run['epochs']} epochs)"
+    restarts = f", {run['restarts']} restart(s)" if run.get("restarts") else ""
+    started = run.get("started_age_s")
+    when = (f"started {started:.0f} s ago" if not run.get("epoch") and started is not None
+            else f"last report {run['report_age_s']:.0f} s ago")  # fmt: skip
+    return f"running: {run['trial_id']}  {done}{restarts}  ({when})"
 
 
 def format_status(status: dict[str, Any]) -> str:
@@ -350,17 +383,14 @@ def format_status(status: dict[str, Any]) -> str:
         f"finished{' (' + counts + ')' if counts else ''}"
     )
     for run in status.get("running", []):
-        acc = run.get("test_acc")
-        done = (f"epoch {run['epoch']}/{run['epochs']}, test accuracy {acc:.4f}"
-                if run.get("epoch") else f"starting ({run['epochs']} epochs)")  # fmt: skip
-        restarts = f", {run['restarts']} restart(s)" if run.get("restarts") else ""
-        lines.append(f"running: {run['trial_id']}  {done}{restarts}  "
-                     f"(last report {run['report_age_s']:.0f} s ago)")  # fmt: skip
+        lines.append(_running_line(run))
     best = status.get("best")
     if best:
         lines.append(
             f"best so far: {best['trial_id']} final test accuracy {best['final_test_acc']:.4f} "
             f"(P={best['P']}, K={best['K']})"
         )
-    lines.append(f"results: {os.path.join(status['storage'], status['sweep'])}")
+    from kavg_ray.analysis.storage import join
+
+    lines.append(f"results: {join(status['storage'], status['sweep'])}")
     return "\n".join(lines)

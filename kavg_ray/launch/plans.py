@@ -209,17 +209,92 @@ def refine_layout(plan: RefinePlan, trainable: Callable) -> Layout:
 # --------------------------------------------------------------------------- packs
 
 
-def plan_packs(todo: list[RunConfig], budget_bytes: int | None = None) -> list[list[RunConfig]]:
-    """The packs of ``todo``: points of one pack key, in grid order, split to fit memory
-    (``budget_bytes``: default, what the device of the trials has available)."""
+GIB = 2**30
+#: GiB of the GPUs Ray names by accelerator type (ray.util.accelerators; the node label
+#: ``ray.io/accelerator-type``, the resource ``accelerator_type:NAME``): the smallest
+#: model that goes by each name (an "A100" may have 40 or 80).
+GPU_MEMORY_GIB = {
+    "K80": 12, "P4": 8, "P100": 12, "V100": 16, "T4": 16, "A10G": 24, "L4": 24, "L40S": 48,
+    "A100": 40, "A100-40G": 40, "A100-80G": 80, "H100": 80, "H20": 96, "H200": 141,
+    "B200": 180,
+}  # fmt: skip
+#: Of a GPU's memory, the share a trial is planned to use (CUDA's context, the allocator).
+USABLE_FRACTION = 0.9
+ACCELERATOR_LABEL = "ray.io/accelerator-type"
+ACCELERATOR_RESOURCE = "accelerator_type:"
+
+
+def gpu_node_types(nodes: list[dict[str, Any]]) -> list[str | None]:
+    """The accelerator type of each alive node with GPUs (``ray.nodes()`` entries), None
+    where Ray reports none."""
+    types = []
+    for n in nodes:
+        res = n.get("Resources") or {}
+        if not n.get("Alive", True) or res.get("GPU", 0) <= 0:
+            continue
+        kind = (n.get("Labels") or {}).get(ACCELERATOR_LABEL) or next(
+            (k[len(ACCELERATOR_RESOURCE):] for k in res if k.startswith(ACCELERATOR_RESOURCE)),
+            None,
+        )  # fmt: skip
+        types.append(kind)
+    return types
+
+
+def reported_gpu_budget(nodes: list[dict[str, Any]]) -> tuple[int | None, str]:
+    """:data:`USABLE_FRACTION` of the smallest GPU among the cluster's GPU nodes, by the
+    type Ray reports, and what that is; None when a type is missing or of unknown memory."""
+    types = gpu_node_types(nodes)
+    if not types:
+        return None, "the cluster reports no GPU node"
+    unknown = sorted({str(t) for t in types if t not in GPU_MEMORY_GIB})
+    if unknown:
+        return None, f"the cluster's GPU type {unknown[0]} has no known memory"
+    smallest = min(types, key=lambda t: GPU_MEMORY_GIB[t])
+    gib = GPU_MEMORY_GIB[smallest]
+    return int(gib * USABLE_FRACTION * GIB), (
+        f"{USABLE_FRACTION:.0%} of a {smallest} ({gib} GiB), the cluster's smallest GPU"
+    )
+
+
+def memory_budget(
+    cfg: RunConfig, *, local: bool, nodes: list[dict[str, Any]] | None = None
+) -> tuple[int | None, str]:
+    """Bytes a simulated or packed trial of ``cfg`` may use on the device that will run it,
+    and where the number comes from. On CPUs: this machine's available memory. On GPUs:
+    ``resources.gpu_memory_gb``; else the local GPU's free memory (a local Ray); else, on
+    a cluster, what Ray reports for its GPU nodes (``nodes``: ``ray.nodes()``, read when
+    None). None: not known here; the worker checks before training."""
     import torch
 
-    from kavg_ray.train.packed import pack_key, split_packs
     from kavg_ray.train.stacked import available_memory_bytes
 
+    res = cfg.resources
+    if not res.use_gpu:
+        return available_memory_bytes(torch.device("cpu")), "available on this machine"
+    if res.gpu_memory_gb is not None:
+        return int(res.gpu_memory_gb * GIB), "resources.gpu_memory_gb"
+    if local:
+        if not torch.cuda.is_available():
+            return None, "no local GPU"
+        return available_memory_bytes(torch.device("cuda")), "free on the local GPU"
+    if nodes is None:
+        import ray
+
+        nodes = ray.nodes()
+    return reported_gpu_budget(nodes)
+
+
+def plan_packs(
+    todo: list[RunConfig], budget_bytes: int | None = None, *, local: bool = True,
+    nodes: list[dict[str, Any]] | None = None,
+) -> list[list[RunConfig]]:  # fmt: skip
+    """The packs of ``todo``: points of one pack key, in grid order, split to fit memory
+    (``budget_bytes``: default, :func:`memory_budget` of the device that will run them;
+    when that is not known, packs are not split and the worker checks)."""
+    from kavg_ray.train.packed import pack_key, split_packs
+
     if budget_bytes is None:
-        gpu = todo[0].resources.use_gpu and torch.cuda.is_available()
-        budget_bytes = available_memory_bytes(torch.device("cuda" if gpu else "cpu"))
+        budget_bytes = memory_budget(todo[0], local=local, nodes=nodes)[0] or 2**62
     by_key: dict[str, list[RunConfig]] = {}
     for p in todo:
         by_key.setdefault(pack_key(p), []).append(p)
@@ -311,8 +386,10 @@ def make_callback(
 
     class ResultsCallback(Callback):
         def on_trial_start(self, iteration, trials, trial, **info):  # noqa: ANN001
+            entry = trial.config["trial"]
+            pack = entry["trial_id"] if entry.get("points") else None
             for p in points(trial):
-                tracker.start(p)
+                tracker.start(p, pack=pack)
 
         def on_trial_result(self, iteration, trials, trial, result, **info):  # noqa: ANN001
             point = result.get("point") or trial.config["trial"]["trial_id"]

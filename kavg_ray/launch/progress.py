@@ -185,6 +185,10 @@ def _plain_console() -> Console:
 class _Trial:
     """The driver's view of one trial."""
 
+    pack: str | None = None  # the pack trial it trains in (packed points)
+    started_s: float | None = None  # on the sweep's clock (seconds since it started)
+    reported_s: float | None = None  # its last report, on the sweep's clock
+
     def __init__(self) -> None:
         self.history: list[dict] = []
         self.last_arrival: float | None = None
@@ -237,9 +241,11 @@ class TrialTracker:
 
     # ----------------------------------------------------------------- events
 
-    def start(self, tid: str) -> None:
+    def start(self, tid: str, pack: str | None = None) -> None:
+        """``tid`` began, alone or as a point of the pack trial ``pack``."""
         trial = self.trials.setdefault(tid, _Trial())
         trial.status = "running"
+        trial.pack, trial.started_s = pack, self.now() - self.started
         if self.trial_lines:
             cfg = self.configs[tid]
             self.display.line(
@@ -274,6 +280,7 @@ class TrialTracker:
         trial.history[:] = [r for r in trial.history if r["epoch"] < result["epoch"]]
         trial.history.append(history_row(result))
         trial.last_arrival = arrival
+        trial.reported_s = arrival - self.started
         if self.epoch_lines:
             from kavg_ray.train.loop import format_progress
 
@@ -341,7 +348,9 @@ class TrialTracker:
         return path
 
     def write_progress(self) -> None:
-        """``<sweep>/progress.json``: every trial of this run, its status and last epoch."""
+        """``<sweep>/progress.json``: every trial of this run, its status and last epoch;
+        when it started and last reported (``started_s``, ``reported_s``: seconds on the
+        sweep's clock, as ``elapsed_s``) and, for a packed point, its pack trial."""
         trials = {}
         for tid, trial in self.trials.items():
             last = trial.history[-1] if trial.history else {}
@@ -352,7 +361,11 @@ class TrialTracker:
                 "test_acc": _finite_or_none(last.get("test_acc")),
                 "wall_time_s": _finite_or_none(last.get("wall_time_s")),
                 "restarts": trial.restarts,
+                "started_s": _rounded(trial.started_s),
+                "reported_s": _rounded(trial.reported_s),
             }
+            if trial.pack is not None:
+                trials[tid]["pack"] = trial.pack
         self.store.write_progress(self.sweep, {
             "updated_unix": time.time(), "total": len(self.trials), "finished": self.done,
             "elapsed_s": round(self.now() - self.started, 3), "trials": trials,
@@ -361,6 +374,10 @@ class TrialTracker:
 
 def _silent(line: str) -> None:
     """The echo of an unpickled tracker (Tune's saved experiment state)."""
+
+
+def _rounded(x: float | None) -> float | None:
+    return None if x is None else round(x, 3)
 
 
 def _finite_or_none(x: Any) -> float | None:

@@ -74,6 +74,21 @@ RELIANCES = (
         "retries the start when the message says so",
         in_source=STARTUP_TIMEOUT_TEXT,
     ),
+    Reliance(
+        "ray.train.torch.config:_TorchBackend",
+        "kavg's torch backend (launch/torch_backend.py) is Ray's with its own on_start, so "
+        "that the process group's store and gloo listen on the node's Ray address only",
+    ),
+    Reliance(
+        "ray.train.torch.config:_set_torch_distributed_env_vars",
+        "kavg's on_start sets the workers' RANK, LOCAL_RANK ... as Ray's own does",
+    ),
+    Reliance(
+        "ray.train.v2._internal.callbacks.backend_setup",
+        "Train V2 hands the backend's on_start the worker group, whose execute, "
+        "execute_single and execute_single_async run a function on its workers",
+        in_source="self._backend.on_start(execution_group, self._backend_config)",
+    ),
 )
 
 

@@ -18,10 +18,11 @@ import pyarrow.fs
 import ray.train
 import torch
 from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
-from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.torch import TorchTrainer
 
 from kavg_ray.config import RunConfig
 from kavg_ray.launch.dashboard import record_epoch
+from kavg_ray.launch.torch_backend import KavgTorchConfig
 from kavg_ray.train import collectives, train
 from kavg_ray.train.parameter_server import ParameterServer, initial_params
 
@@ -112,6 +113,7 @@ def train_loop_per_worker(config: dict) -> None:
     train(
         cfg, report, rank=rank, world_size=world, device=device, resume=resume,
         server=None if config.get("server") is None else BlockingActor(config["server"]),
+        node_rank=ctx.get_node_rank(),
     )  # fmt: skip
 
 
@@ -159,7 +161,8 @@ def make_trainer(
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        torch_config=TorchConfig(
+        # The group's store and gloo listen on the node's Ray address only (section 6).
+        torch_config=KavgTorchConfig(
             backend=collectives.backend(res.use_gpu), timeout_s=int(res.nccl_timeout_s)
         ),
         scaling_config=ScalingConfig(

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -19,16 +18,20 @@ from typing import Any
 from kavg_ray.analysis.results import ResultsStore
 from kavg_ray.config import ALGORITHMS, RunConfig, SearchConfig
 from kavg_ray.errors import KavgError, SweepError
-from kavg_ray.launch import console, plans, ray_private
+from kavg_ray.launch import console, nodes, plans, ray_private
+from kavg_ray.launch.placement import check_hier_groups
 from kavg_ray.launch.progress import HISTORY_KEYS, TrialTracker  # noqa: F401 - HISTORY_KEYS: API
-from kavg_ray.metrics import is_finite_number
+from kavg_ray.metrics import divergence_reason, is_finite_number
 
 
 def trial_row(
     sweep: str, trial_id: str, cfg: RunConfig, history: list[dict], status: str, error: str = ""
 ) -> dict[str, Any]:
-    """The trials.parquet row of one trial, derived from its per-epoch reports."""
+    """The trials.parquet row of one trial, derived from its per-epoch reports (a diverged
+    trial's ``error`` says where and how: :func:`~kavg_ray.metrics.divergence_reason`)."""
     last = history[-1] if history else {}
+    if status == "diverged" and not error:
+        error = divergence_reason(last)
     accs = [h["test_acc"] for h in history if is_finite_number(h.get("test_acc"))]
     target = cfg.target_accuracy
     reached = [h["wall_time_s"] for h in history if target and h.get("test_acc", 0) >= target]
@@ -56,6 +59,8 @@ def trial_row(
     row["global_reductions"] = last.get("global_reductions", row["rounds"])
     row["local_comm_time_s"] = last.get("local_comm_time_s", 0.0)
     row["global_comm_time_s"] = last.get("global_comm_time_s", row["comm_time_s"])
+    if cfg.algorithm == "hier_avg":  # 1.0: every group's learners shared a node
+        row["local_on_node"] = last.get("local_on_node", math.nan)
     if ALGORITHMS[cfg.algorithm].needs_server:
         # Parameter-server runs: staleness (mean of the per-epoch means, overall max).
         means = [h["staleness_mean"] for h in history if is_finite_number(h.get("staleness_mean"))]
@@ -174,14 +179,17 @@ def job_env_vars() -> dict[str, str]:
     return {str(k): str(v) for k, v in env.items()}
 
 
-def connect(address: str | None, log: Path | None = None) -> bool:
+def connect(
+    address: str | None, log: Path | None = None, py_modules: list[str] | None = None
+) -> bool:
     """Connect to a running Ray cluster, or start a local one (dashboard on 127.0.0.1).
 
     Returns False when this process was connected already (nothing was done). A failure
-    is one KavgError line (``log``: where Ray's own account of it is).
+    is one KavgError line (``log``: where Ray's own account of it is). ``py_modules``: the
+    user's code shipped to a cluster's nodes (kavg_ray.launch.nodes.user_code).
     """
     try:
-        return _connect(address)
+        return _connect(address, py_modules)
     except Exception as exc:
         raise _connect_error(address, exc, log) from None
 
@@ -202,7 +210,7 @@ def _connect_error(address: str | None, exc: Exception, log: Path | None) -> Kav
     return KavgError(f"cannot {'join' if address else 'start'} {where}: {first}{see}")
 
 
-def _connect(address: str | None) -> bool:
+def _connect(address: str | None, py_modules: list[str] | None = None) -> bool:
     import ray
 
     if ray.is_initialized():
@@ -218,8 +226,10 @@ def _connect(address: str | None) -> bool:
     job_env = job_env_vars()
     env = {k: v for k, v in env.items() if k not in job_env}
     os.environ.update(env)
-    runtime_env = {"env_vars": env}
+    runtime_env: dict[str, Any] = {"env_vars": env}
     if address:
+        if py_modules and not nodes.in_submitted_job():
+            runtime_env["py_modules"] = list(py_modules)
         if _loopback_bound(address):
             ray_private.single_machine_mode()
         ray.init(address=address, runtime_env=runtime_env)
@@ -296,20 +306,33 @@ def check_placement(points: list[RunConfig], total: dict[str, float] | None = No
             )
 
 
-def check_simulated_memory(points: list[RunConfig]) -> None:
-    """Refuse, before starting, a simulated trial whose stacked learners cannot fit."""
-    sim = [p for p in points if p.backend == "simulated" and not p.resources.use_gpu]
+def check_simulated_memory(
+    points: list[RunConfig], *, local: bool = True, cluster_nodes: list[dict] | None = None,
+    joined: bool = False,
+) -> None:  # fmt: skip
+    """Refuse, before starting, a simulated trial whose stacked learners cannot fit the
+    device that will run it (``plans.memory_budget``). A GPU trial on a cluster without
+    ``resources.gpu_memory_gb`` is checked once the cluster is ``joined`` (Ray's report
+    of its GPU nodes, ``cluster_nodes``: ``ray.nodes()`` read then when None); the worker
+    checks again before training."""
+    sim = [p for p in points if p.backend == "simulated"]
     if not sim:
         return
-    import torch
-
-    from kavg_ray.train.stacked import check_memory
+    from kavg_ray.train.packed import pack_memory_bytes
 
     for cfg in sim:
-        try:
-            check_memory(cfg, torch.device("cpu"))
-        except ValueError as exc:
-            raise SweepError(f"trial {cfg.trial_name()}: {exc}") from None
+        res = cfg.resources
+        if res.use_gpu and not local and res.gpu_memory_gb is None and not joined:
+            continue
+        budget, source = plans.memory_budget(cfg, local=local, nodes=cluster_nodes)
+        need = pack_memory_bytes([cfg])
+        if budget is not None and need > budget:
+            hint = ", set resources.gpu_memory_gb," if res.use_gpu else ""
+            raise SweepError(
+                f"trial {cfg.trial_name()}: simulated P={cfg.P} {cfg.workload.model} needs "
+                f"~{need / plans.GIB:.1f} GiB; the device has {budget / plans.GIB:.1f} GiB "
+                f"({source}). Lower P or batch_size{hint} or run with backend: ray"
+            )
 
 
 def default_concurrency(points: list[RunConfig]) -> int:
@@ -334,12 +357,13 @@ def _plan_run(
 ) -> tuple[list[str], plans.RefinePlan | None]:
     """The trial ids to run and the refining search's plan, after the checks that must
     pass before Ray starts (placement on a local Ray, memory of simulated points)."""
+    store.check_writable()  # an object store's bucket exists
     has_spec = (store.sweep_dir(sweep) / "spec.json").exists()
     todo = _todo(store, sweep, by_id, spec_doc, resume, overwrite, has_spec)
     todo_points = [by_id[t] for t in todo]
     if address is None and todo:
         check_placement(todo_points, local_resources(todo_points))
-    check_simulated_memory(todo_points)
+    check_simulated_memory(todo_points, local=address is None)
     return todo, _refine_plan(store, sweep, points, by_id, search, resume and has_spec)
 
 
@@ -379,12 +403,23 @@ def run_sweep(
     if not todo and not (plan is not None and plan.has_work()):
         return {}
     sweep_dir = store.sweep_dir(sweep)
-    log = _ray_log(sweep_dir, len(todo), verbose, progress, echo)
-    with console.quiet(log) as say:
-        say = echo if log is None else say
-        connected_here = connect(address, log)
+    # Logs stay on this machine: in the sweep's folder, or beside its lock when the store
+    # is an object store (docs/design.md section 5).
+    log = _ray_log(store.local_dir(sweep), len(todo), verbose, progress, echo)
+    # Ray's output while it connects goes to a temporary file: a cluster that cannot be
+    # joined leaves nothing under the storage (the file moves into logs/ once joined).
+    with console.quiet(log, staged=True) as quiet_echo:
+        say = echo if log is None else quiet_echo
+        # A cluster's other nodes import the user's factories from the shipped copy.
+        shipped = nodes.user_code(todo_points or points) if address else None
+        connected_here = connect(address, quiet_echo.log, shipped)
+        quiet_echo.settle()
         try:
+            if address:
+                nodes.check_shared_storage(storage)
+                check_simulated_memory(todo_points, local=False, joined=True)
             check_placement(todo_points)
+            check_hier_groups(todo_points)
             _prepare(store, sweep, spec_doc, points, todo, resume, say)
             tracker = TrialTracker(
                 store, sweep, by_id, todo, echo=say, epoch_lines=progress,
@@ -393,7 +428,8 @@ def run_sweep(
             )  # fmt: skip
             _tune(
                 tracker, todo_points or points, sweep_dir.resolve(), verbose,
-                _layout(todo_points, sweep_dir.resolve(), plan, search, pack),
+                _layout(todo_points, sweep_dir.resolve(), plan, search, pack,
+                        local=address is None),
             )  # fmt: skip
         finally:
             if connected_here:
@@ -408,8 +444,7 @@ def _ray_log(
     sweep_dir: Path, trials: int, verbose: bool, progress: bool, echo: Any
 ) -> Path | None:
     """Where Ray's, Tune's and the workers' output goes (None with ``verbose``: the
-    terminal), said once for a sweep."""
-    sweep_dir.mkdir(parents=True, exist_ok=True)
+    terminal), said once for a sweep; nothing is created here."""
     if verbose:
         return None
     log = console.log_path(sweep_dir, "train" if progress else "sweep")
@@ -464,19 +499,19 @@ def _prepare(
         # Ray Train resumes a run of the same name from its checkpoints: a fresh sweep
         # must not pick up an older run's.
         for tid in todo:
-            shutil.rmtree(store.sweep_dir(sweep).resolve() / "ray" / "train" / tid,
-                          ignore_errors=True)  # fmt: skip
+            store.remove_tree(sweep, "ray", "train", tid)
 
 
 def _layout(
     todo: list[RunConfig], sweep_root: Path, plan: plans.RefinePlan | None,
-    search: SearchConfig | None, pack: bool,
+    search: SearchConfig | None, pack: bool, local: bool = True,
 ) -> plans.Layout:  # fmt: skip
-    """The trials of this run: proposed by the refining search, packs, or one per point."""
+    """The trials of this run: proposed by the refining search, packs, or one per point
+    (``local``: on a local Ray, whose GPU is this machine's)."""
     if plan is not None:
         return plans.refine_layout(plan, _trial_fn)
     if pack:
-        return plans.pack_layout(plans.plan_packs(todo))
+        return plans.pack_layout(plans.plan_packs(todo, local=local))
     return plans.grid_layout(todo, sweep_root, _trial_fn, search)
 
 

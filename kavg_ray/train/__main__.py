@@ -10,7 +10,8 @@ import torch
 import torch.distributed as dist
 
 from kavg_ray.errors import ConfigError
-from kavg_ray.train import collectives
+from kavg_ray.train import collectives, rendezvous
+from kavg_ray.train.groups import node_rank_from_env
 from kavg_ray.train.loop import format_progress
 from kavg_ray.train.run import train
 
@@ -37,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     use_cuda = cfg.resources.use_gpu and torch.cuda.is_available()
     if "RANK" in os.environ:
         timeout = datetime.timedelta(seconds=cfg.resources.nccl_timeout_s)
-        dist.init_process_group(collectives.backend(use_cuda), timeout=timeout)
+        # The store (unless torchrun's agent hosts it) and gloo keep to MASTER_ADDR.
+        rendezvous.init_from_env(collectives.backend(use_cuda), timeout)
         rank, world = dist.get_rank(), dist.get_world_size()
     else:
         rank, world = 0, 1
@@ -54,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             print(format_progress(cfg, metrics), flush=True)
 
-    train(cfg, report, rank=rank, world_size=world, device=device)
+    train(cfg, report, rank=rank, world_size=world, device=device,
+          node_rank=node_rank_from_env())  # fmt: skip
     if dist.is_initialized():
         dist.barrier()  # leave together: gloo aborts a peer whose connections vanish
         dist.destroy_process_group()

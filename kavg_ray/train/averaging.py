@@ -13,26 +13,40 @@ of the next.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from kavg_ray.train import collectives
+from kavg_ray.train.groups import groups_on_node, hier_groups
+
+# CUDA-timed reductions whose events are still unread: past this many, the ones already
+# finished (``Event.query()``, which never blocks) are read, so a long epoch holds few events.
+PENDING_EVENTS = 64
 
 
 @dataclass
 class CommStats:
     """What one kind of reduction has cost so far.
 
-    ``seconds`` of a reduction run from this learner's call to its return, so they hold
-    the wait for the last learner to arrive as well as the transfer. ``wait_seconds`` is
-    that wait, settled by the averager's ``settle_waits``: every learner leaves a
-    collective at about the same moment, so the last to arrive took the shortest time
-    (the transfer alone), and a learner's wait is its time less that shortest one.
+    The ``seconds`` of a reduction are the collective's own time on this learner, the
+    division or outer step after it included (see :class:`_HostTimer` and
+    :class:`_CudaEventTimer` for how each device measures it). They start when this learner
+    reaches the collective and end when the reduction is done, so they hold the wait for
+    the last learner to arrive as well as the transfer. ``wait_seconds`` is that wait,
+    settled by the averager's ``settle_waits``: every learner leaves a collective at about
+    the same moment, so the last to arrive took the shortest time (the transfer alone),
+    and a learner's wait is its time less that shortest one.
+
+    A reduction timed by CUDA events counts (``count``, ``bytes``) at once, but its
+    seconds join ``seconds`` only when :meth:`resolve` reads its events; :meth:`settle`
+    and :meth:`totals` read them first, and so does the averager's ``resolve_times``.
     """
 
     count: int = 0
@@ -40,6 +54,7 @@ class CommStats:
     bytes: int = 0
     wait_seconds: float = 0.0
     unsettled: list[float] = field(default_factory=list, repr=False)  # times since the last settle
+    pending: deque = field(default_factory=deque, repr=False)  # (start, end) CUDA events unread
 
     def add(self, seconds: float, nbytes: int) -> None:
         """Count one timed reduction."""
@@ -48,13 +63,38 @@ class CommStats:
         self.bytes += nbytes
         self.unsettled.append(seconds)
 
+    def add_pending(self, start: Any, end: Any, nbytes: int) -> None:
+        """Count one reduction timed by two recorded CUDA events; :meth:`resolve` adds its
+        seconds later, once the device has passed ``end``."""
+        self.count += 1
+        self.bytes += nbytes
+        self.pending.append((start, end))
+        if len(self.pending) > PENDING_EVENTS:
+            self.resolve(finished_only=True)
+
+    def resolve(self, finished_only: bool = False) -> None:
+        """Add the seconds of the reductions whose events are unread, in order. Reading an
+        event the device has not reached waits for it; ``finished_only`` stops there
+        instead, so that it never blocks."""
+        while self.pending:
+            start, end = self.pending[0]
+            if finished_only and not end.query():
+                return
+            end.synchronize()  # at once when the device is past it (the epoch's end)
+            seconds = start.elapsed_time(end) / 1000.0
+            self.pending.popleft()
+            self.seconds += seconds
+            self.unsettled.append(seconds)
+
     def totals(self) -> dict:
         """count, seconds, bytes and wait_seconds (what a checkpoint keeps)."""
+        self.resolve()
         return {k: getattr(self, k) for k in ("count", "seconds", "bytes", "wait_seconds")}
 
     def settle(self, group: dist.ProcessGroup | None, device: torch.device) -> None:
         """Add the waits of the reductions timed since the last call, which ran over
         ``group``: collective, called by every member at the same point."""
+        self.resolve()
         if not self.unsettled:
             return
         times = torch.tensor(self.unsettled, dtype=torch.float64, device=device)
@@ -244,6 +284,58 @@ def pieces(n_params: int, total: int) -> list[tuple[int, int]]:
     return out + ([(n_params, total)] if total > n_params else [])
 
 
+class _HostTimer:
+    """Times a collective on CPU tensors with the host clock: ``perf_counter`` around the
+    call, which returns once the reduction is done (gloo computes on the host)."""
+
+    def start(self) -> float:
+        return time.perf_counter()
+
+    def stop(self, start: float, stats: CommStats, nbytes: int) -> None:
+        stats.add(time.perf_counter() - start, nbytes)
+
+
+class _CudaEventTimer:
+    """Times a collective on CUDA tensors with two CUDA events recorded on the current
+    stream around it, read later (:meth:`CommStats.resolve`).
+
+    The start event fires when the device has run this learner's queued forward, backward
+    and optimizer work, the end event when the reduction and what follows it in the
+    averager (division, outer step) are done: the time is the collective's own, from this
+    learner's arrival on the device. NCCL waits for the other learners inside its kernel,
+    so that wait is in it, measured from device arrivals, and ``settle`` splits it off as on
+    CPU. With gloo on CUDA tensors (``cuda:gloo``) the host blocks in the collective and
+    the stream then waits for gloo's copy back; the events hold the same span.
+
+    Nothing here waits for the device: recording an event does not. The events are read at
+    the epoch's end, after the loop's one ``torch.cuda.synchronize`` per epoch (its clock
+    needs it; the epoch's ``.item()`` reads would wait as long), so reading them waits for
+    nothing; beyond ``PENDING_EVENTS`` unread ones, only finished ones are read. The stalls
+    that remain on an average's path are the collective's own: gloo's blocking host wait,
+    and none for NCCL.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def _record(self) -> Any:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+    def start(self) -> Any:
+        return self._record()
+
+    def stop(self, start: Any, stats: CommStats, nbytes: int) -> None:
+        stats.add_pending(start, self._record(), nbytes)
+
+
+def collective_timer(device: torch.device) -> _HostTimer | _CudaEventTimer:
+    """How the averages of a model on ``device`` are timed: CUDA events on a GPU, the host
+    clock elsewhere."""
+    return _CudaEventTimer(device) if device.type == "cuda" else _HostTimer()
+
+
 def _group_size(group: dist.ProcessGroup | None) -> int:
     if not dist.is_available() or not dist.is_initialized():
         return 1
@@ -257,7 +349,7 @@ class _Averager:
         self.flat = FlatModel(model)
         self.step_count = 0
         self._scratch: torch.Tensor | None = None
-        self._sync_cuda = self.flat.device.type == "cuda"
+        self._timer = collective_timer(self.flat.device)
         self.outer = outer
         self.n_params = sum(p.numel() for p in model.parameters())
         # The model after the last global average, and the outer momentum: flat buffers
@@ -291,7 +383,7 @@ class _Averager:
             self._reduce(group, size, stats)
             self._apply_outer()
             return
-        start = time.perf_counter()
+        start = self._timer.start()
         buf, n, outer = self.flat.buffer, self.n_params, self.outer
         dev = self.flat.device
         nccl = collectives.has_average(group, dev)
@@ -312,15 +404,13 @@ class _Averager:
                 continue
             outer_step_slice(outer, self.anchor[a:b], buf[a:b],
                              None if mom is None else mom[a:b], first, scale)  # fmt: skip
-        if self._sync_cuda:
-            torch.cuda.synchronize(self.flat.device)
-        stats.add(time.perf_counter() - start, self.flat.nbytes)
+        self._timer.stop(start, stats, self.flat.nbytes)
 
     def _reduce(self, group: dist.ProcessGroup | None, size: int, stats: CommStats) -> None:
         if size == 1:
             stats.count += 1
             return
-        start = time.perf_counter()
+        start = self._timer.start()
         buf = self.flat.buffer
         dev = self.flat.device
         if collectives.has_average(group, dev):
@@ -329,9 +419,14 @@ class _Averager:
             # gloo has no AVG: sum, then one in-place division.
             collectives.all_reduce(buf, dev, dist.ReduceOp.SUM, group)
             buf.div_(size)
-        if self._sync_cuda:
-            torch.cuda.synchronize(self.flat.device)
-        stats.add(time.perf_counter() - start, self.flat.nbytes)
+        self._timer.stop(start, stats, self.flat.nbytes)
+
+    def resolve_times(self) -> None:
+        """Read the CUDA events of the averages timed so far into their statistics (on a
+        GPU, call once the device has passed them, as the epoch loop does after its
+        synchronisation; nothing to do on CPU)."""
+        for stats in self.comm_levels().values():
+            stats.resolve()
 
     @contextmanager
     def global_average(self) -> Iterator[None]:
@@ -456,13 +551,19 @@ class KAvgAverager(_Averager):
 class HierAvgAverager(_Averager):
     """Hierarchical averaging (Hier-AVG) over the default process group.
 
-    The P learners form P/S groups of S consecutive ranks. Call :meth:`step` once
+    The P learners form P/S groups of S ranks that share a node
+    (:func:`kavg_ray.train.groups.hier_groups` from ``node_of_rank``; by default every
+    learner is on one node and the groups are consecutive ranks). Call :meth:`step` once
     after every ``optimizer.step()``. After steps that are multiples of
     ``global_period`` (K2) all P learners average; after the other multiples of
     ``local_period`` (K1) each group averages inside itself. K2 must be a
     multiple of K1. S = 1 or K1 = K2 is K-AVG with K = K2; S = P is K-AVG with K = K1.
     The outer optimizer and the warm-up are :class:`KAvgAverager`'s: the outer step applies
     at global averages (local averages stay plain), and the warm-up's averages are global.
+
+    ``node_of_rank[r]`` is rank r's node (every rank passes the same list); a node whose
+    learner count S does not divide is refused unless ``across_nodes`` (``hier_groups:
+    any``). ``groups`` holds the groups, ``groups_on_node`` whether each stayed on a node.
 
     Every rank creates every subgroup, in the same order, as torch requires.
     """
@@ -478,6 +579,8 @@ class HierAvgAverager(_Averager):
         outer_momentum: float = 0.0,
         nesterov: bool = False,
         warmup_steps: int = 0,
+        node_of_rank: Sequence[int] | None = None,
+        across_nodes: bool = False,
     ) -> None:
         _check_count("local_period (K1)", local_period, 1)
         _check_count("global_period (K2)", global_period, 1)
@@ -499,10 +602,12 @@ class HierAvgAverager(_Averager):
         self.group_size = group_size
         self.world_size = world
         self.local_group: dist.ProcessGroup | None = None
+        nodes = [0] * world if node_of_rank is None else list(node_of_rank)
+        self.groups = hier_groups(nodes, group_size, across_nodes)
+        self.groups_on_node = groups_on_node(self.groups, nodes)
         if 1 < group_size < world:
             rank = dist.get_rank()
-            for first in range(0, world, group_size):
-                ranks = list(range(first, first + group_size))
+            for ranks in self.groups:
                 group = dist.new_group(ranks)
                 if rank in ranks:
                     self.local_group = group
@@ -550,7 +655,8 @@ class HierAvgAverager(_Averager):
 
     @property
     def stats(self) -> CommStats:
-        """Local and global reductions together."""
+        """Local and global reductions together (their CUDA events read first)."""
+        self.resolve_times()
         return CommStats(
             self.local_stats.count + self.global_stats.count,
             self.local_stats.seconds + self.global_stats.seconds,

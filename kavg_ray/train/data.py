@@ -11,11 +11,15 @@ and the single-process simulator that stacks all P learners draw exactly the sam
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
+import json
 import math
 import os
 import pickle
+import tempfile
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,7 +147,8 @@ def load_dataset(
     split and the synthetic data are fixed by their own seeds so that every trial of a sweep
     (all K, P and seeds) sees the same data. ``synthetic`` holds the options of the synthetic
     data set (see :func:`make_synthetic`), ``options`` those of ``text`` (see
-    :func:`load_text`); ``data_dir``/``download`` apply to the torchvision data sets.
+    :func:`load_text`) or ``mnist1d`` (see :func:`load_mnist1d`); ``data_dir``/``download``
+    apply to the torchvision data sets, ``data_dir`` also to where mnist1d is cached.
     """
     del seed  # accepted for a uniform call signature; see the docstring
     if name not in _LOADERS:
@@ -160,6 +165,7 @@ _LOADERS: dict[str, Callable[[str, Any, bool, dict, dict], Dataset]] = {
     "mnist": lambda name, d, dl, syn, opt: load_mnist(name, d, download=dl),
     "fashion_mnist": lambda name, d, dl, syn, opt: load_mnist(name, d, download=dl),
     "text": lambda name, d, dl, syn, opt: load_text(**opt),
+    "mnist1d": lambda name, d, dl, syn, opt: load_mnist1d(**opt, data_dir=d),
 }
 
 
@@ -556,6 +562,148 @@ def read_idx(path: Path, ndim: int) -> Tensor:
     if body.size != math.prod(shape):
         raise ValueError(f"{path}: {body.size} bytes of data for shape {shape}")
     return torch.from_numpy(body.reshape(shape).copy())
+
+
+# --------------------------------------------------------------------------------------------
+# MNIST-1D
+
+#: The folder under the data root where generated MNIST-1D sets are cached.
+MNIST1D_FOLDER = "mnist1d"
+
+
+def load_mnist1d(
+    num_samples: int = 5000,
+    seed: int = 42,
+    data_dir: str | os.PathLike[str] | None = None,
+) -> Dataset:
+    """MNIST-1D (Greydanus 2020): 10 classes of 1-D signals of length 40, float32 (N, 40).
+
+    Made by the ``mnist1d`` package's own generator (``mnist1d.data.make_dataset``) with its
+    published arguments (``get_dataset_args()``) but ``num_samples`` and ``seed``, whose
+    defaults are the published ones: 5,000 samples (``num_samples // 10`` per digit), the
+    first 80% for training (4,000) and the rest for testing, seed 42. The run's seed is not
+    used: every trial of a sweep sees one data set.
+
+    The set is made once per (num_samples, seed, package version) and cached as
+    ``<root>/mnist1d/mnist1d-n{num_samples}-seed{seed}-v{version}.npz`` (root: ``data_dir``,
+    else ``$KAVG_DATA_DIR``, else ``~/.cache/kavg_ray``), written atomically under a lock,
+    so the learners of a node and later trials read it instead of making it again.
+    ``extras["generator_args"]`` holds the generator's arguments as used (read back from
+    the file), ``extras["source"]`` the file.
+    """
+    if not 10 <= int(num_samples):
+        raise ValueError(f"mnist1d num_samples must be >= 10 (one per digit), got {num_samples}")
+    folder = _data_root(data_dir, MNIST1D_FOLDER) / MNIST1D_FOLDER
+    path = folder / f"mnist1d-n{int(num_samples)}-seed{int(seed)}-v{_mnist1d_version()}.npz"
+    arrays = _read_mnist1d(path)
+    if arrays is None:
+        folder.mkdir(parents=True, exist_ok=True)
+        with _file_lock(folder / f".{path.name}.lock"):
+            arrays = _read_mnist1d(path)  # another learner may have made it meanwhile
+            if arrays is None:
+                arrays = _generate_mnist1d(int(num_samples), int(seed))
+                _write_npz_atomically(path, arrays)
+                arrays = _read_mnist1d(path) or arrays
+    args = json.loads(str(arrays["args"]))
+    return Dataset(
+        "mnist1d",
+        torch.from_numpy(np.ascontiguousarray(arrays["x"], dtype=np.float32)),
+        torch.from_numpy(np.ascontiguousarray(arrays["y"], dtype=np.int64)),
+        torch.from_numpy(np.ascontiguousarray(arrays["x_test"], dtype=np.float32)),
+        torch.from_numpy(np.ascontiguousarray(arrays["y_test"], dtype=np.int64)),
+        num_classes=10, input_shape=(int(arrays["x"].shape[1]),), task="classification",
+        extras={"generator_args": args, "source": str(path)},
+    )  # fmt: skip
+
+
+def _mnist1d_version() -> str:
+    """The installed mnist1d's version (read without importing the package: that imports
+    matplotlib and scipy); a missing package is named with the fix."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("mnist1d")
+    except metadata.PackageNotFoundError:
+        raise ModuleNotFoundError(
+            "dataset mnist1d needs the package mnist1d: pip install mnist1d"
+        ) from None
+
+
+def _generate_mnist1d(num_samples: int, seed: int) -> dict[str, np.ndarray]:
+    """The package's generator with its published arguments but these two. It seeds
+    numpy's and Python's global generators; their states are restored after."""
+    import random
+
+    from mnist1d.data import get_dataset_args, make_dataset
+    from mnist1d.utils import ObjectView
+
+    args = get_dataset_args(as_dict=True)
+    args.update(num_samples=num_samples, seed=seed)
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        made = make_dataset(ObjectView(dict(args)))
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+    args.pop("url", None)  # where the published pickle lives: not an argument of the data
+    return {
+        "x": np.asarray(made["x"], dtype=np.float32),
+        "y": np.asarray(made["y"], dtype=np.int64),
+        "x_test": np.asarray(made["x_test"], dtype=np.float32),
+        "y_test": np.asarray(made["y_test"], dtype=np.int64),
+        "args": np.array(json.dumps(args, sort_keys=True)),
+    }
+
+
+def _read_mnist1d(path: Path) -> dict[str, np.ndarray] | None:
+    """The cached arrays, or None when the file is missing or unreadable (made again)."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in ("x", "y", "x_test", "y_test", "args")}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
+    return arrays
+
+
+def _write_npz_atomically(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """``np.savez`` to a temporary file in ``path``'s folder, fsync, then rename over ``path``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the set from other users
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # the rename itself, durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (where there is one), so that one process makes a
+    cached set while the others wait for it."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: every process may make it; the rename stays atomic
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 # --------------------------------------------------------------------------------------------

@@ -41,8 +41,14 @@ class Engine(Protocol):
     def begin(self, resumed: bool) -> None:
         """Called once before the first epoch this process trains."""
 
-    def train_epoch(self, epoch: int, lr: float) -> tuple[float, float]:
-        """Train one epoch; returns (summed training loss, steps) of this process's learners."""
+    def train_steps(
+        self, epoch: int, first: int, end: int, lrs: list[float]
+    ) -> tuple[float, float]:
+        """Train steps [first, end) of ``epoch`` (the epoch's batches, in order), step i at
+        rate ``lrs[i - first]``; returns (summed training loss, steps) of this process's
+        learners. Consecutive calls continue an epoch; a call that starts inside an epoch
+        this engine has not begun (a resumed run) draws that epoch's earlier steps' random
+        augmentation first, so that the rest is as in the uninterrupted run."""
 
     def evaluate(self) -> EvalSums:
         """Test sums of the averaged model over this process's slice of the test set."""
@@ -54,7 +60,8 @@ class Engine(Protocol):
         """rounds, compute/comm times, bytes and the per-algorithm keys of METRIC_KEYS."""
 
     def comm_seconds(self) -> float:
-        """Seconds this process has spent communicating so far."""
+        """Seconds this process has spent communicating so far (the collectives' own time;
+        called after :meth:`synchronize`, so device-timed ones can be read without a wait)."""
 
     def synchronize(self) -> None:
         """Wait for the device to finish queued work (timing)."""
@@ -92,29 +99,73 @@ def empty_comm_metrics() -> dict:
     return {
         "wait_time_s": 0.0, "local_reductions": 0, "global_reductions": 0,
         "local_comm_time_s": 0.0, "global_comm_time_s": 0.0, "local_bytes": 0, "global_bytes": 0,
-        "staleness_mean": math.nan, "staleness_max": math.nan, "pushes": 0, "applied": 0,
+        "local_on_node": math.nan, "staleness_mean": math.nan, "staleness_max": math.nan,
+        "pushes": 0, "applied": 0,
     }  # fmt: skip
+
+
+class Budget:
+    """A run's optimizer steps per learner and where it evaluates (docs/design.md section 1,
+    "Budget"): ``workload.epochs`` whole epochs, evaluated at each epoch's end, or
+    ``workload.steps`` optimizer steps, evaluated every ``eval_every_steps`` and at the end.
+    Steps are counted from 0 over the whole run; step s is step ``s % steps_per_epoch`` of
+    epoch ``s // steps_per_epoch``, whose batches are those of that epoch."""
+
+    def __init__(self, cfg: RunConfig, steps_per_epoch: int) -> None:
+        wl = cfg.workload
+        self.lr, self.steps_per_epoch = wl.lr, steps_per_epoch
+        if wl.steps is None:
+            self.total, self.every = wl.epochs * steps_per_epoch, steps_per_epoch
+        else:
+            self.total, self.every = wl.steps, wl.eval_every_steps or wl.steps
+
+    def next_evaluation(self, step: int) -> int:
+        """The step count at the evaluation after ``step`` steps have been taken."""
+        return min(self.total, (step // self.every + 1) * self.every)
+
+    def pieces(self, start: int, stop: int) -> list[tuple[int, int, int]]:
+        """Steps [start, stop) as (epoch, first, end) ranges of steps within epochs."""
+        spe, out = self.steps_per_epoch, []
+        while start < stop:
+            epoch, first = divmod(start, spe)
+            end = min(spe, first + stop - start)
+            out.append((epoch, first, end))
+            start += end - first
+        return out
+
+    def rates(self, epoch: int, first: int, end: int) -> list[float]:
+        """The learning rates of steps [first, end) of ``epoch`` (LRConfig.at_step)."""
+        base = epoch * self.steps_per_epoch
+        return [self.lr.at_step(base + i, self.total, self.steps_per_epoch)
+                for i in range(first, end)]  # fmt: skip
 
 
 def run_epochs(
     cfg: RunConfig, engine: Engine, report: ReportFn, resume: dict | None = None
 ) -> dict:
-    """Train ``cfg``'s epochs on ``engine``; returns the last epoch's metrics."""
+    """Train ``cfg``'s budget on ``engine``, evaluating and reporting at each of its
+    evaluation points (:class:`Budget`: every epoch, or every ``eval_every_steps``);
+    returns the last evaluation's metrics."""
     rec = Recorder(cfg, engine, resume)
     finished = rec.replay_if_finished(report)
     if finished is not None:
         return finished
     engine.begin(resumed=resume is not None)
-    metrics: dict = {}
-    for epoch in range(rec.epoch, cfg.workload.epochs):
-        lr = cfg.workload.lr.at_epoch(epoch)
+    budget, metrics = rec.budget, {}
+    while rec.step < budget.total:
+        stop = budget.next_evaluation(rec.step)
         comm_before = engine.comm_seconds()
+        loss_sum = steps = 0.0
         t0 = time.perf_counter()
-        loss_sum, steps = engine.train_epoch(epoch, lr)
-        engine.synchronize()
+        for epoch, first, end in budget.pieces(rec.step, stop):
+            lrs = budget.rates(epoch, first, end)
+            loss, n = engine.train_steps(epoch, first, end, lrs)
+            loss_sum, steps = loss_sum + loss, steps + n
+        engine.synchronize()  # the one device wait per evaluation; CUDA-event times after it
+        # compute_time_s: the wall clock less the collectives' own time.
         compute = time.perf_counter() - t0 - (engine.comm_seconds() - comm_before)
-        rec.add_epoch(compute)
-        metrics = rec.epoch_metrics(lr, loss_sum, steps, engine.evaluate())
+        rec.add_steps(stop - rec.step, compute)
+        metrics = rec.epoch_metrics(lrs[-1], loss_sum, steps, engine.evaluate())
         rec.report(report, metrics)
         if metrics["diverged"]:
             break
@@ -126,38 +177,52 @@ class Recorder:
 
     def __init__(self, cfg: RunConfig, engine: Engine, resume: dict | None) -> None:
         self.cfg, self.engine = cfg, engine
-        self.counters = {"epoch": 0, "samples": 0, "compute_time_s": 0.0, "wall_time_s": 0.0}
+        self.budget = Budget(cfg, engine.steps_per_epoch)
+        self.counters = {
+            "epoch": 0, "step": 0, "samples": 0, "compute_time_s": 0.0, "wall_time_s": 0.0,
+        }  # fmt: skip
         self.history: list[dict] = []
         if resume is not None:
             engine.load_state_dict(resume.get("engine", {}))
             restore_random_states(resume, engine.device)
             self.counters = dict(resume["counters"])
+            # A checkpoint from before step counting ended an epoch.
+            self.counters.setdefault("step", self.counters["epoch"] * engine.steps_per_epoch)
             self.history = list(resume["history"])
-        self.replay = list(self.history)  # epochs the next report hands over
+        self.replay = list(self.history)  # evaluations the next report hands over
         self.start = time.perf_counter() - self.counters["wall_time_s"]
 
     @property
     def epoch(self) -> int:
         return self.counters["epoch"]
 
+    @property
+    def step(self) -> int:
+        return self.counters["step"]
+
     def replay_if_finished(self, report: ReportFn) -> dict | None:
-        """A resumed run that had ended reports its last epoch once; None: train on."""
+        """A resumed run that had ended reports its last evaluation once; None: train on."""
         h = self.history
-        if h and (self.epoch >= self.cfg.workload.epochs or h[-1].get("diverged")):
+        if h and (self.step >= self.budget.total or h[-1].get("diverged")):
             report({**h[-1], HISTORY_BEFORE: h[:-1]}, None)
             return h[-1]
         return None
 
     def add_epoch(self, compute_time_s: float) -> None:
-        c = self.counters
+        """Count one whole epoch of steps (a packed point's)."""
+        self.add_steps(self.engine.steps_per_epoch, compute_time_s)
+
+    def add_steps(self, steps: int, compute_time_s: float) -> None:
+        """Count ``steps`` optimizer steps of every learner, trained in ``compute_time_s``."""
+        c, wl = self.counters, self.cfg.workload
         c["compute_time_s"] += compute_time_s
-        c["samples"] += self.engine.steps_per_epoch * self.cfg.workload.batch_size * (
-            self.engine.learners
-        )
-        c["epoch"] += 1
+        c["samples"] += steps * wl.batch_size * wl.grad_accum * self.engine.learners
+        c["step"] += steps
+        c["epoch"] = c["step"] // self.engine.steps_per_epoch
 
     def epoch_metrics(self, lr: float, loss_sum: float, steps: float, ev: EvalSums) -> dict:
-        """The epoch's metrics: sums reduced over learners, then the engine's comm figures."""
+        """The evaluation's metrics: sums reduced over learners, then the engine's comm
+        figures and the throughput."""
         totals = torch.tensor(
             [loss_sum, steps, ev.loss_sum, ev.correct, ev.count, 0.0 if ev.finite else 1.0],
             dtype=torch.float64,
@@ -167,9 +232,14 @@ class Recorder:
         test_acc = totals[3].item() / totals[4].item() if ev.has_accuracy else math.nan
         self.counters["wall_time_s"] = time.perf_counter() - self.start
         c = self.counters
-        return {
-            "epoch": c["epoch"],
+        # A step budget's evaluations fall inside epochs: its epoch is fractional.
+        epoch = c["step"] / self.budget.steps_per_epoch if self.cfg.workload.steps else c["epoch"]
+        tokens = c["samples"] * getattr(self.engine, "tokens_per_sample", 1)
+        metrics = {
+            "epoch": epoch,
+            "step": c["step"],
             "samples": c["samples"],
+            "tokens": tokens,
             "train_loss": train_loss,
             "test_loss": totals[2].item() / totals[4].item(),
             "test_acc": test_acc,
@@ -178,6 +248,12 @@ class Recorder:
             "diverged": bool(totals[5].item() > 0) or not math.isfinite(train_loss),
             **self.engine.comm_metrics(c["compute_time_s"]),
         }
+        # Per learner: its share of the samples over its training time (no evaluation).
+        seconds = metrics["compute_time_s"] + metrics["comm_time_s"]
+        share = 1.0 / self.engine.learners / seconds if seconds > 0 else math.nan
+        metrics["samples_per_s"] = c["samples"] * share
+        metrics["tokens_per_s"] = tokens * share
+        return metrics
 
     def report(self, report: ReportFn, metrics: dict) -> None:
         """Report one trained epoch with this learner's checkpoint."""
@@ -188,8 +264,17 @@ class Recorder:
             "counters": dict(self.counters),
             "history": list(self.history),
         }
+        paused = time.perf_counter()
         report({**metrics, HISTORY_BEFORE: self.replay} if self.replay else metrics, state)
+        self.exclude(time.perf_counter() - paused)
         self.replay = []
+
+    def exclude(self, seconds: float) -> None:
+        """Stop the clock for ``seconds`` spent reporting (a checkpoint write, Ray's report,
+        which waits for the controller's poll). The checkpoint holds the clock as it was
+        before its report, so without this a resumed run would miss one report's time that
+        the uninterrupted run counts (docs/design.md section 5, ``wall_time_s``)."""
+        self.start += seconds
 
 
 def random_states(device: torch.device) -> dict:
@@ -210,9 +295,11 @@ def restore_random_states(states: dict, device: torch.device) -> None:
 
 
 def format_progress(cfg: RunConfig, m: dict) -> str:
-    """One progress line per epoch."""
+    """One progress line per evaluation."""
+    wl = cfg.workload
+    where = f"step {m['step']}/{wl.steps}" if wl.steps else f"epoch {m['epoch']}/{wl.epochs}"
     return (
-        f"epoch {m['epoch']}/{cfg.workload.epochs}  test_acc {m['test_acc']:.4f}  "
+        f"{where}  test_acc {m['test_acc']:.4f}  "
         f"test_loss {m['test_loss']:.4f}  train_loss {m['train_loss']:.4f}  lr {m['lr']:g}  "
         f"rounds {m['rounds']}  comm {m['comm_time_s']:.2f}s  wall {m['wall_time_s']:.1f}s"
         + ("  DIVERGED" if m.get("diverged") else "")

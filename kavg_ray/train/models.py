@@ -3,7 +3,8 @@
 Every model maps a batch shaped ``(N, *input_shape)`` to ``(N, num_classes)``; ``gpt``
 maps token sequences ``(N, T)`` to next-token logits ``(N, T, vocab)``. The CIFAR
 models (``vgg16``, ``nin``, ``resnet18``) are the 32x32 variants used in the K-AVG paper's
-experiments; ``mlp``, ``cnn`` and ``linear`` are small enough to train on two CPU cores.
+experiments; ``mlp``, ``cnn`` and ``linear`` are small enough to train on two CPU cores, and so
+are ``mlp1d`` and ``cnn1d``, the MNIST-1D paper's MLP and 1-D CNN (signals ``(L,)``).
 """
 
 from __future__ import annotations
@@ -86,6 +87,49 @@ def _cnn(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
         nn.Linear(64 * 4 * 4, 128),
         nn.ReLU(inplace=True),
         nn.Linear(128, num_classes),
+    )
+
+
+def _mlp1d(
+    input_shape: tuple[int, ...], num_classes: int, hidden: int = 100, layers: int = 2
+) -> nn.Module:
+    """The MNIST-1D paper's MLP: ``layers`` hidden layers of ``hidden`` units with ReLU
+    (40-100-100-10 on MNIST-1D, 15,210 parameters)."""
+    widths = [_flat_features(input_shape)] + [int(hidden)] * int(layers)
+    body: list[nn.Module] = [nn.Flatten()]
+    for a, b in zip(widths[:-1], widths[1:], strict=True):
+        body += [nn.Linear(a, b), nn.ReLU()]
+    return nn.Sequential(*body, nn.Linear(widths[-1], num_classes))
+
+
+def _conv1d_length(length: int, kernel: int, stride: int, padding: int) -> int:
+    return (length + 2 * padding - kernel) // stride + 1
+
+
+def _cnn1d(input_shape: tuple[int, ...], num_classes: int, channels: int = 25) -> nn.Module:
+    """The MNIST-1D paper's 1-D CNN (``ConvBase``): convolutions of kernel 5, 3, 3, stride 2,
+    padding 1, ``channels`` wide, each with ReLU, then one linear layer (5,210 parameters
+    on MNIST-1D). Takes signals (L,) (one channel) or (C, L)."""
+    if len(input_shape) not in (1, 2):
+        raise ValueError(f"model 'cnn1d' needs signals (L,) or (C, L), got {tuple(input_shape)}")
+    c, length = (1, int(input_shape[0])) if len(input_shape) == 1 else map(int, input_shape)
+    n = int(channels)
+    out = length
+    for kernel in (5, 3, 3):
+        out = _conv1d_length(out, kernel, 2, 1)
+    if out < 1:
+        raise ValueError(f"model 'cnn1d' needs signals of length 3 or more, got {length}")
+    head: list[nn.Module] = [nn.Unflatten(1, (1, length))] if len(input_shape) == 1 else []
+    return nn.Sequential(
+        *head,
+        nn.Conv1d(c, n, kernel_size=5, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv1d(n, n, kernel_size=3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv1d(n, n, kernel_size=3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(n * out, num_classes),
     )
 
 
@@ -238,7 +282,11 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "resnet18": _resnet18,
     "linear": _linear,
     "gpt": _gpt,
+    "mlp1d": _mlp1d,
+    "cnn1d": _cnn1d,
 }
+# The models that take model_args (the names of kavg_ray.config's options classes).
+_WITH_OPTIONS = ("gpt", "mlp1d", "cnn1d")
 
 
 def build_model(
@@ -251,14 +299,14 @@ def build_model(
 
     ``num_classes`` is the output width: the number of classes (the vocabulary for
     ``gpt``), or 1 for the synthetic least-squares task (use ``linear`` there).
-    ``options`` are ``gpt``'s sizes (dim, layers, heads, mlp_ratio, dropout); the other
-    models take none.
+    ``options`` are ``gpt``'s sizes (dim, layers, heads, mlp_ratio, dropout), ``mlp1d``'s
+    (hidden, layers) or ``cnn1d``'s (channels); the other models take none.
     """
     if name not in _BUILDERS:
         raise ValueError(f"unknown model {name!r}; valid models: {', '.join(MODELS)}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    if options and name != "gpt":
+    if options and name not in _WITH_OPTIONS:
         raise ValueError(f"model {name!r} takes no options, got {sorted(options)}")
     shape = tuple(int(s) for s in input_shape)
     return _BUILDERS[name](shape, int(num_classes), **dict(options or {}))
@@ -270,7 +318,7 @@ def build_model(
 
 _INPUT = {
     "digits": ((1, 8, 8), 10), "cifar10": ((3, 32, 32), 10), "cifar100": ((3, 32, 32), 100),
-    "mnist": ((1, 28, 28), 10), "fashion_mnist": ((1, 28, 28), 10),
+    "mnist": ((1, 28, 28), 10), "fashion_mnist": ((1, 28, 28), 10), "mnist1d": ((40,), 10),
 }  # fmt: skip
 
 

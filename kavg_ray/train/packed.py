@@ -38,6 +38,7 @@ from kavg_ray.train.stacked import (
     _input_spec,
     _train_batch,
     available_memory_bytes,
+    check_planned_gpu,
     memory_parts,
 )
 from kavg_ray.train.workload import Data, ModelBuilder, load_data
@@ -115,6 +116,7 @@ class PackedEngine:
     ) -> None:  # fmt: skip
         _check_pack(cfgs)
         if check:
+            check_planned_gpu(cfgs[0], device)
             need, have = pack_memory_bytes(cfgs, build=build), available_memory_bytes(device)
             if need > have:
                 raise ValueError(
@@ -136,26 +138,26 @@ class PackedEngine:
         for i, point in enumerate(self.points):
             # The first point's rows hold its model already (the stack was built from it).
             _rebind(point.stacked, self.stack, slice(i * self.P, (i + 1) * self.P))
-        self._grad_step = first._grad_step
         self.data = data
         self.steps_per_epoch = first.steps_per_epoch
 
-    def train_epoch(self, epoch: int, lrs: Sequence[float]) -> list[tuple[float, float]]:
-        """One epoch of every point (``lrs``: each point's); per point (loss sum, steps)."""
+    def train_steps(
+        self, epoch: int, first: int, end: int, lrs: Sequence[Sequence[float]]
+    ) -> list[tuple[float, float]]:
+        """Steps [first, end) of ``epoch`` of every point (``lrs``: each point's rates of
+        those steps); per point (loss sum, steps)."""
         stack, P, data = self.stack, self.P, self.data
-        plans = [p.epoch_batches(epoch) for p in self.points]
+        plans = [p.epoch_plan(epoch, first) for p in self.points]
         loss_sum = torch.zeros(len(self.points) * P, device=self.device)
-        for step in range(self.steps_per_epoch):
+        for i, step in enumerate(range(first, end)):
             x = torch.cat([_train_batch(data, batches[step], gens) for batches, gens in plans])
             y = torch.cat([data.train_y[batches[step]] for batches, _ in plans])
-            buffers = stack.working_buffers()
-            grads, losses = self._grad_step(stack.params, buffers, x, y)
-            stack.store_buffers(buffers)
-            for n, (point, lr) in enumerate(zip(self.points, lrs, strict=True)):
+            grads, losses = self.points[0].gradients(stack, x, y)
+            for n, (point, rates) in enumerate(zip(self.points, lrs, strict=True)):
                 rows = slice(n * P, (n + 1) * P)
-                point.apply_step({k: g[rows] for k, g in grads.items()}, lr)
+                point.apply_step({k: g[rows] for k, g in grads.items()}, rates[i])
             loss_sum += losses
-        steps = float(self.steps_per_epoch * P)
+        steps = float((end - first) * P)
         return [(loss_sum[n * P : (n + 1) * P].double().sum().item(), steps)
                 for n in range(len(self.points))]  # fmt: skip
 
@@ -198,19 +200,30 @@ def run_pack(
     recs = [Recorder(c, p, None) for c, p in zip(cfgs, engine.points, strict=True)]
     last: list[dict] = [{} for _ in cfgs]
     done = [False] * len(cfgs)
-    for epoch in range(cfgs[0].workload.epochs):
-        lrs = [c.workload.lr.at_epoch(epoch) for c in cfgs]
+    budget = recs[0].budget  # the points share their budget (pack_key)
+    step = 0
+    while step < budget.total:
+        stop = budget.next_evaluation(step)
         t0 = time.perf_counter()
-        sums = engine.train_epoch(epoch, lrs)
+        sums = [(0.0, 0.0)] * len(cfgs)
+        for epoch, first, end in budget.pieces(step, stop):
+            lrs = [rec.budget.rates(epoch, first, end) for rec in recs]
+            part = engine.train_steps(epoch, first, end, lrs)
+            sums = [(a + c, b + d) for (a, b), (c, d) in zip(sums, part, strict=True)]
         engine.synchronize()
         compute = time.perf_counter() - t0
         for i in (i for i in range(len(cfgs)) if not done[i]):
-            recs[i].add_epoch(compute)
-            metrics = recs[i].epoch_metrics(lrs[i], *sums[i], engine.points[i].evaluate())
+            recs[i].add_steps(stop - step, compute)
+            metrics = recs[i].epoch_metrics(lrs[i][-1], *sums[i], engine.points[i].evaluate())
             recs[i].history.append(metrics)
-            done[i] = bool(metrics["diverged"]) or metrics["epoch"] >= cfgs[i].workload.epochs
+            done[i] = bool(metrics["diverged"]) or stop >= budget.total
             last[i] = metrics
+            paused = time.perf_counter()
             report(i, metrics, done[i])
+            spent = time.perf_counter() - paused
+            for rec in recs:  # reporting is no training time (Recorder.exclude)
+                rec.exclude(spent)
+        step = stop
         if all(done):
             break
     return last

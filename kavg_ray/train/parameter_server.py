@@ -62,11 +62,13 @@ from kavg_ray.train.data import augment_generator, epoch_indices, steps_per_epoc
 from kavg_ray.train.loop import EngineBase, empty_comm_metrics
 from kavg_ray.train.workload import (
     EvalSums,
+    Recipe,
     build_workload,
     evaluate_sums,
     load_data,
     model_builder,
     seed_dropout,
+    tokens_per_sample,
 )
 
 STATE_FORMAT = "parameter-server-1"
@@ -228,9 +230,12 @@ class ParameterServerEngine(EngineBase):
             raise ValueError(f"the server holds {size} values; this model has {mine}")
         seed_dropout(cfg, rank)
         self.learners = world_size
+        self.recipe = Recipe(cfg, device)
         self.steps_per_epoch = steps_per_epoch(
-            self.workload.data.n_train, cfg.workload.batch_size, world_size
+            self.workload.data.n_train, self.recipe.step_batch, world_size
         )
+        self.tokens_per_sample = tokens_per_sample(self.workload.data)
+        self._plan: tuple[int, torch.Tensor, torch.Generator] | None = None
         self.acc = torch.zeros_like(self.flat.buffer) if self.downpour else None
         self.momentum_buf: torch.Tensor | None = None
         self.alpha = 0.0 if self.downpour else cfg.beta / world_size
@@ -279,16 +284,28 @@ class ParameterServerEngine(EngineBase):
         if not resumed:
             self._pull()  # every learner starts from the center
 
-    def train_epoch(self, epoch: int, lr: float) -> tuple[float, float]:
-        cfg = self.cfg
-        data = self.workload.data
-        batches = epoch_indices(
-            data.n_train, cfg.workload.batch_size, self.rank, self.world_size, epoch, cfg.seed,
-            cfg.workload.sampling,
-        ).to(self.device)  # fmt: skip
-        gen = augment_generator(cfg.seed, epoch, self.rank)
+    def _epoch_plan(self, epoch: int, first: int) -> tuple[torch.Tensor, torch.Generator]:
+        """The epoch's batches and augmentation stream (as the process-group engine's)."""
+        cfg, data = self.cfg, self.workload.data
+        if self._plan is None or self._plan[0] != epoch or first == 0:
+            batches = epoch_indices(
+                data.n_train, self.recipe.step_batch, self.rank, self.world_size, epoch,
+                cfg.seed, cfg.workload.sampling,
+            ).to(self.device)  # fmt: skip
+            gen = augment_generator(cfg.seed, epoch, self.rank)
+            if first and data.augment is not None:
+                for _ in data.train_batches(batches[:first], gen):
+                    pass
+            self._plan = (epoch, batches, gen)
+        return self._plan[1], self._plan[2]
+
+    def train_steps(
+        self, epoch: int, first: int, end: int, lrs: list[float]
+    ) -> tuple[float, float]:
+        cfg, data = self.cfg, self.workload.data
+        batches, gen = self._epoch_plan(epoch, first)
         loss_sum = torch.zeros((), device=self.device)
-        for x, y in data.train_batches(batches, gen):
+        for lr, (x, y) in zip(lrs, data.train_batches(batches[first:end], gen), strict=True):
             loss_sum += self._local_step(x, y, lr)
             self.c["step"] += 1
             t = self.c["step"]
@@ -299,17 +316,23 @@ class ParameterServerEngine(EngineBase):
                     self._pull()
             elif t % cfg.tau == 0:
                 self._exchange()
-        return loss_sum.item(), float(self.steps_per_epoch)
+        return loss_sum.item(), float(end - first)
 
     def _local_step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> torch.Tensor:
         """One SGD step (heavy-ball for Downpour, Nesterov for EAMSGD) on the flat buffer."""
         wl, flat, n = self.cfg.workload, self.flat.buffer, self.n_params
         has_buffers = flat.numel() > n  # floating buffers (BatchNorm statistics) follow
         buffers_before = flat[n:].clone() if self.downpour and has_buffers else None
-        loss = self.workload.loss(self.workload.model(x), y)
-        for p in self.params:
-            p.grad = None
-        loss.backward()
+        if self.recipe.plain:
+            loss = self.workload.loss(self.workload.model(x), y)
+            for p in self.params:
+                p.grad = None
+            loss.backward()
+        else:
+            for p in self.params:
+                p.grad = None
+            loss = self.recipe.backward(self.workload.model, self.workload.loss, x, y)
+            self.recipe.clip_gradients(self.params)
         with torch.no_grad():
             g = torch.cat(
                 [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)

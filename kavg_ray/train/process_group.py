@@ -16,21 +16,27 @@ from kavg_ray.config import RunConfig
 from kavg_ray.train import collectives
 from kavg_ray.train.averaging import HierAvgAverager, KAvgAverager
 from kavg_ray.train.data import augment_generator, epoch_indices, steps_per_epoch
+from kavg_ray.train.groups import gather_nodes
 from kavg_ray.train.loop import EngineBase, empty_comm_metrics
 from kavg_ray.train.workload import (
     EvalSums,
+    Recipe,
     Workload,
     build_optimizer,
     build_workload,
     evaluate_sums,
     seed_dropout,
+    tokens_per_sample,
 )
 
 
 class ProcessGroupEngine(EngineBase):
     """This process's learner of a K-AVG or Hier-AVG run."""
 
-    def __init__(self, cfg: RunConfig, rank: int, world_size: int, device: torch.device) -> None:
+    def __init__(
+        self, cfg: RunConfig, rank: int, world_size: int, device: torch.device, node_rank: int = 0
+    ) -> None:
+        """``node_rank``: this learner's node (Hier-AVG's groups share a node)."""
         self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
         self.workload: Workload = build_workload(cfg, device)
         model = self.workload.model
@@ -40,8 +46,10 @@ class ProcessGroupEngine(EngineBase):
         }  # fmt: skip
         if cfg.algorithm == "hier_avg":
             self.averager: KAvgAverager | HierAvgAverager = HierAvgAverager(
-                model, cfg.K1, cfg.K2, cfg.S, **outer
-            )
+                model, cfg.K1, cfg.K2, cfg.S, **outer,
+                node_of_rank=gather_nodes(node_rank, world_size, device),
+                across_nodes=cfg.hier_groups == "any",
+            )  # fmt: skip
         else:
             self.averager = KAvgAverager(model, cfg.K, **outer)
         if world_size > 1:
@@ -49,33 +57,55 @@ class ProcessGroupEngine(EngineBase):
             # even where initialization is not bit-reproducible across processes.
             collectives.broadcast(self.averager.flat.buffer, self.device, src=0)
             self.averager.reset_anchor()
-        wl = cfg.workload
         self.optimizer = build_optimizer(cfg, model.parameters())
+        self.recipe = Recipe(cfg, device)
+        self.scaler = self.recipe.scaler()
         seed_dropout(cfg, rank)
         self.learners = world_size
         self.steps_per_epoch = steps_per_epoch(
-            self.workload.data.n_train, wl.batch_size, world_size
+            self.workload.data.n_train, self.recipe.step_batch, world_size
         )
+        self.tokens_per_sample = tokens_per_sample(self.workload.data)
+        self._plan: tuple[int, torch.Tensor, torch.Generator] | None = None
 
-    def train_epoch(self, epoch: int, lr: float) -> tuple[float, float]:
-        cfg, data, model = self.cfg, self.workload.data, self.workload.model
+    def _epoch_plan(self, epoch: int, first: int) -> tuple[torch.Tensor, torch.Generator]:
+        """The epoch's batches, ``(steps, grad_accum B)``, and its augmentation stream, which
+        consecutive calls continue; starting inside an epoch not begun here, the earlier
+        steps' augmentation is drawn first."""
+        cfg, data = self.cfg, self.workload.data
+        if self._plan is None or self._plan[0] != epoch or first == 0:
+            batches = epoch_indices(
+                data.n_train, self.recipe.step_batch, self.rank, self.world_size, epoch,
+                cfg.seed, cfg.workload.sampling,
+            ).to(self.device)  # fmt: skip
+            gen = augment_generator(cfg.seed, epoch, self.rank)
+            if first and data.augment is not None:
+                for _ in data.train_batches(batches[:first], gen):
+                    pass
+            self._plan = (epoch, batches, gen)
+        return self._plan[1], self._plan[2]
+
+    def train_steps(
+        self, epoch: int, first: int, end: int, lrs: list[float]
+    ) -> tuple[float, float]:
+        data, model = self.workload.data, self.workload.model
         opt, avg, criterion = self.optimizer, self.averager, self.workload.loss
-        for group in opt.param_groups:
-            group["lr"] = lr
-        batches = epoch_indices(
-            data.n_train, cfg.workload.batch_size, self.rank, self.world_size, epoch, cfg.seed,
-            cfg.workload.sampling,
-        ).to(self.device)  # fmt: skip
-        gen = augment_generator(cfg.seed, epoch, self.rank)
-        losses = []  # summed once per epoch: a running sum costs a kernel per step
-        for x, y in data.train_batches(batches, gen):
-            loss = criterion(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        batches, gen = self._epoch_plan(epoch, first)
+        recipe = self.recipe
+        losses = []  # summed once per call: a running sum costs a kernel per step
+        for lr, (x, y) in zip(lrs, data.train_batches(batches[first:end], gen), strict=True):
+            for group in opt.param_groups:
+                group["lr"] = lr
+            if recipe.plain:
+                loss = criterion(model(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            else:
+                loss = recipe.step(model, criterion, opt, x, y, self.scaler)
             avg.step()
             losses.append(loss.detach())
-        return torch.stack(losses).sum().item(), float(self.steps_per_epoch)
+        return torch.stack(losses).sum().item(), float(end - first)
 
     def evaluate(self) -> EvalSums:
         avg, data, model = self.averager, self.workload.data, self.workload.model
@@ -87,6 +117,9 @@ class ProcessGroupEngine(EngineBase):
         return sums
 
     def comm_seconds(self) -> float:
+        """The averages' seconds so far; on a GPU their CUDA events are read here, which the
+        loop does after its end-of-epoch synchronisation (no wait)."""
+        self.averager.resolve_times()
         return self.averager.stats.seconds
 
     def comm_metrics(self, compute_time_s: float) -> dict:
@@ -105,6 +138,8 @@ class ProcessGroupEngine(EngineBase):
             out[f"{level}_reductions"] = stats.count
             out[f"{level}_comm_time_s"] = stats.seconds
             out[f"{level}_bytes"] = stats.bytes
+        if isinstance(avg, HierAvgAverager):
+            out["local_on_node"] = float(avg.groups_on_node)
         return out
 
     def state_dict(self) -> dict:
@@ -116,6 +151,7 @@ class ProcessGroupEngine(EngineBase):
             "optimizer": self.optimizer.state_dict(),
             "averager": avg.state_dict(),
             "comm": stats,
+            "scaler": None if self.scaler is None else self.scaler.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -124,5 +160,7 @@ class ProcessGroupEngine(EngineBase):
         self.workload.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.averager.load_state_dict(state["averager"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         for level, stats in self.averager.comm_levels().items():
             vars(stats).update(state["comm"][level])

@@ -11,10 +11,12 @@ from kavg_ray.train.loop import Engine, ReportFn, run_epochs
 
 
 def build_engine(
-    cfg: RunConfig, rank: int, world_size: int, device: torch.device, server: Any = None
+    cfg: RunConfig, rank: int, world_size: int, device: torch.device, server: Any = None,
+    node_rank: int = 0,
 ) -> Engine:
     """The engine of ``cfg``: stacked learners for ``backend: simulated``, else the
-    algorithm's own (process group, or parameter server talking to ``server``)."""
+    algorithm's own (process group, or parameter server talking to ``server``).
+    ``node_rank``: this learner's node (Hier-AVG's groups share a node)."""
     spec = ALGORITHMS[cfg.algorithm]
     if cfg.backend == "simulated":
         from kavg_ray.train.stacked import StackedEngine
@@ -28,7 +30,7 @@ def build_engine(
         return ParameterServerEngine(cfg, rank, world_size, device, server)
     from kavg_ray.train.process_group import ProcessGroupEngine
 
-    return ProcessGroupEngine(cfg, rank, world_size, device)
+    return ProcessGroupEngine(cfg, rank, world_size, device, node_rank)
 
 
 def train(
@@ -40,11 +42,12 @@ def train(
     device: torch.device | None = None,
     resume: dict | None = None,
     server: Any = None,
+    node_rank: int = 0,
 ) -> dict:
     """Train this process's part of ``cfg``; returns the last epoch's metrics.
 
     ``report(metrics, state)`` is called once per epoch (see :mod:`kavg_ray.train.loop`).
     """
     device = torch.device("cpu") if device is None else device
-    engine = build_engine(cfg, rank, world_size, device, server)
+    engine = build_engine(cfg, rank, world_size, device, server, node_rank)
     return run_epochs(cfg, engine, report, resume)

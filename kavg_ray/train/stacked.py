@@ -43,13 +43,16 @@ from kavg_ray.train.workload import (
     Data,
     EvalSums,
     ModelBuilder,
+    Recipe,
     Workload,
     build_workload,
+    clip_rows,
     evaluate_sums,
     load_data,
     loss_fn,
     model_builder,
     seed_dropout,
+    tokens_per_sample,
 )
 
 GIB = 1024**3
@@ -204,8 +207,29 @@ def available_memory_bytes(device: torch.device) -> int:
         return 2**62  # unknown: do not refuse
 
 
+def device_total_bytes(device: torch.device) -> int:
+    """The whole memory of GPU ``device``."""
+    return int(torch.cuda.get_device_properties(device).total_memory)
+
+
+def check_planned_gpu(cfg: RunConfig, device: torch.device) -> None:
+    """On the worker, before training: refuse (ValueError) a GPU smaller than the
+    ``resources.gpu_memory_gb`` the driver planned the trial for (docs/design.md 11)."""
+    declared = cfg.resources.gpu_memory_gb
+    if device.type != "cuda" or declared is None:
+        return
+    total = device_total_bytes(device)
+    if total < declared * GIB:
+        raise ValueError(
+            f"resources.gpu_memory_gb is {declared:g} but this trial's GPU ({device}) has "
+            f"{total / GIB:.1f} GiB: the sweep was planned for a larger GPU; set "
+            f"resources.gpu_memory_gb to at most {math.floor(total / GIB * 10) / 10:g}"
+        )
+
+
 def check_memory(cfg: RunConfig, device: torch.device, *, build: ModelBuilder | None = None) -> int:
     """Raise ValueError when the simulated run will not fit in memory; returns the estimate."""
+    check_planned_gpu(cfg, device)
     input_shape, classes, data_bytes, dtype = _input_spec(cfg)
     need = estimate_memory_bytes(
         cfg, input_shape, classes, data_bytes, build=build, input_dtype=dtype
@@ -460,42 +484,81 @@ class StackedEngine(EngineBase):
         self.anchor = None if self.outer.plain else self.stacked.flat[0, :n].clone()
         self.outer_momentum: Tensor | None = None
         self.step_count = self.local_count = self.global_count = 0
+        self.recipe = recipe = Recipe(cfg, device)
         self.steps_per_epoch = steps_per_epoch(
-            self.workload.data.n_train, cfg.workload.batch_size, cfg.P
+            self.workload.data.n_train, recipe.step_batch, cfg.P
         )
+        self.tokens_per_sample = tokens_per_sample(self.workload.data)
+        self._plan: tuple[int, Tensor, list[torch.Generator] | None] | None = None
         model, criterion = self.model, self.workload.loss
 
         def loss_of(params: dict, buffers: dict, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
             loss = criterion(functional_call(model, (params, buffers), (x,)), y)
-            return loss, loss.detach()
+            # A micro-batch's share of the step's mean loss, as the process group divides it.
+            return (loss / recipe.accum if recipe.accum > 1 else loss), loss.detach()
 
         self._grad_step = vmap(grad(loss_of, has_aux=True), randomness="different")
 
     def epoch_batches(self, epoch: int) -> tuple[Tensor, list[torch.Generator] | None]:
-        """The epoch's mini-batch indices, ``(steps, P, B)``, and the augmentation streams."""
+        """The epoch's mini-batch indices, ``(steps, P, grad_accum B)``, and the augmentation
+        streams."""
         cfg, wl, P, data = self.cfg, self.cfg.workload, self.cfg.P, self.workload.data
+        B = self.recipe.step_batch
         batches = torch.stack(
-            [
-                epoch_indices(data.n_train, wl.batch_size, r, P, epoch, cfg.seed, wl.sampling)
-                for r in range(P)
-            ],
+            [epoch_indices(data.n_train, B, r, P, epoch, cfg.seed, wl.sampling) for r in range(P)],
             dim=1,
         ).to(self.device)
         gens = [augment_generator(cfg.seed, epoch, r) for r in range(P)] if data.augment else None
         return batches, gens
 
-    def train_epoch(self, epoch: int, lr: float) -> tuple[float, float]:
+    def epoch_plan(self, epoch: int, first: int) -> tuple[Tensor, list[torch.Generator] | None]:
+        """:meth:`epoch_batches`, kept while consecutive calls continue the epoch; starting
+        inside an epoch not begun here, the earlier steps' augmentation is drawn first."""
+        if self._plan is None or self._plan[0] != epoch or first == 0:
+            batches, gens = self.epoch_batches(epoch)
+            if first and gens is not None:
+                for idx in batches[:first]:
+                    _train_batch(self.workload.data, idx, gens)
+            self._plan = (epoch, batches, gens)
+        return self._plan[1], self._plan[2]
+
+    def train_steps(
+        self, epoch: int, first: int, end: int, lrs: list[float]
+    ) -> tuple[float, float]:
         learners, data = self.stacked, self.workload.data
-        batches, gens = self.epoch_batches(epoch)
+        batches, gens = self.epoch_plan(epoch, first)
         loss_sum = torch.zeros(self.cfg.P, device=self.device)
-        for idx in batches:
+        for lr, idx in zip(lrs, batches[first:end], strict=True):
             x = _train_batch(data, idx, gens)
-            buffers = learners.working_buffers()
-            grads, losses = self._grad_step(learners.params, buffers, x, data.train_y[idx])
-            learners.store_buffers(buffers)
+            grads, losses = self.gradients(learners, x, data.train_y[idx])
             self.apply_step(grads, lr)
             loss_sum += losses
-        return loss_sum.double().sum().item(), float(self.steps_per_epoch * self.cfg.P)
+        return loss_sum.double().sum().item(), float((end - first) * self.cfg.P)
+
+    def gradients(
+        self, learners: StackedLearners, x: Tensor, y: Tensor
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        """The gradients and losses of ``learners`` (this run's, or a pack's stack) on one
+        step's batches ``(rows, grad_accum B, ...)``: one batched forward and backward per
+        micro-batch, summed, under the recipe's autocast, clipped per learner."""
+        recipe = self.recipe
+        grads: dict[str, Tensor] = {}
+        losses = torch.zeros(())
+        for n, (xm, ym) in enumerate(recipe.micro_batches(x, y, dim=1)):
+            buffers = learners.working_buffers()
+            with recipe.autocast():
+                g, loss = self._grad_step(learners.params, buffers, xm, ym)
+            learners.store_buffers(buffers)
+            if n == 0:
+                grads, losses = g, loss
+            else:
+                torch._foreach_add_(list(grads.values()), [g[k] for k in grads])
+                losses = losses + loss
+        if recipe.accum > 1:
+            losses = losses / recipe.accum
+        if recipe.clip is not None:
+            clip_rows(list(grads.values()), recipe.clip)
+        return grads, losses
 
     def apply_step(self, grads: dict[str, Tensor], lr: float) -> None:
         """After the learners' gradients: the optimizer step, then averaging if it is due."""
@@ -548,8 +611,9 @@ class StackedEngine(EngineBase):
             "bytes_communicated": 0,
             "global_reductions": self.global_count,
         }
-        if self.group_size is not None:
+        if self.group_size is not None:  # stacked groups: all on this one device
             out["local_reductions"] = self.local_count
+            out["local_on_node"] = 1.0
         return out
 
     def state_dict(self) -> dict:

@@ -9,6 +9,7 @@ workload of one's own once on the CPU before anything is launched.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -69,7 +70,7 @@ def model_builder(cfg: RunConfig) -> ModelBuilder:
     wl = cfg.workload
     if is_factory(wl.model):
         return lambda _shape, _classes: factories.build_factory_model(cfg)
-    if wl.model_args:  # gpt's sizes
+    if wl.model_args:  # the sizes of gpt, mlp1d or cnn1d
         return lambda shape, classes: build_model(wl.model, shape, classes, wl.model_args)
     return lambda shape, classes: build_model(wl.model, shape, classes)
 
@@ -101,6 +102,103 @@ def build_optimizer(cfg: RunConfig, params: Iterable[Tensor]) -> torch.optim.Opt
     return torch.optim.SGD(
         params, lr=wl.lr.initial, momentum=wl.momentum, weight_decay=wl.weight_decay
     )
+
+
+class Recipe:
+    """How a learner takes one optimizer step (docs/design.md section 1, "Training recipe"):
+    ``grad_accum`` micro-batches of ``batch_size`` (each micro-batch's loss divided by N, so
+    the gradients are those of the mean loss over the N B samples), forward and loss under
+    autocast at ``precision`` (fp16 with a gradient scaler), gradients clipped to the global
+    norm ``grad_clip`` per learner. Parameters, optimizer state and averages stay fp32.
+    ``workload.tf32`` sets torch's TF32 switches on a CUDA device."""
+
+    def __init__(self, cfg: RunConfig, device: torch.device) -> None:
+        wl = cfg.workload
+        self.accum, self.clip, self.batch_size = wl.grad_accum, wl.grad_clip, wl.batch_size
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(wl.precision)
+        self.device_type = device.type
+        # The default recipe takes the plain step of the recorded trajectories, bit for bit.
+        self.plain = self.accum == 1 and self.clip is None and self.dtype is None
+        if device.type == "cuda" and wl.tf32 is not None:
+            torch.backends.cuda.matmul.allow_tf32 = wl.tf32
+            torch.backends.cudnn.allow_tf32 = wl.tf32
+
+    @property
+    def step_batch(self) -> int:
+        """Samples of one learner's optimizer step: the rows of an epoch_indices batch."""
+        return self.batch_size * self.accum
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The forward and loss's autocast (nothing at fp32)."""
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def scaler(self) -> torch.amp.GradScaler | None:
+        """fp16's gradient scaler (None otherwise)."""
+        if self.dtype != torch.float16:
+            return None
+        return torch.amp.GradScaler(self.device_type)
+
+    def micro_batches(self, x: Tensor, y: Tensor, dim: int = 0) -> Iterable[tuple[Tensor, Tensor]]:
+        """A step's batch cut into its ``grad_accum`` micro-batches along ``dim``."""
+        if self.accum == 1:
+            return ((x, y),)
+        return zip(x.split(self.batch_size, dim), y.split(self.batch_size, dim), strict=True)
+
+    def step(
+        self, model: nn.Module, criterion: LossFn, opt: torch.optim.Optimizer, x: Tensor,
+        y: Tensor, scaler: torch.amp.GradScaler | None = None,
+    ) -> Tensor:  # fmt: skip
+        """One optimizer step of ``model`` on a step's batch; returns its (mean) loss."""
+        opt.zero_grad(set_to_none=True)
+        loss = self.backward(model, criterion, x, y, scaler)
+        if scaler is not None:
+            scaler.unscale_(opt)
+        self.clip_gradients(model.parameters())
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        return loss
+
+    def backward(
+        self, model: nn.Module, criterion: LossFn, x: Tensor, y: Tensor,
+        scaler: torch.amp.GradScaler | None = None,
+    ) -> Tensor:  # fmt: skip
+        """The gradients of a step's batch in the parameters' ``.grad`` (accumulated over
+        the micro-batches, scaled for fp16); returns the step's (mean) loss, detached."""
+        total = None
+        for xm, ym in self.micro_batches(x, y):
+            with self.autocast():
+                loss = criterion(model(xm), ym)
+            part = loss / self.accum if self.accum > 1 else loss
+            (part if scaler is None else scaler.scale(part)).backward()
+            total = loss.detach() if total is None else total + loss.detach()
+        return total / self.accum if self.accum > 1 else total
+
+    def clip_gradients(self, params: Iterable[Tensor]) -> None:
+        """Clip to the global norm ``grad_clip`` (torch.nn.utils.clip_grad_norm_)."""
+        if self.clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, self.clip)
+
+
+def clip_rows(grads: list[Tensor], max_norm: float) -> None:
+    """Clip stacked learners' gradients (row r of each tensor is learner r's) to the global
+    norm ``max_norm`` per learner, with the arithmetic of torch.nn.utils.clip_grad_norm_."""
+    rows = grads[0].shape[0]
+    norms = torch.stack([torch.linalg.vector_norm(g.reshape(rows, -1), dim=1) for g in grads])
+    total = torch.linalg.vector_norm(norms, dim=0)
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in grads:
+        g.mul_(coef.view(rows, *([1] * (g.dim() - 1))))
+
+
+def tokens_per_sample(data: Data) -> int:
+    """Target positions per training sample: a text sequence's length, else 1."""
+    y = getattr(data, "train_y", None)
+    return int(y[0].numel()) if isinstance(y, Tensor) and y.dim() > 1 else 1
 
 
 def seed_dropout(cfg: RunConfig, rank: int) -> None:

@@ -29,6 +29,7 @@ import pytest
 import yaml
 
 from kavg_ray.analysis.results import ResultsStore
+from tests.ray_head import pids_under
 
 from .listening import command, listening, loopback
 
@@ -333,6 +334,49 @@ def test_submit_ships_the_users_code_with_working_dir(cluster: Cluster, tmp_path
     rows = ResultsStore(tmp_path / "store").read_trials("own").to_dict("records")
     assert [(r["trial_id"], r["status"]) for r in rows] == [("K1-P2-s0", "completed")]
     assert rows[0]["final_test_acc"] > 0.75  # two separated blobs (chance: 0.5), 8 steps
+
+
+def test_sweep_run_joins_both_nodes(cluster: Cluster, tmp_path: Path) -> None:
+    """`kavg sweep run --address` from a driver whose factories the nodes do not have (a
+    folder on the driver's PYTHONPATH only): they are shipped; the storage is checked from
+    both nodes (one machine: both see it) and the check leaves nothing behind; the P = 2
+    trial's learners sit on both nodes, and its process group listens on the nodes' Ray
+    address (127.0.0.1 here) only."""
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "kavg_blobs_run.py").write_text(WORKLOAD_PY)
+    spec = {"name": "joined", "workload": {"dataset": "kavg_blobs_run:blobs",
+            "model": "kavg_blobs_run:tiny", "epochs": 6, "batch_size": 8,
+            "lr": {"initial": 0.1}},
+            "grid": {"K": [2], "P": [2]}, "resources": {"cpus_per_worker": 0.75}}  # fmt: skip
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    env = {**cluster.env, "RAY_AUTH_MODE": "token",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), str(code)]))}  # fmt: skip
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "kavg_ray.cli", "sweep", "run", "spec.yaml", "--address",
+         f"127.0.0.1:{cluster.port}", "--storage", "store"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    seen: dict[tuple[str, int], int] = {}  # (host, port) -> pid
+    trainers: set[int] = set()  # Ray Train workers (a process's title changes per task)
+    deadline = time.monotonic() + 600
+    while driver.poll() is None and time.monotonic() < deadline:
+        for host, port, pid in listening(set(pids_under(cluster.state))):
+            seen[(host, port)] = pid
+            if "RayTrainWorker" in command(pid):
+                trainers.add(pid)
+        time.sleep(0.2)
+    if driver.poll() is None:
+        driver.kill()
+    out, err = driver.communicate(timeout=60)
+    assert driver.returncode == 0, out[-2000:] + err[-3000:]
+    rows = ResultsStore(tmp_path / "store").read_trials("joined").to_dict("records")
+    assert [(r["trial_id"], r["status"]) for r in rows] == [("K2-P2-s0", "completed")]
+    assert not list((tmp_path / "store").glob(".kavg-shared-check-*"))
+    group = [(h, p) for (h, p), pid in seen.items() if pid in trainers and h == "127.0.0.1"]
+    assert len(trainers) >= 2 and len(group) >= 3, (trainers, seen)
+    outside = [(h, p, command(pid)) for (h, p), pid in seen.items() if not loopback(h)]
+    assert outside == [], f"listening beyond the nodes' address: {outside}"
 
 
 def _scrape(cluster: Cluster) -> str:

@@ -58,3 +58,119 @@ def test_other_failures_are_one_line_naming_the_log(no_ray, tmp_path) -> None:
         "cannot join the Ray cluster at 10.0.0.5:6379: Failed to connect to GCS at "
         f"10.0.0.5:6379 (Ray's log: {tmp_path / 'x.log'})"
     )
+
+
+# --- Dialling: whatever the peer does, one line within KAVG_CONNECT_TIMEOUT_S ----------
+
+
+@pytest.fixture
+def peer():
+    """A listener on 127.0.0.1 that answers each connection with ``reply`` (None: reads and
+    sends nothing, never even accepts); yields a function making one."""
+    import socket
+    import threading
+
+    made = []
+
+    def make(reply: bytes | None) -> str:
+        srv = socket.socket()
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(8)
+        made.append(srv)
+        if reply is not None:
+
+            def serve() -> None:
+                while True:
+                    try:
+                        conn, _ = srv.accept()
+                    except OSError:
+                        return
+                    conn.recv(64)
+                    conn.sendall(reply)
+                    made.append(conn)
+                    if not reply:
+                        conn.close()
+
+            threading.Thread(target=serve, daemon=True).start()
+        return f"127.0.0.1:{srv.getsockname()[1]}"
+
+    yield make
+    for s in made:
+        s.close()
+
+
+SETTINGS = bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])  # an empty SETTINGS frame: what gRPC sends first
+
+
+@pytest.mark.parametrize(
+    ("reply", "reason"),
+    [(None, "it accepted the connection but sent nothing back"),
+     (b"HTTP/1.1 400 Bad Request\r\n\r\n", "it answered, but not as a Ray cluster (no gRPC)"),
+     (b"", "it closed the connection without answering")],
+)  # fmt: skip
+def test_a_peer_that_is_not_a_ray_cluster_is_refused_in_time(peer, reply, reason) -> None:
+    import time
+
+    from kavg_ray.launch.address import probe
+
+    address = peer(None if reply is None else reply)
+    t0 = time.monotonic()
+    with pytest.raises(KavgError) as err:
+        probe(address, 1.5)
+    assert time.monotonic() - t0 < 3
+    assert err.value.exit_code == 1
+    assert str(err.value).startswith(f"no Ray cluster answers at {address} ({reason}; waited")
+
+
+def test_a_grpc_server_passes(peer) -> None:
+    from kavg_ray.launch.address import probe
+
+    probe(peer(SETTINGS), 2)
+
+
+def test_a_silent_listener_as_address_is_one_line_in_time_and_writes_nothing(peer, tmp_path):
+    """`kavg sweep run --address` a listener that accepts and stays silent: exit 1 with one
+    line within the connect timeout (plus start-up), and no storage written."""
+    import subprocess
+    import sys
+    import time
+
+    address = peer(None)
+    (tmp_path / "spec.yaml").write_text(
+        "name: silent\nworkload: {dataset: digits, model: mlp, epochs: 1}\ngrid: {K: [1]}\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KAVG_", "RAY_"))}
+    env["KAVG_CONNECT_TIMEOUT_S"] = "3"
+    t0 = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, "-m", "kavg_ray.cli", "sweep", "run", "spec.yaml", "--address",
+         address, "--storage", str(tmp_path / "store")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    took = time.monotonic() - t0
+    assert out.returncode == 1, out.stderr
+    assert out.stderr.splitlines() == [
+        f"error: no Ray cluster answers at {address} (it accepted the connection but sent "
+        "nothing back; waited 3.0 s of 3 s, KAVG_CONNECT_TIMEOUT_S)"
+    ]
+    assert took < 3 + 8, took  # the timeout, plus Python and the CLI's imports
+    assert not (tmp_path / "store").exists()
+    assert out.stdout == ""
+
+
+def test_joining_output_is_staged_outside_the_storage_until_joined(tmp_path) -> None:
+    """Ray's output while connecting goes to a temporary file; settle() moves it into the
+    sweep's logs/ (created only then), and what follows is appended there."""
+    from kavg_ray.launch import console
+
+    path = tmp_path / "store" / "s" / "logs" / "sweep.log"
+    with console.quiet(path, staged=True) as say:
+        os.write(1, b"connecting\n")
+        staged = say.log
+        assert staged != path and not staged.is_relative_to(tmp_path)
+        assert not (tmp_path / "store").exists()
+        say.settle()
+        os.write(2, b"joined\n")
+        assert say.log == path
+    assert path.read_text() == "connecting\njoined\n"
+    assert not os.path.exists(staged)

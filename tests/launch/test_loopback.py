@@ -1,48 +1,36 @@
 """A local Ray that kavg starts listens on the loopback only (real Ray, one start).
 
-The driver (``connect(None)``, as ``kavg sweep run`` without ``--address``) runs a task
-so that a worker exists; then every listening TCP socket of its Ray's processes (the
-driver and every process whose command line names this test's RAY_TMPDIR: GCS, raylet,
-dashboard and its agents, metrics exporters, workers) is read from /proc/net/tcp{,6}
-(tests/launch/listening.py). Any address outside the loopback fails the test.
+``kavg sweep run`` without ``--address`` starts its own Ray and trains a P = 2 trial.
+While it runs, every listening TCP socket of the driver and of every process whose
+command line or environment names this test's RAY_TMPDIR (GCS, raylet, dashboard and its
+agents, metrics exporters, workers, and the trial's two Ray Train workers with their
+process group: the rendezvous store and gloo) is read from /proc/net/tcp{,6}
+(tests/launch/listening.py) every 0.2 s. Any address outside the loopback fails the test.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
-from .listening import loopback
+from tests.ray_head import pids_under
+
+from .listening import command, listening, loopback
 
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[2]
 
-DRIVER = r"""
-import json, os, sys, time
-import ray
-from kavg_ray.launch.sweep import connect
-from tests.launch.listening import command, listening, pids_naming
-
-connect(None)
-ray.get(ray.remote(lambda: 1).remote())
-seen, stable_since = [], time.monotonic()
-deadline = time.monotonic() + 60
-while time.monotonic() < deadline:  # agents and exporters come up after ray.init returns
-    now = listening(pids_naming(sys.argv[1]) | {os.getpid()})
-    if now != seen:
-        seen, stable_since = now, time.monotonic()
-    elif time.monotonic() - stable_since > 5:
-        break
-    time.sleep(0.5)
-print(json.dumps([[h, p, command(pid)] for h, p, pid in seen]))
-ray.shutdown()
+SPEC = """
+name: lo
+workload: {dataset: digits, model: mlp, epochs: 12, batch_size: 16}
+grid: {K: [2], P: [2]}
 """
 
 
@@ -51,20 +39,38 @@ def test_loopback_classification() -> None:
     assert [loopback(h) for h in hosts] == [True, True, True, False, False, False, False]
 
 
-def test_local_ray_listens_on_loopback_only(tmp_path: Path) -> None:
+def test_local_ray_and_its_trainers_listen_on_loopback_only(tmp_path: Path) -> None:
     ray_tmp = Path(tempfile.mkdtemp(prefix="kl", dir="/tmp"))
     env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "PYTHONPATH": str(ROOT)}
     env.pop("RAY_ADDRESS", None)
+    (tmp_path / "spec.yaml").write_text(SPEC)
+    seen: dict[tuple[str, int], int] = {}  # (host, port) -> pid
+    trainers: set[int] = set()  # Ray Train workers (a process's title changes per task)
     try:
-        out = subprocess.run(
-            [sys.executable, "-c", DRIVER, str(ray_tmp)], env=env, cwd=tmp_path,
-            capture_output=True, text=True, timeout=300,
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "kavg_ray.cli", "sweep", "run", "spec.yaml", "--storage",
+             "store"], env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True,
         )  # fmt: skip
+        deadline = time.monotonic() + 300
+        while driver.poll() is None and time.monotonic() < deadline:
+            for host, port, pid in listening(set(pids_under(ray_tmp)) | {driver.pid}):
+                seen[(host, port)] = pid
+                if "RayTrainWorker" in command(pid):
+                    trainers.add(pid)
+            time.sleep(0.2)
+        out, err = driver.communicate(timeout=60)
     finally:
+        if driver.poll() is None:
+            driver.kill()
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert out.returncode == 0, out.stderr[-3000:]
-    sockets = json.loads(out.stdout.strip().splitlines()[-1])
+    assert driver.returncode == 0, err[-3000:]
+    assert "K2-P2-s0  completed" in out, out
     # GCS, raylet, object manager, agents, exporters, workers: a dozen or more listeners.
-    assert len(sockets) >= 5, sockets
-    outside = [s for s in sockets if not loopback(s[0])]
+    assert len(seen) >= 5, seen
+    # The trial's process group: rank 0's store and each rank's gloo listener, on 127.0.0.1
+    # (Ray's own servers in the same processes are on ::ffff:127.0.0.1).
+    group = [(h, p) for (h, p), pid in seen.items() if pid in trainers and h == "127.0.0.1"]
+    assert len(trainers) >= 2 and len(group) >= 3, (trainers, seen)
+    outside = [(h, p, command(pid)) for (h, p), pid in seen.items() if not loopback(h)]
     assert outside == [], f"listening beyond the loopback: {outside}"

@@ -192,8 +192,10 @@ def test_progress_json_shows_running_trials(tmp_path: Path) -> None:
     tr.result(TID, _epoch(2, 2.5))
     doc = json.loads((tmp_path / "s" / "progress.json").read_text())
     assert doc["total"] == 1 and doc["finished"] == 0 and doc["elapsed_s"] == 3.0
+    # started_s, reported_s: on the sweep's clock (the seconds of elapsed_s).
     assert doc["trials"][TID] == {"status": "running", "epoch": 2, "epochs": 4,
-                                  "test_acc": 0.7, "wall_time_s": 2.5, "restarts": 0}
+                                  "test_acc": 0.7, "wall_time_s": 2.5, "restarts": 0,
+                                  "started_s": 0.0, "reported_s": 3.0}
     tr.finish(TID, None, _row)
     doc = json.loads((tmp_path / "s" / "progress.json").read_text())
     assert doc["finished"] == 1 and doc["trials"][TID]["status"] == "failed"  # 2 of 4 epochs
@@ -563,3 +565,71 @@ def test_a_live_bar_only_on_a_terminal(tmp_path: Path) -> None:
         live = rich_console(say)
         assert live is not None and live.is_terminal and live.file is tty
     os.close(leader)
+
+
+def _status_lines(tmp_path: Path) -> list[str]:
+    args = ["sweep", "status", "s", "--storage", str(tmp_path)]
+    return CliRunner().invoke(cli.main, args).stdout.splitlines()
+
+
+def test_sweep_status_says_packed_points_train_before_their_first_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pack reports after its first epoch: until then its points train, not 'start'.
+    Each line's age is its own: since its start, then since its last report."""
+    cfgs = {c.trial_name(): c for c in (
+        parse_run({"name": "s", "workload": {"epochs": 3}, "K": k, "P": 2,
+                   "backend": "simulated"}) for k in (1, 4)
+    )}  # fmt: skip
+    now = Clock()
+    tr = TrialTracker(ResultsStore(tmp_path), "s", cfgs, list(cfgs), echo=lambda _: None,
+                      now=now)  # fmt: skip
+    cb = plans.make_callback(tr, _row, {}, lambda t: "")
+    (pack,) = plans.plan_packs(list(cfgs.values()), budget_bytes=2**40)
+    entry = plans.pack_entry(0, pack)
+    trial = SimpleNamespace(trial_id="t0", config={"trial": entry})
+    cb.on_trial_start(0, [], trial)
+    # The sweep's clock: progress.json was written 35 s after the pack started, and it is
+    # read 10 s after that.
+    now.t = 35.0
+    tr.write_progress()
+    written = json.loads((tmp_path / "s" / "progress.json").read_text())["updated_unix"]
+    monkeypatch.setattr("time.time", lambda: written + 10.0)
+    k1, k4 = cfgs
+    assert _status_lines(tmp_path)[1:3] == [
+        f"running: {k1}  packed in pack0-P2-2pts: training (first epoch not reported yet)  "
+        "(started 45 s ago)",
+        f"running: {k4}  packed in pack0-P2-2pts: training (first epoch not reported yet)  "
+        "(started 45 s ago)",
+    ]
+    now.t = 40.0
+    cb.on_trial_result(0, [], trial, {**_epoch(1, 40.0), "point": k1, "point_done": False})
+    written = json.loads((tmp_path / "s" / "progress.json").read_text())["updated_unix"]
+    monkeypatch.setattr("time.time", lambda: written + 2.0)
+    assert _status_lines(tmp_path)[1] == (
+        f"running: {k1}  epoch 1/3, test accuracy 0.6000, packed in pack0-P2-2pts  "
+        "(last report 2 s ago)"
+    )
+
+
+def test_sweep_status_of_an_epoch_without_accuracy(tmp_path: Path) -> None:
+    """A regression task (or a diverged epoch) has no finite accuracy: the line says the
+    epoch without one (it used to raise on None)."""
+    tr = _tracker(tmp_path, [], Clock())
+    tr.start(TID)
+    tr.result(TID, _epoch(2, 2.0, test_acc=float("nan")))
+    assert _status_lines(tmp_path)[1].startswith(f"running: {TID}  epoch 2/4  (last report ")
+
+
+def test_sweep_status_reads_an_older_progress_file(tmp_path: Path) -> None:
+    """progress.json of a sweep started before trials carried their times: the sweep's
+    last report age, as before."""
+    ResultsStore(tmp_path).write_progress("s", {
+        "updated_unix": 0.0, "total": 1, "finished": 0, "elapsed_s": 5.0,
+        "trials": {TID: {"status": "running", "epoch": None, "epochs": 4, "test_acc": None,
+                         "wall_time_s": None, "restarts": 0}},
+    })  # fmt: skip
+    line = _status_lines(tmp_path)[1]
+    assert line.startswith(f"running: {TID}  starting (4 epochs)  (last report ") and (
+        line.endswith(" s ago)")
+    )

@@ -1,7 +1,8 @@
 """`kavg sweep submit --working-dir DIR`: the folder of the user's code travels with the job
 as Ray's runtime_env working_dir. Unit-tested on the runtime_env that jobs.submit hands to
 Ray and through the CLI up to the submission (a real Ray Job upload is left to a cluster:
-starting a Ray head costs more than this check is worth on two cores)."""
+starting a Ray head costs more than this check is worth on two cores). And `kavg sweep run
+--address`, which ships the factories' modules as py_modules, on the shared Ray head."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from kavg_ray.analysis.results import ResultsStore
 from kavg_ray.errors import JobsError
 from kavg_ray.launch.jobs import SPEC_ENV, check_working_dir, job_runtime_env
 
@@ -89,3 +91,24 @@ def test_cli_checks_the_factories_from_the_working_dir(tmp_path) -> None:
     missing = _submit(tmp_path, "--working-dir", "nosuch")
     assert missing.returncode == 2
     assert missing.stderr.splitlines() == ["error: --working-dir nosuch: does not exist"]
+
+
+def test_sweep_run_on_a_cluster_ships_the_factories(tmp_path, ray_head) -> None:  # noqa: ANN001
+    """`kavg sweep run --address`: the factory module is importable on the driver only (a
+    folder on its PYTHONPATH, which Ray does not pass on, as another machine would lack
+    it); the trial's workers import the copy shipped as py_modules."""
+    (tmp_path / "code").mkdir()
+    (tmp_path / "code" / "shipped_wl.py").write_text(FACTORIES)
+    (tmp_path / "run").mkdir()
+    spec = {**SPEC, "name": "ship", "grid": {"K": [1], "P": [1]}}
+    (tmp_path / "run" / "spec.yaml").write_text(yaml.safe_dump(spec))
+    env = {**ray_head.env, "KAVG_CONNECT_TIMEOUT_S": "30"}
+    env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(tmp_path / "code")])
+    out = subprocess.run(
+        [sys.executable, "-m", "kavg_ray.cli", "sweep", "run", "spec.yaml", "--address",
+         ray_head.address, "--storage", str(tmp_path / "store")],
+        cwd=tmp_path / "run", env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    rows = ResultsStore(tmp_path / "store").read_trials("ship").to_dict("records")
+    assert [(r["trial_id"], r["status"]) for r in rows] == [("K1-P1-s0", "completed")]

@@ -7,6 +7,7 @@ import math
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -147,3 +148,102 @@ def test_random_states_round_trip_on_cpu_and_take_the_gpus_too(monkeypatch) -> N
     assert set(states) == {"rng", "cuda_rng"} and int(states["cuda_rng"][0]) == 7
     restore_random_states(states, gpu)
     assert calls == [(torch.device("cpu"), gpu)]
+
+
+# ------------------------------------------------- what a diverged trial's row says
+
+
+def _diverged_row(tmp_path, cfg: RunConfig, reports: list[dict]) -> dict:  # noqa: ANN001
+    """The stored row of a trial whose reports the driver received (no Ray: the tracker
+    the Tune callback feeds, fed by hand)."""
+    from kavg_ray.analysis.results import ResultsStore
+    from kavg_ray.launch.progress import TrialTracker
+    from kavg_ray.launch.sweep import _row
+
+    tid = cfg.trial_name()
+    tracker = TrialTracker(ResultsStore(tmp_path), "s", {tid: cfg}, [tid], echo=lambda _: None)
+    for metrics in reports:
+        tracker.result(tid, metrics)
+    tracker.finish(tid, None, _row)
+    (row,) = ResultsStore(tmp_path).read_trials("s").to_dict("records")
+    return row
+
+
+# lr 1e12 on the MLP: the first steps overflow, the epoch's mean training loss is NaN.
+DIVERGING = {**WORKLOAD, "epochs": 3, "lr": {"initial": 1e12}}
+
+
+@pytest.mark.parametrize("name", list(ENGINES))
+def test_a_diverged_trials_error_says_the_epoch_and_the_loss(tmp_path, name: str) -> None:  # noqa: ANN001
+    doc = {**ENGINES[name], "workload": DIVERGING}
+    reports = [m for m, _ in _train(doc)]
+    assert [m["epoch"] for m in reports] == [1] and reports[-1]["diverged"]
+    row = _diverged_row(tmp_path, RunConfig.model_validate({"seed": 1, **doc}), reports)
+    assert (row["status"], row["error"]) == ("diverged", "diverged at epoch 1: train loss nan")
+
+
+def test_a_diverged_packed_points_error_says_the_epoch_and_the_loss(tmp_path) -> None:  # noqa: ANN001
+    from kavg_ray.train.packed import run_pack
+
+    sim = {"backend": "simulated", "P": 2, "K": 2}
+    cfgs = [RunConfig.model_validate({**sim, "workload": w}) for w in
+            (DIVERGING, {**DIVERGING, "lr": {"initial": 0.1}})]  # fmt: skip
+    reports: list[list[dict]] = [[], []]
+    run_pack(cfgs, lambda i, m, done: reports[i].append(m))
+    assert [m["epoch"] for m in reports[0]] == [1] and reports[0][-1]["diverged"]
+    row = _diverged_row(tmp_path / "a", cfgs[0], reports[0])
+    assert (row["status"], row["error"]) == ("diverged", "diverged at epoch 1: train loss nan")
+    row = _diverged_row(tmp_path / "b", cfgs[1], reports[1])
+    assert (row["status"], row["error"]) == ("completed", "")
+
+
+@pytest.mark.parametrize(
+    ("report", "reason"),
+    [
+        ({"epoch": 3, "train_loss": math.inf}, "diverged at epoch 3: train loss inf"),
+        ({"epoch": 3, "train_loss": math.nan}, "diverged at epoch 3: train loss nan"),
+        # A finite mean loss: the evaluated parameters were not finite.
+        ({"epoch": 2, "train_loss": 12345.678},
+         "diverged at epoch 2: parameters not finite (train loss 1.235e+04)"),
+    ],
+)  # fmt: skip
+def test_the_divergence_reason(report: dict, reason: str) -> None:
+    from kavg_ray.launch.sweep import trial_row
+
+    cfg = RunConfig.model_validate({"K": 2, "workload": {**WORKLOAD, "epochs": 5}})
+    history = [{"epoch": e, "train_loss": 1.0} for e in range(1, report["epoch"])]
+    row = trial_row("s", "t", cfg, [*history, {**report, "diverged": True}], "diverged")
+    assert row["error"] == reason
+    # A reason given (early stopping's, a failure's) is kept.
+    assert trial_row("s", "t", cfg, history, "diverged", "why")["error"] == "why"
+
+
+# ---------------------------------------------------- the clock stops while reporting
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_the_clock_stops_while_reporting(packed: bool) -> None:
+    """wall_time_s is the loop's training time: a report (Ray's, which waits for the
+    controller's poll, with the checkpoint write) is left out. The checkpoint holds the
+    clock as it was before its report, so a run resumed from it counts what the
+    uninterrupted run counts (docs/design.md section 5)."""
+    from kavg_ray.train.packed import run_pack
+
+    cfg = RunConfig.model_validate(
+        {"K": 2, "P": 2, "backend": "simulated", "workload": {**WORKLOAD, "epochs": 2}}
+    )
+    walls: list[float] = []
+
+    def slow_report(metrics: dict) -> None:
+        walls.append(metrics["wall_time_s"])
+        time.sleep(3.0)
+
+    if packed:
+        run_pack([cfg, cfg.model_copy(update={"seed": 1})],
+                 lambda i, m, done: slow_report(m) if i == 1 else None)  # fmt: skip
+    else:
+        states: list[dict] = []
+        train(cfg, lambda m, s: (states.append(s), slow_report(m)))
+        assert states[0]["counters"]["wall_time_s"] == walls[0]
+    # The 3 s of the first epoch's report(s) are not in the second epoch's clock.
+    assert len(walls) == 2 and 0 < walls[0] < walls[1] < 3.0

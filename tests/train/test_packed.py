@@ -96,3 +96,19 @@ def test_pack_keys_and_memory_split() -> None:
     assert [[c.K for c in p] for p in split_packs(cfgs, budget)] == [[1, 2], [4, 8], [16]]
     with pytest.raises(ValueError, match="needs ~"):
         split_packs(cfgs, one - 1)
+
+
+@pytest.mark.parametrize("model", ["mlp1d", "cnn1d"])
+def test_mnist1d_models_pack(model, tmp_path) -> None:
+    """MNIST-1D's MLP and 1-D CNN stack in a pack: each point as it runs alone."""
+    workload = {"dataset": "mnist1d", "model": model, "dataset_args": {"num_samples": 800},
+                "data_dir": str(tmp_path), "lr": {"initial": 0.3}}  # fmt: skip
+    points = [cfg(K=k, seed=s, workload=workload) for k, s in ((1, 0), (4, 1), (16, 0))]
+    assert len({pack_key(c) for c in points}) == 1
+    got = packed(points)
+    for i, c in enumerate(points):
+        for a, b in zip(got[i], alone(c), strict=True):
+            assert a["test_acc"] == pytest.approx(b["test_acc"], abs=1e-9), (i, model)
+            for key in ("test_loss", "train_loss"):
+                assert a[key] == pytest.approx(b[key], abs=1e-5), (i, key)
+            assert a["rounds"] == b["rounds"]

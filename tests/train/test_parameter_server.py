@@ -360,6 +360,9 @@ def test_sweep_on_ray_learns_and_marks_divergence(tmp_path: Path, ray_head: RayH
     # Two learners pushing after every step against one server: some pushes are stale.
     assert down["staleness_max"] >= 1
     assert bad["status"] == "diverged"
+    # Through Ray, the row says where and how (the loss: NaN, inf, or finite with
+    # parameters that are not).
+    assert bad["error"].startswith("diverged at epoch 1: "), bad["error"]
     history = store.read_history("asgd")
     assert history[history["trial_id"] == "downpour-f1-p2-P2-s0"]["epoch"].tolist() == [1]
     assert sorted(history[history["trial_id"] == "eamsgd-t4-b0.9-P2-s0"]["epoch"]) == [1, 2, 3, 4]

@@ -160,8 +160,9 @@ def _real_runs(rank: int, world: int, out_dir: str, docs: dict) -> None:
 
 
 def test_equals_real_gloo_loop(tmp_path, monkeypatch) -> None:
-    """P = 2 real processes: an MLP (float32, metrics too) and a BatchNorm model (float64,
-    momentum and weight decay) trained by run_training equal the simulated learners."""
+    """P = 2 real processes: an MLP (float32, metrics too), a BatchNorm model (float64,
+    momentum and weight decay), and MNIST-1D's MLP and 1-D CNN (float32) trained by
+    run_training equal the simulated learners."""
     mlp = _config(P=2, K=3)
     bn_workload = {
         **_config().workload.model_dump(),
@@ -169,9 +170,19 @@ def test_equals_real_gloo_loop(tmp_path, monkeypatch) -> None:
         "weight_decay": 1e-3,
     }
     bn = _config(P=2, K=3, workload=bn_workload)
+    # MNIST-1D with its two models (float32), made once here into the learners' cache.
+    mnist1d = {
+        model: _config(P=2, K=3, workload={
+            **_config().workload.model_dump(), "dataset": "mnist1d", "model": model,
+            "dataset_args": {"num_samples": 1000}, "data_dir": str(tmp_path / "data"),
+        })  # fmt: skip
+        for model in ("mlp1d", "cnn1d")
+    }
+    load_dataset("mnist1d", data_dir=tmp_path / "data", options={"num_samples": 1000})
     docs = {
         "mlp": (mlp.model_dump(mode="json"), False, False),
         "bn": (bn.model_dump(mode="json"), True, True),
+        **{m: (cfg.model_dump(mode="json"), False, False) for m, cfg in mnist1d.items()},
     }
     run_distributed(_real_runs, 2, str(tmp_path), docs)
     real = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
@@ -185,6 +196,14 @@ def test_equals_real_gloo_loop(tmp_path, monkeypatch) -> None:
         for key in ("train_loss", "test_loss", "test_acc"):
             assert ours[key] == pytest.approx(theirs[key], abs=1e-5), key
         assert ours["comm_time_s"] == 0 and ours["bytes_communicated"] == 0
+
+    for model, cfg in mnist1d.items():
+        ours_m, ours_s = _simulate(cfg)
+        assert _max_diff(ours_s[-1], [r[model]["model"] for r in real]) <= 1e-5, model
+        for ours, theirs in zip(ours_m, real[0][model]["metrics"], strict=True):
+            assert ours["samples"] == theirs["samples"] == ours["epoch"] * 800  # 25 steps of 2x16
+            for key in ("train_loss", "test_loss", "test_acc"):
+                assert ours[key] == pytest.approx(theirs[key], abs=1e-5), (model, key)
 
     with _float64(monkeypatch):
         bn_metrics, bn_states = _simulate(bn, build=_bn_model)
