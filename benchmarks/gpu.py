@@ -76,13 +76,14 @@ def _sync(device: torch.device) -> None:
 def time_pack(cfgs: list[RunConfig], device: torch.device) -> tuple[float, int | None]:
     """Seconds of one epoch of the pack (after one untimed epoch), and the peak bytes."""
     engine = PackedEngine(cfgs, device, check=False)
-    lrs = [c.workload.lr.initial for c in cfgs]
-    engine.train_epoch(0, lrs)
+    spe = engine.steps_per_epoch
+    lrs = [[c.workload.lr.initial] * spe for c in cfgs]
+    engine.train_steps(0, 0, spe, lrs)
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    engine.train_epoch(1, lrs)
+    engine.train_steps(1, 0, spe, lrs)
     _sync(device)
     seconds = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None

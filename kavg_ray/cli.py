@@ -127,10 +127,10 @@ def _check_factories(points: list) -> None:
     todo = {}
     for p in points:
         wl = p.workload
-        if any(is_factory(name or "") for name in (wl.dataset, wl.model, wl.loss)):
-            # Once per distinct data, model and loss: a grid over lr or K adds no check.
+        if any(is_factory(name or "") for name in (wl.dataset, wl.model, wl.loss, wl.optimizer)):
+            # Once per distinct data, model, loss and optimizer: a grid over K adds no check.
             keys = ("dataset", "dataset_args", "model", "model_args", "loss", "task",
-                    "in_memory_mb")  # fmt: skip
+                    "in_memory_mb", "optimizer")  # fmt: skip
             todo.setdefault((wl.model_dump_json(include=set(keys)), p.backend), p)
     if todo:
         from kavg_ray.train.workload import check_workload
@@ -428,7 +428,10 @@ def _model_bytes() -> Callable:
     return model_bytes
 
 
-_NETWORK_HELP = "a preset (nvlink, ib200, ib400, eth1g, eth10g, eth100g), alpha=S,bandwidth=GB/s"
+_NETWORK_HELP = (
+    "a preset (nvlink, ib200, ib400, eth1g, eth10g, eth100g, wan400g, wan100g, wan10g), "
+    "alpha=S,bandwidth=GB/s"
+)
 
 
 def _network_options(fn: Callable) -> Callable:

@@ -89,6 +89,14 @@ GRID_KEYS = {
     "outer_momentum": ("outer", "momentum"),
     "warmup_steps": ("warmup_steps",),
     "outer_nesterov": ("outer", "nesterov"),
+    "lr_schedule": ("workload", "lr", "schedule"),
+    "lr_warmup_steps": ("workload", "lr", "warmup_steps"),
+    "min_lr": ("workload", "lr", "min_lr"),
+    "grad_clip": ("workload", "grad_clip"),
+    "grad_accum": ("workload", "grad_accum"),
+    "precision": ("workload", "precision"),
+    "tf32": ("workload", "tf32"),
+    "steps": ("workload", "steps"),
 }
 # Swept keys that the trial name ``K4-P2-s0`` does not already show; a grid over them
 # appends ``-lr0.05``, ``-batch_size32`` ... so that every grid point has its own name.
@@ -112,6 +120,7 @@ BUILTIN_DATASETS = (
 )  # fmt: skip
 BUILTIN_MODELS = ("linear", "mlp", "cnn", "vgg16", "nin", "resnet18", "gpt", "mlp1d", "cnn1d")
 BUILTIN_LOSSES = ("cross_entropy", "mse")
+BUILTIN_OPTIMIZERS = ("sgd", "adamw")  # what the simulated engine implements
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 FACTORY_RE = re.compile(rf"^{_IDENT}(\.{_IDENT})*:{_IDENT}$")
 # The torchvision data sets read from workload.data_dir: the folder each keeps its files in.
@@ -363,8 +372,10 @@ class WorkloadConfig(_Strict):
     lr: LRConfig = LRConfig(initial=0.1)
     momentum: Float = Field(default=0.0, ge=0.0, lt=1.0)
     weight_decay: Float = Field(default=0.0, ge=0.0)
-    optimizer: Literal["sgd", "adamw"] = Field(
-        default="sgd", description="the inner optimizer: sgd (with momentum) or adamw"
+    optimizer: str = Field(
+        default="sgd",
+        description="the inner optimizer: sgd (with momentum), adamw, or a factory "
+        "'module.path:function' called as function(params=..., lr=initial) (process group)",
     )
     betas: tuple[Float, Float] = Field(
         default=(0.9, 0.999), description="adamw: the moment decay rates, each in [0, 1)"
@@ -420,6 +431,11 @@ class WorkloadConfig(_Strict):
     @classmethod
     def _check_model(cls, value: str) -> str:
         return _builtin_or_factory(value, BUILTIN_MODELS)
+
+    @field_validator("optimizer")
+    @classmethod
+    def _check_optimizer(cls, value: str) -> str:
+        return _builtin_or_factory(value, BUILTIN_OPTIMIZERS)
 
     @field_validator("loss")
     @classmethod
@@ -659,6 +675,11 @@ class RunConfig(_Strict):
     def _check_recipe(self) -> None:
         """The training recipe's keys (docs/design.md section 1) that an engine cannot honour."""
         wl = self.workload
+        if is_factory(wl.optimizer) and self.backend == "simulated":
+            raise ValueError(
+                f"workload.optimizer '{wl.optimizer}': the simulated (and packed) engine "
+                "implements sgd and adamw only: use backend ray for an optimizer factory"
+            )
         if wl.tf32 is not None and not self.resources.use_gpu:
             raise ValueError("workload.tf32 is for CUDA: it needs resources.use_gpu: true")
         if wl.precision == "fp16" and (

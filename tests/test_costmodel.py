@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -390,3 +391,311 @@ def test_cli_bad_network_exits_2_with_one_line(tmp_path: Path, network: str, nee
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], proc.stderr
     assert proc.stdout == ""
     assert "Traceback" not in proc.stderr
+
+
+# --------------------------------------------------------------------------- issue #28:
+# payload, fragments, overlap, adaptive periods, the DiLoCo scaling-law study's networks
+
+
+@pytest.mark.parametrize(
+    ("elements", "payload", "expected"),
+    [
+        (1000, "fp32", 4000),
+        (1000, "bf16", 2000),
+        (1000, "fp16", 2000),
+        (1000, "fp8", 1000 + 4 * 4),  # ceil(1000 / 256) = 4 float32 scales
+        (1000, "int8", 1000 + 4 * 4),
+        (1000, "int4", 500 + 4 * 4),
+        (1001, "int4", 501 + 4 * 4),  # half a byte rounds up
+        (256, "int8", 256 + 4),  # one full block: one scale
+        (257, "int8", 257 + 8),  # one element more: a second block
+        (0, "int8", 0),
+    ],
+)
+def test_payload_bytes_exact(elements: int, payload: str, expected: int) -> None:
+    assert cm.payload_bytes(elements, payload) == expected
+    assert cm.PAYLOAD_BLOCK == 256
+
+
+def test_quantized_average_is_all_to_all_then_all_gather() -> None:
+    link = cm.Link(1e-5, 1e9)
+    P, q = 4, 1016.0
+    all_to_all = (P - 1) * 1e-5 + (P - 1) / P * q / 1e9  # shard j of q/P bytes to learner j
+    all_gather = (P - 1) * 1e-5 + (P - 1) / P * q / 1e9  # every summed shard back
+    both = all_to_all + all_gather
+    assert cm.quantized_average_time(P, q, link) == pytest.approx(both, rel=1e-12)
+    # The ring all-reduce's form, with the quantized bytes for n.
+    assert cm.quantized_average_time(P, q, link) == pytest.approx(cm.allreduce_time(P, q, link))
+    assert cm.average_time(P, q, link, "int8") == cm.quantized_average_time(P, q, link)
+    assert cm.average_time(P, q, link, "bf16") == cm.allreduce_time(P, q, link)
+    assert cm.quantized_average_time(1, q, link) == 0.0
+
+
+def test_exposed_time_is_what_the_delay_does_not_hide() -> None:
+    assert cm.exposed_time(0.05, 3, 0.01) == pytest.approx(0.02)  # 0.05 - 3 x 0.01
+    assert cm.exposed_time(0.02, 3, 0.01) == 0.0  # fits in the 3 steps: hidden
+    assert cm.exposed_time(0.05, 0, math.nan) == 0.05  # no delay: all paid, step time unused
+    assert math.isnan(cm.exposed_time(0.05, 2, math.nan))  # a delay needs the step time
+
+
+def _one_trial(tid: str, rounds: float, sent: float, steps: int, P: int = 4, **cols) -> tuple:
+    """A K-AVG trial (B = 1) of ``steps`` local steps and ``rounds`` averages, one epoch."""
+    trial = {"trial_id": tid, "algorithm": "kavg", "model": "mlp", "dataset": "digits",
+             "backend": "ray", "P": P, "K": 8, "batch_size": 1, "status": "completed", **cols}
+    hist = {"trial_id": tid, "epoch": 1, "samples": steps * P, "rounds": rounds,
+            "bytes_communicated": sent, "test_acc": 0.9, "compute_time_s": 1.0,
+            "wall_time_s": 1.0}  # fmt: skip
+    return trial, hist
+
+
+def _predict(rows: list[tuple], net: cm.Network, **kw) -> pd.DataFrame:
+    trials = pd.DataFrame([r[0] for r in rows])
+    hist = pd.DataFrame([r[1] for r in rows])
+    return cm.predict_trials(trials, hist, net, **kw).set_index("trial_id")
+
+
+def test_fragments_each_pay_their_own_latency_and_a_fraction_of_the_bytes() -> None:
+    n, P, alpha, beta = 1e8, 4, 1e-3, 1e9
+    net = cm.Network("t", cm.Link(alpha, beta))
+    # 800 local steps at K = 8: 100 whole-model averages, or with F = 4 fragments 400
+    # fragment averages (one every K/F = 2 steps) of n/4 bytes each.
+    whole = _one_trial("F1", 100, 100 * n, 800, fragments=1)
+    frags = _one_trial("F4", 400, 400 * n / 4, 800, fragments=4)
+    pred = _predict([whole, frags], net, step_time=0.0)
+    lat, bw = 2 * (P - 1) * alpha, 2 * (P - 1) / P * n / beta
+    assert pred.loc["F1", "predicted_comm_time_s"] == pytest.approx(100 * (lat + bw), rel=1e-12)
+    assert pred.loc["F4", "predicted_comm_time_s"] == pytest.approx(
+        400 * (lat + bw / 4), rel=1e-12
+    )
+    assert pred.loc["F4", "model_bytes"] == n / 4  # bytes per (fragment) average
+    # Same bytes in all; F - 1 more latencies per whole-model round.
+    extra = pred.loc["F4", "predicted_comm_time_s"] - pred.loc["F1", "predicted_comm_time_s"]
+    assert extra == pytest.approx(100 * 3 * lat, rel=1e-9)
+
+
+def test_a_trial_that_moved_no_bytes_is_sized_as_its_payload_and_fragments() -> None:
+    elements = 10_000
+    trial = _one_trial("q", 40, 0, 80, P=2, fragments=4, payload="int8")
+    pred = _predict([trial], cm.Network("t", cm.Link(0.0, 1e9)), step_time=0.0,
+                    sizer=lambda m, d: 4.0 * elements)  # fmt: skip
+    q = (elements + 4 * math.ceil(elements / 256)) / 4  # int8 with its scales, 1/F of it
+    assert pred.loc["q", "model_bytes"] == pytest.approx(q, rel=1e-15)
+    # P = 2: all-to-all and all-gather each move (P-1)/P q = q/2.
+    assert pred.loc["q", "predicted_comm_time_s"] == pytest.approx(40 * q / 1e9, rel=1e-12)
+    bf16 = _predict([_one_trial("h", 10, 0, 80, P=2, payload="BF16")],
+                    cm.Network("t", cm.Link(0.0, 1e9)), step_time=0.0,
+                    sizer=lambda m, d: 4.0 * elements)  # fmt: skip
+    assert bf16.loc["h", "model_bytes"] == 2 * elements
+
+
+def test_measured_quantized_bytes_are_priced_as_they_are() -> None:
+    # A quantized trial's history holds the payload it handed in (scales included).
+    q = 1016.0
+    trial = _one_trial("m", 10, 10 * q, 80, P=4, payload="fp8")
+    pred = _predict([trial], cm.Network("t", cm.Link(1e-6, 1e9)), step_time=0.0)
+    assert pred.loc["m", "model_bytes"] == q
+    one = 2 * 3 * 1e-6 + 2 * 3 / 4 * q / 1e9
+    assert pred.loc["m", "predicted_comm_time_s"] == pytest.approx(10 * one, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("fragment_bytes", "paid", "hidden"),
+    [(2e7, 0.0, 0.02), (5e7, 0.02, 0.03)],  # 0.02 s fits in 3 steps; 0.05 s does not
+)
+def test_overlap_hides_up_to_tau_steps(fragment_bytes: float, paid: float, hidden: float) -> None:
+    # P = 2, alpha = 0: a fragment average takes (P-1)/P * 2 * bytes / beta = bytes / 1e9 s.
+    # tau = 3 steps of 0.01 s hide up to 0.03 s of each.
+    trial = _one_trial("o", 50, 50 * fragment_bytes, 400, P=2, fragments=2, fragment_delay=3)
+    pred = _predict([trial], cm.Network("t", cm.Link(0.0, 1e9)), step_time=0.01)
+    assert pred.loc["o", "predicted_comm_time_s"] == pytest.approx(50 * paid, abs=1e-15)
+    assert pred.loc["o", "predicted_hidden_time_s"] == pytest.approx(50 * hidden, rel=1e-12)
+    assert pred.loc["o", "predicted_time_s"] == pytest.approx(400 * 0.01 + 50 * paid, rel=1e-12)
+    # The measured step time works as well: compute_time_s / steps = 1 / 400.
+    measured = _predict([trial], cm.Network("t", cm.Link(0.0, 1e9)))
+    t = fragment_bytes / 1e9
+    assert measured.loc["o", "predicted_comm_time_s"] == pytest.approx(
+        50 * max(0.0, t - 3 / 400), rel=1e-12
+    )
+
+
+def test_absent_columns_and_their_defaults_price_as_today() -> None:
+    trials, hist = _hand_sweep()
+    net = cm.parse_network("alpha=1e-5,bandwidth=2")
+    today = cm.predict_trials(trials, hist, net, target=0.9)
+    cols = [c for c in cm.PREDICTION_COLUMNS if c != "network"]
+    defaults = trials.assign(payload="fp32", fragments=1, fragment_delay=0, K_schedule="constant")
+    nans = trials.assign(payload=None, fragments=np.nan, fragment_delay=np.nan)
+    for frame in (defaults, nans):
+        again = cm.predict_trials(frame, hist, net, target=0.9)
+        pd.testing.assert_frame_equal(again[cols], today[cols])
+    assert (today["predicted_hidden_time_s"] == 0.0).all()
+
+
+def test_an_adaptive_schedule_is_priced_by_the_averages_it_took() -> None:
+    # K_schedule: adacomm from K = 4: K grew, so the history holds fewer averages than
+    # steps / K. The price follows the history's rounds, not steps / K.
+    trials, hist = _hand_sweep()
+    trials = trials[trials["K"] == 4].assign(K_schedule="adacomm")
+    rounds = np.array([25, 35, 40])
+    hist = hist[hist["trial_id"] == "K4-P4-s0"].assign(rounds=rounds, bytes_communicated=rounds * N)
+    net = cm.parse_network("alpha=1e-5,bandwidth=2")
+    pred = cm.predict_trials(trials, hist, net, step_time=0.01, target=0.9).iloc[0]
+    per_avg = 2 * 3 * 1e-5 + 1.5 * N / 2e9
+    assert pred["averages_to_target"] == 35  # 0.9 at epoch 2
+    assert pred["predicted_time_to_target_s"] == pytest.approx(2.0 + 35 * per_avg)
+    assert pred["predicted_time_s"] == pytest.approx(3.0 + 40 * per_avg)  # not 75 averages
+
+
+@pytest.mark.parametrize(("payload", "fragments"), [("bf16x", 1), ("fp32", 0)])
+def test_bad_streaming_columns_are_refused(payload: str, fragments: int) -> None:
+    trial = _one_trial("b", 10, 0, 80, payload=payload, fragments=fragments)
+    with pytest.raises(BadInputError):
+        _predict([trial], cm.PRESETS["eth10g"], step_time=0.0, sizer=lambda m, d: 400.0)
+
+
+def test_archetype_presets_of_the_scaling_law_study() -> None:
+    # Charles et al. 2025 (arXiv 2503.09799), Appendix A.3.
+    for name, gbit, latency in (("wan400g", 400, 1e-4), ("wan100g", 100, 1e-3),
+                                ("wan10g", 10, 1e-2)):  # fmt: skip
+        net = cm.parse_network(name)
+        assert net.inter.beta == pytest.approx(gbit * 1e9 / 8, rel=1e-15)
+        assert net.inter.alpha == pytest.approx(latency, rel=1e-12)
+        assert "2503.09799" in net.source
+
+
+# The DiLoCo scaling-law study's idealized wall-clock time (Charles et al. 2025, arXiv
+# 2503.09799, Appendix A.2), as implemented here (its formulas as a third-party reproduction
+# citing A.2 and A.3 gives them; the paper's own text was not retrievable): T steps on R
+# chips, a model of N parameters sent in bf16 (N_b = 16 N bits), s the compute time of one
+# step (6 N B / (R Q): B tokens a step, Q FLOP/s a chip), W bandwidth (bit/s), eps latency:
+#   Data-Parallel:   T s + T [2 N_b / W (1 - 1/R) + eps]
+#   DiLoCo, M = 1:   the same (one replica: its outer step needs no communication)
+#   DiLoCo, M >= 2:  T s + T [2 N_b / W0 (1 - M/R) + eps0] + (T/H) [2 N_b / W1 (1 - 1/R) + eps1]
+#     inner all-reduce among a datacenter's R/M chips (W0, eps0), outer all-reduce over all
+#     R chips across datacenters (W1, eps1) every H steps.
+# In kavg: P = R learners, payload bf16 (2 N bytes), Data-Parallel the K-AVG row with
+# K = 1 (T averages over R), DiLoCo a Hier-AVG row with groups of S = R/M (T local averages
+# on the intra link, T/H global ones over all R on the inter link). kavg's ring pays
+# 2 (S-1) message latencies per all-reduce where the study pays one: its eps is kavg's
+# alpha = eps / (2 (S-1)) on that link.
+PAPER_N, PAPER_R, PAPER_T, PAPER_H, PAPER_S = 1e9, 16, 1000, 100, 0.5
+ARCHETYPES = [(400e9, 1e-4), (100e9, 1e-3), (10e9, 1e-2)]  # (W bit/s, eps s)
+
+
+def _paper_dp(W: float, eps: float) -> float:
+    N_b, R, T, s = 16 * PAPER_N, PAPER_R, PAPER_T, PAPER_S
+    return T * s + T * (2 * N_b / W * (1 - 1 / R) + eps)
+
+
+def _paper_diloco(M: int, W0: float, eps0: float, W1: float, eps1: float) -> float:
+    N_b, R, T, H, s = 16 * PAPER_N, PAPER_R, PAPER_T, PAPER_H, PAPER_S
+    inner = T * (2 * N_b / W0 * (1 - M / R) + eps0)
+    return T * s + inner + T / H * (2 * N_b / W1 * (1 - 1 / R) + eps1)
+
+
+def _kavg_paper_row(tid: str, algo: str, S: int, averages: float, local: float) -> tuple:
+    R, T = PAPER_R, PAPER_T
+    trial = {"trial_id": tid, "algorithm": algo, "model": "lm", "dataset": "c4",
+             "backend": "ray", "P": R, "K": 1, "S": S, "batch_size": 1, "payload": "bf16",
+             "status": "completed"}  # fmt: skip
+    hist = {"trial_id": tid, "epoch": 1, "samples": T * R, "rounds": averages,
+            "global_reductions": averages, "local_reductions": local,
+            "bytes_communicated": 0, "test_acc": 0.5, "compute_time_s": 1.0,
+            "wall_time_s": 1.0}  # fmt: skip
+    return trial, hist
+
+
+def _paper_link(W: float, eps: float, group: int) -> cm.Link:
+    return cm.Link(eps / (2 * (group - 1)), W / 8)
+
+
+@pytest.mark.parametrize(("W", "eps"), ARCHETYPES)
+def test_appendix_a_data_parallel_and_diloco_m1(W: float, eps: float) -> None:
+    R, T = PAPER_R, PAPER_T
+    net = cm.Network("paper", _paper_link(W, eps, R))
+    dp = _kavg_paper_row("dp", "kavg", 1, T, 0)  # an average every step over all R
+    m1 = _kavg_paper_row("m1", "hier_avg", R, 0, T)  # one group of R; no outer all-reduce
+    pred = _predict([dp, m1], net, step_time=PAPER_S, sizer=lambda m, d: 4 * PAPER_N)
+    assert pred.loc["dp", "model_bytes"] == 2 * PAPER_N  # bf16
+    assert pred.loc["dp", "predicted_time_s"] == pytest.approx(_paper_dp(W, eps), rel=1e-12)
+    assert pred.loc["m1", "predicted_time_s"] == pytest.approx(_paper_dp(W, eps), rel=1e-12)
+
+
+@pytest.mark.parametrize(("W1", "eps1"), ARCHETYPES)
+@pytest.mark.parametrize("M", [2, 4, 8])
+def test_appendix_a_diloco_across_datacenters(M: int, W1: float, eps1: float) -> None:
+    R, T, H = PAPER_R, PAPER_T, PAPER_H
+    W0, eps0 = ARCHETYPES[0]  # within a datacenter: the fastest archetype
+    S = R // M
+    net = cm.Network("paper", _paper_link(W1, eps1, R), _paper_link(W0, eps0, S))
+    row = _kavg_paper_row("d", "hier_avg", S, T / H, T)
+    pred = _predict([row], net, step_time=PAPER_S, sizer=lambda m, d: 4 * PAPER_N)
+    want = _paper_diloco(M, W0, eps0, W1, eps1)
+    assert pred.loc["d", "predicted_time_s"] == pytest.approx(want, rel=1e-12)
+
+
+def test_on_the_presets_the_ring_pays_latency_per_message() -> None:
+    # On wan10g itself (alpha = eps = 10 ms a message), kavg's ring pays 2 (R-1) latencies
+    # an all-reduce where the study's model pays one.
+    R, T = PAPER_R, PAPER_T
+    pred = _predict([_kavg_paper_row("dp", "kavg", 1, T, 0)], cm.PRESETS["wan10g"],
+                    step_time=PAPER_S, sizer=lambda m, d: 4 * PAPER_N)  # fmt: skip
+    want = _paper_dp(10e9, 1e-2) + T * (2 * (R - 1) - 1) * 1e-2
+    assert pred.loc["dp", "predicted_time_s"] == pytest.approx(want, rel=1e-12)
+
+
+def _hand_sweep_in_fragments(F: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The hand-made sweep run in F fragments: F fragment averages of N / F bytes for each
+    whole-model average; new trial ids."""
+    trials, hist = _hand_sweep()
+    trials = trials.assign(trial_id=trials["trial_id"] + f"-F{F}", fragments=F)
+    hist = hist.assign(trial_id=hist["trial_id"] + f"-F{F}", rounds=hist["rounds"] * F)
+    return trials, hist
+
+
+def test_kopt_by_time_splits_by_fragments_and_payload() -> None:
+    trials, hist = _hand_sweep()  # no fragments column: F = 1
+    t2, h2 = _hand_sweep_in_fragments(2)
+    both_t, both_h = pd.concat([trials, t2], ignore_index=True), pd.concat([hist, h2])
+    net = cm.parse_network("alpha=0,bandwidth=1")
+    pred = cm.predict_trials(both_t, both_h, net, step_time=0.01, target=0.9)
+    table = cm.kopt_by_predicted_time(pred)
+    assert list(table["fragments"]) == [1, 2]
+    assert list(table["K_opt"]) == [16, 16]
+    # alpha = 0: fragments move the same bytes, so the same time (3 s + 18 x 0.15 s).
+    assert list(table["predicted_time_s"]) == pytest.approx([3 + 18 * 0.15] * 2)
+    # Without a streaming column that varies, the table is today's.
+    plain = cm.kopt_by_predicted_time(cm.predict_trials(trials, hist, net, step_time=0.01,
+                                                        target=0.9))  # fmt: skip
+    assert "fragments" not in plain.columns and len(plain) == 1
+    # Payload splits too (absent = fp32).
+    p8 = trials.assign(trial_id=trials["trial_id"] + "-i8", payload="int8")
+    h8 = hist.assign(trial_id=hist["trial_id"] + "-i8")
+    pred = cm.predict_trials(pd.concat([trials, p8], ignore_index=True), pd.concat([hist, h8]), net,
+                             step_time=0.01, target=0.9)  # fmt: skip
+    assert list(cm.kopt_by_predicted_time(pred)["payload"]) == ["fp32", "int8"]
+
+
+def test_cli_kopt_on_an_archetype_ranks_streaming_trials_apart(tmp_path: Path) -> None:
+    _store_hand_sweep(tmp_path)
+    store = ResultsStore(tmp_path)
+    t2, h2 = _hand_sweep_in_fragments(2)
+    t2 = t2.assign(fragment_delay=1)
+    for row in t2.to_dict("records"):
+        store.upsert_trial("hand", row, h2[h2["trial_id"] == row["trial_id"]].to_dict("records"))
+    args = ["results", "kopt", "hand", "--storage", str(tmp_path), "--by", "time",
+            "--network", "wan10g", "--step-time", "0.01", "--format", "json"]  # fmt: skip
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout)
+    assert [(r["fragments"], r["fragment_delay"]) for r in rows] == [(1, 0), (2, 1)]
+    # wan10g: 10 ms latency; a whole-model average of 1e8 B over P = 4 takes 6 x 10 ms +
+    # 1.5 x 1e8 / 1.25e9 = 0.18 s; K = 1 to the target: 100 steps, 100 averages.
+    whole = 6 * 1e-2 + 1.5 * N / 1.25e9
+    half = 6 * 1e-2 + 1.5 * N / 2 / 1.25e9  # a fragment: its own latency, half the bytes
+    k16 = {1: 3.0 + 18 * whole, 2: 3.0 + 36 * max(0.0, half - 0.01)}
+    for r in rows:
+        assert r["K_opt"] == 16
+        assert r["predicted_time_s"] == pytest.approx(k16[r["fragments"]], rel=1e-9)
+    table = CliRunner().invoke(main, args[:-2])
+    assert table.exit_code == 0 and "network assumed: wan10g" in table.stdout

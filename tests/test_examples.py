@@ -17,7 +17,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TINY = {
     "my_sweep.yaml": ({"epochs": 1}, lambda m: m["test_acc"] > 0.55),  # chance: 0.5
     "language_model.yaml": (
-        {"epochs": 1, "dataset_args": {"seq_len": 32, "chars": 12_000},
+        {"steps": 30, "eval_every_steps": 10, "dataset_args": {"seq_len": 32, "chars": 12_000},
          "model_args": {"dim": 32, "layers": 1, "heads": 2}},
         lambda m: m["test_loss"] < 0.9 * math.log(m["vocab"]),
     ),  # fmt: skip

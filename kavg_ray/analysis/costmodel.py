@@ -11,6 +11,22 @@ local averages (groups of S) run on the intra-node link, its global ones (all P)
 inter-node link; a trial whose groups spanned nodes (``hier_groups: any``, its row's
 ``local_on_node`` is 0) pays its local averages on the inter-node link too.
 
+**What an average carries** (issue #28; each read from the trial's row when it has the
+column, and the default reproduces the prices of a row without it):
+
+- ``payload`` (default ``fp32``): ``fp32`` 4 bytes an element, ``bf16``/``fp16`` 2,
+  ``fp8``/``int8`` 1, ``int4`` 1/2; the last three carry one float32 scale per block of
+  :data:`PAYLOAD_BLOCK` (256) elements (:func:`payload_bytes`). A quantized average
+  cannot sum in the collective's own arithmetic: it is an all-to-all of quantized shards,
+  a local float32 sum, and an all-gather of the quantized result,
+  ``(P-1) (alpha + q/(P beta)) + (P-1) (alpha + q/(P beta))`` for ``q`` payload bytes:
+  the ring all-reduce's form with ``q`` for ``n`` (:func:`quantized_average_time`).
+- ``fragments`` F (default 1): the history's ``rounds`` counts fragment averages, each a
+  collective of its own (its own latency) carrying 1/F of the bytes.
+- ``fragment_delay`` tau (default 0): a fragment's average is hidden behind up to tau
+  local steps; each pays ``max(0, T - tau * step_time)`` (:func:`exposed_time`).
+- An adaptive period (``K_schedule``) needs nothing: every count is the history's own.
+
 **Parameter server (Downpour, EAMSGD).** Every pull or push moves ``n`` bytes through one
 server: ``alpha + n / beta`` for the learner that makes it (an EAMSGD exchange is one push
 and one pull). The server's link carries the messages of all P learners, pushes in one
@@ -22,12 +38,13 @@ own steps plus messages.
 measured (``compute_time_s`` per local step of the trial; on the simulated backend, which
 stacks all P learners in one process, that divided by P) or given for the target hardware.
 
-What the model leaves out, plainly: overlap of communication with computation (none is
-assumed; the averager does not overlap), contention from other jobs on the links, the
-tree and hierarchical algorithms NCCL may pick instead of a ring, stragglers (every
-learner is assumed to take the step time; a real average waits for the slowest: the
-process-group engine measures that wait, ``wait_time_s``, and a prediction reports the
-trial's ``comm_time_s`` less it as ``measured_transfer_time_s``), the
+What the model leaves out, plainly: overlap of communication with computation other than
+a fragment's ``fragment_delay`` (the plain averager does not overlap), the compute of
+quantizing, dequantizing and summing a quantized payload, contention from other jobs on
+the links, the tree and hierarchical algorithms NCCL may pick instead of a ring,
+stragglers (every learner is assumed to take the step time; a real average waits for the
+slowest: the process-group engine measures that wait, ``wait_time_s``, and a prediction
+reports the trial's ``comm_time_s`` less it as ``measured_transfer_time_s``), the
 parameter server's own compute and the queueing of simultaneous requests beyond the link
 bound, evaluation and checkpoint time, and start-up. Predicted times are therefore
 lower bounds for a cluster whose links match the profile.
@@ -54,17 +71,23 @@ from kavg_ray.errors import BadInputError
 
 __all__ = [
     "GB",
+    "PAYLOAD_BITS",
+    "PAYLOAD_BLOCK",
     "PRESETS",
     "Fit",
     "Link",
     "Network",
     "allreduce_time",
     "asgd_speedup_table",
+    "average_time",
+    "exposed_time",
     "fit_alpha_beta",
     "kopt_by_predicted_time",
     "load_profile",
     "parse_network",
+    "payload_bytes",
     "predict_trials",
+    "quantized_average_time",
     "server_time",
     "write_profile",
 ]
@@ -134,6 +157,9 @@ def _preset(name: str, alpha_us: float, gbps_line: float, source: str) -> Networ
     return Network(name, Link(alpha_us * 1e-6, gbps_line / 8 * GB), None, source)
 
 
+_ARCHETYPE = "DiLoCo scaling-law study's network archetype (arXiv 2503.09799, App. A.3): {}"
+
+
 #: Named networks. Bandwidth: the nominal line rate of one port per direction (Ethernet:
 #: IEEE 802.3ab 1000BASE-T, 802.3ae 10GBASE, 802.3ba 100GBASE; InfiniBand: the InfiniBand
 #: Trade Association's HDR = 200 Gb/s and NDR = 400 Gb/s for a 4x port; NVLink: NVIDIA's
@@ -142,6 +168,11 @@ def _preset(name: str, alpha_us: float, gbps_line: float, source: str) -> Networ
 #: 70-95% of it. Alpha: one message's latency as a communication library sees it, round
 #: figures of the usual order (a few us on NVLink and InfiniBand with RDMA, tens of us for
 #: TCP over Ethernet), not measurements. Calibrate (``kavg calibrate``) for real figures.
+#: ``wan400g``, ``wan100g``, ``wan10g``: the three network archetypes of the DiLoCo
+#: scaling-law study (Charles et al. 2025, arXiv 2503.09799, Appendix A.3), its figures
+#: as given: 400 Gbit/s with 0.1 ms latency, 100 Gbit/s with 1 ms, 10 Gbit/s with 10 ms.
+#: Alpha is that latency for every message; a ring all-reduce pays it 2(P-1) times,
+#: where the study's model pays it once per all-reduce (docs/design.md section 10).
 PRESETS: dict[str, Network] = {
     "nvlink": _preset("nvlink", 3.0, 2400.0, "NVLink 3 (A100), 300 GB/s each way, nominal"),
     "ib200": _preset("ib200", 5.0, 200.0, "InfiniBand HDR 4x, 200 Gb/s line rate"),
@@ -149,6 +180,9 @@ PRESETS: dict[str, Network] = {
     "eth1g": _preset("eth1g", 50.0, 1.0, "Ethernet 1 Gb/s line rate, TCP"),
     "eth10g": _preset("eth10g", 30.0, 10.0, "Ethernet 10 Gb/s line rate, TCP"),
     "eth100g": _preset("eth100g", 20.0, 100.0, "Ethernet 100 Gb/s line rate, TCP"),
+    "wan400g": _preset("wan400g", 100.0, 400.0, _ARCHETYPE.format("400 Gbit/s, 0.1 ms")),
+    "wan100g": _preset("wan100g", 1000.0, 100.0, _ARCHETYPE.format("100 Gbit/s, 1 ms")),
+    "wan10g": _preset("wan10g", 10000.0, 10.0, _ARCHETYPE.format("10 Gbit/s, 10 ms")),
 }
 
 
@@ -164,6 +198,60 @@ def allreduce_time(P: int, nbytes: float, link: Link) -> float:
     return 2 * (P - 1) * link.alpha + 2 * (P - 1) / P * nbytes / link.beta
 
 
+#: ``payload``: bits of one element on the wire.
+PAYLOAD_BITS: dict[str, int] = {"fp32": 32, "bf16": 16, "fp16": 16, "fp8": 8, "int8": 8, "int4": 4}
+#: Payloads quantized per block: each block of PAYLOAD_BLOCK elements carries one float32
+#: scale (SCALE_BYTES). The training side's quantizer uses the same block.
+QUANTIZED: frozenset[str] = frozenset({"fp8", "int8", "int4"})
+PAYLOAD_BLOCK = 256
+SCALE_BYTES = 4
+
+
+def payload_bytes(elements: int, payload: str = "fp32") -> int:
+    """Bytes one learner hands to an average of ``elements`` values sent as ``payload``:
+    ``ceil(E * bits / 8)``, plus ``4 * ceil(E / 256)`` of scales for fp8, int8 and int4."""
+    bits = PAYLOAD_BITS[payload]
+    data = -(-int(elements) * bits // 8)
+    if payload in QUANTIZED:
+        data += SCALE_BYTES * -(-int(elements) // PAYLOAD_BLOCK)
+    return data
+
+
+def quantized_average_time(P: int, qbytes: float, link: Link) -> float:
+    """Seconds of a quantized average of ``qbytes`` (payload and scales) over ``P`` learners.
+
+    The sum cannot run in the collective's own arithmetic (a quantized partial sum would be
+    requantized at every hop), so: an all-to-all sends shard j (q/P bytes) to learner j,
+    ``(P-1) alpha + (P-1)/P * q / beta``; learner j dequantizes its P shards, sums them in
+    float32 and quantizes the sum; an all-gather returns every summed shard,
+    ``(P-1) alpha + (P-1)/P * q / beta``. Together the ring all-reduce's form with q.
+    """
+    if P < 1:
+        raise ValueError(f"P must be >= 1, got {P}")
+    if P == 1:
+        return 0.0
+    all_to_all = (P - 1) * link.alpha + (P - 1) / P * qbytes / link.beta
+    all_gather = (P - 1) * link.alpha + (P - 1) / P * qbytes / link.beta
+    return all_to_all + all_gather
+
+
+def average_time(P: int, nbytes: float, link: Link, payload: str = "fp32") -> float:
+    """Seconds of one average of ``nbytes`` (as handed in) over ``P`` learners: a ring
+    all-reduce, or for a quantized ``payload`` :func:`quantized_average_time`."""
+    if payload in QUANTIZED:
+        return quantized_average_time(P, nbytes, link)
+    return allreduce_time(P, nbytes, link)
+
+
+def exposed_time(seconds: float, delay_steps: float, step_time: float) -> float:
+    """What an average taking ``seconds`` costs when it overlaps up to ``delay_steps``
+    local steps of ``step_time`` each: ``max(0, seconds - delay_steps * step_time)``; all
+    of it when ``delay_steps`` is 0 (whatever the step time)."""
+    if not delay_steps > 0:
+        return seconds
+    return max(0.0, seconds - delay_steps * step_time) if math.isfinite(step_time) else math.nan
+
+
 def server_time(
     P: int, pushes: float, pulls: float, nbytes: float, link: Link
 ) -> tuple[float, float]:
@@ -173,18 +261,29 @@ def server_time(
     return learner, server
 
 
-def _comm_time(row: Mapping[str, Any], network: Network) -> float:
-    """Communication seconds of one trial's progress ``row`` (see :func:`_progress`)."""
+def _comm_parts(
+    row: Mapping[str, Any], network: Network, step_time: float = 0.0
+) -> tuple[float, float]:
+    """(paid, hidden) communication seconds of one trial's progress ``row`` (see
+    :func:`_progress`): hidden is what a ``fragment_delay`` overlapped with local steps."""
     P, n, algo = int(row["P"]), float(row["model_bytes"]), row["algorithm"]
     if algo in ("downpour", "eamsgd"):
         raise ValueError("parameter-server runs have no all-reduce time")
-    total = row["averages"] * allreduce_time(P, n, network.inter)
+    payload = row.get("payload", "fp32")
+    one = average_time(P, n, network.inter, payload)
+    paid = exposed_time(one, row.get("fragment_delay", 0.0), step_time)
+    total, hidden = row["averages"] * paid, row["averages"] * (one - paid)
     if algo == "hier_avg" and row["local_averages"]:
         S = int(row["S"])
         # Groups that spanned nodes (hier_groups: any) average over the inter-node link.
         link = network.inter if row.get("local_on_node") == 0 else network.local_link
-        total += row["local_averages"] * allreduce_time(S, n, link)
-    return total
+        total += row["local_averages"] * average_time(S, n, link, payload)
+    return total, hidden
+
+
+def _comm_time(row: Mapping[str, Any], network: Network, step_time: float = 0.0) -> float:
+    """Communication seconds a trial's progress ``row`` pays (see :func:`_comm_parts`)."""
+    return _comm_parts(row, network, step_time)[0]
 
 
 def predicted_time(row: Mapping[str, Any], network: Network, step_time: float) -> float:
@@ -195,7 +294,7 @@ def predicted_time(row: Mapping[str, Any], network: Network, step_time: float) -
             int(row["P"]), row["pushes"], row["pulls"], float(row["model_bytes"]), network.inter
         )
         return max(compute + learner, server)
-    return compute + _comm_time(row, network)
+    return compute + _comm_time(row, network, step_time)
 
 
 # --------------------------------------------------------------------------- networks
@@ -391,6 +490,7 @@ PREDICTION_COLUMNS: list[str] = [
     "predicted_time_s",
     "predicted_comm_time_s",
     "measured_transfer_time_s",
+    "predicted_hidden_time_s",
 ]
 
 _ASGD = ("downpour", "eamsgd")
@@ -410,8 +510,44 @@ def _no_sizer(model: str, dataset: str) -> float:
     )
 
 
+def _payload(trial: Mapping[str, Any]) -> str:
+    """The trial's ``payload`` (absent or empty: fp32); BadInputError for an unknown one."""
+    value = trial.get("payload")
+    if value is None or (not isinstance(value, str) and pd.isna(value)):
+        return "fp32"
+    name = str(value).strip().lower() or "fp32"
+    if name not in PAYLOAD_BITS:
+        raise BadInputError(
+            f"trial {trial.get('trial_id')!r}: unknown payload {value!r}; "
+            f"expected one of {', '.join(PAYLOAD_BITS)}"
+        )
+    return name
+
+
+def _count(trial: Mapping[str, Any], key: str, default: float, least: float) -> float:
+    """A count column of the trial (absent or NaN: ``default``); BadInputError below ``least``."""
+    x = _num(trial.get(key), math.nan)
+    if math.isnan(x):
+        return default
+    if x < least:
+        raise BadInputError(f"trial {trial.get('trial_id')!r}: {key} must be >= {least}, got {x}")
+    return x
+
+
+def _fragments(trial: Mapping[str, Any]) -> int:
+    return int(_count(trial, "fragments", 1.0, 1.0))
+
+
+def _sized(fp32_bytes: float, payload: str, fragments: int) -> float:
+    """Bytes per average of a model of ``fp32_bytes`` (float32) sent as ``payload`` in
+    ``fragments``: 1/F of :func:`payload_bytes` of its ``fp32_bytes / 4`` elements."""
+    whole = fp32_bytes if payload == "fp32" else payload_bytes(math.ceil(fp32_bytes / 4), payload)
+    return whole / fragments if fragments > 1 else whole
+
+
 def _trial_model_bytes(trial: Mapping[str, Any], last: Mapping[str, Any], sizer: Callable) -> float:
-    """Bytes per average: the trial's own bytes / reductions, else the model's size."""
+    """Bytes per average: the trial's own bytes / reductions, else the model's size (as its
+    payload, in its fragments)."""
     algo, P = trial["algorithm"], int(trial["P"])
     sent = _num(last.get("bytes_communicated"))
     if algo == "kavg":
@@ -427,16 +563,18 @@ def _trial_model_bytes(trial: Mapping[str, Any], last: Mapping[str, Any], sizer:
             return 0.0
         if sent > 0 and reductions > 0:
             return sent / reductions
-    return float(sizer(str(trial["model"]), str(trial["dataset"])))
+    fp32 = float(sizer(str(trial["model"]), str(trial["dataset"])))
+    return _sized(fp32, _payload(trial), _fragments(trial))
 
 
 def _progress(trial: Mapping[str, Any], hist: Mapping[str, Any], nbytes: float) -> dict:
     """Per-learner counts at one history row: local steps, averages, pushes and pulls."""
-    P, B = int(trial["P"]), _num(trial.get("batch_size"), math.nan)
+    P = int(trial["P"])
     row = {
         "algorithm": trial["algorithm"], "P": P, "S": _num(trial.get("S"), 1.0),
-        "model_bytes": nbytes, "local_steps": _num(hist.get("samples")) / (P * B),
+        "model_bytes": nbytes, "local_steps": _local_steps(trial, hist),
         "averages": _num(hist.get("rounds")), "local_averages": 0.0,
+        "payload": _payload(trial), "fragment_delay": _count(trial, "fragment_delay", 0.0, 0.0),
     }  # fmt: skip
     if trial["algorithm"] == "hier_avg":
         row["averages"] = _num(hist.get("global_reductions", hist.get("rounds")))
@@ -449,18 +587,28 @@ def _progress(trial: Mapping[str, Any], hist: Mapping[str, Any], nbytes: float) 
     return row
 
 
-def _comm_only(progress: Mapping[str, Any], network: Network) -> float:
+def _comm_only(progress: Mapping[str, Any], network: Network, step_time: float) -> tuple:
+    """(paid, hidden) communication seconds; the parameter server hides nothing (NaN)."""
     if progress["algorithm"] in _ASGD:
         learner, _ = server_time(
             progress["P"], progress["pushes"], progress["pulls"],
             progress["model_bytes"], network.inter,
         )  # fmt: skip
-        return learner
-    return _comm_time(progress, network)
+        return learner, math.nan
+    return _comm_parts(progress, network, step_time)
+
+
+def _local_steps(trial: Mapping[str, Any], hist: Mapping[str, Any]) -> float:
+    """A learner's optimizer steps at a history row: its ``step``, else (rows from before
+    step counting) samples / (P B)."""
+    step = _num(hist.get("step"), math.nan)
+    if math.isfinite(step):
+        return step
+    return _num(hist.get("samples")) / (int(trial["P"]) * _num(trial.get("batch_size"), math.nan))
 
 
 def _measured_step_time(trial: Mapping[str, Any], last: Mapping[str, Any]) -> float:
-    steps = _num(last.get("samples")) / (int(trial["P"]) * _num(trial.get("batch_size"), math.nan))
+    steps = _local_steps(trial, last)
     compute = _num(last.get("compute_time_s"), math.nan)
     if not steps > 0:
         return math.nan
@@ -484,7 +632,7 @@ def _predict_one(
         out["step_time_source"] = "measured/P (simulated)"
     end = _progress(trial, last, n)
     out.update(model_bytes=n, step_time_s=st, predicted_time_s=predicted_time(end, network, st))
-    out["predicted_comm_time_s"] = _comm_only(end, network)
+    out["predicted_comm_time_s"], out["predicted_hidden_time_s"] = _comm_only(end, network, st)
     # The measured averaging time less the wait for the last learner: what the model predicts.
     wait = _num(last.get("wait_time_s"), math.nan)
     out["measured_transfer_time_s"] = _num(last.get("comm_time_s"), math.nan) - wait
@@ -520,10 +668,13 @@ def predict_trials(
     target) and to its last epoch (``predicted_time_s``, the end of its budget;
     ``predicted_comm_time_s`` is that run's communication alone, to compare with
     ``measured_transfer_time_s``: ``comm_time_s`` less ``wait_time_s``, the wait for the
-    last learner, which the model leaves out). ``step_time``: seconds per local step on
-    the target hardware; None uses each trial's measured one. ``sizer(model, dataset)`` gives the
-    bytes per average of a trial whose history carries none (BadInputError if such a trial
-    needs it and none is given).
+    last learner, which the model leaves out; ``predicted_hidden_time_s`` is what its
+    ``fragment_delay`` hid behind local steps, 0 without one). ``step_time``: seconds per
+    local step on the target hardware; None uses each trial's measured one.
+    ``sizer(model, dataset)`` gives the float32 bytes of the model of a trial whose history
+    carries none, priced as its ``payload`` in its ``fragments`` (BadInputError if such a
+    trial needs it and none is given; or if a trial's payload, fragments or fragment_delay
+    is not one the model knows).
     """
     if step_time is not None and not (math.isfinite(step_time) and step_time >= 0):
         raise BadInputError(f"--step-time must be a finite number >= 0, got {step_time}")
@@ -543,19 +694,57 @@ def predict_trials(
     return pd.concat([out, pred], axis=1)
 
 
+#: Trial columns of issue #28 that change how an average travels or when it happens: with
+#: their defaults (what a row without the column means). A K_opt table by predicted time
+#: splits by each one that varies in the sweep, as by results.VARYING_GROUP_KEYS.
+STREAMING_DEFAULTS: dict[str, Any] = {
+    "fragments": 1, "fragment_delay": 0, "payload": "fp32", "K_schedule": "constant",
+    "fragment_alpha": None, "payload_error_feedback": None,
+}  # fmt: skip
+
+
+def _streaming_groups(predicted: pd.DataFrame) -> tuple[pd.DataFrame, list[str] | None]:
+    """``predicted`` with absent streaming values set to their defaults, and the group keys
+    for kopt_table (None, its own default, when no streaming column varies)."""
+    from kavg_ray.analysis.results import _kopt_group_keys
+
+    out, extra = predicted.copy(), []
+    for key, default in STREAMING_DEFAULTS.items():
+        if key not in out.columns:
+            continue
+        if default is not None:
+            out[key] = out[key].where(out[key].notna(), default)
+            col = pd.to_numeric(out[key], errors="coerce")
+            if isinstance(default, int) and col.notna().all() and (col % 1 == 0).all():
+                out[key] = col.astype("Int64")  # counts read as counts (1, not 1.0)
+            if key == "payload":
+                out[key] = out[key].map(lambda v: str(v).strip().lower() or "fp32")
+        if out[key].dropna().nunique() > 1:
+            extra.append(key)
+    if not extra:
+        return out, None
+    keys = _kopt_group_keys(out, None)
+    return out, keys + [k for k in extra if k not in keys]
+
+
 def kopt_by_predicted_time(predicted: pd.DataFrame) -> pd.DataFrame:
     """K_opt per group by predicted time to target (the columns of results.kopt_table),
     plus ``predicted_time_s`` and ``measured_time_s`` (mean time to target of K_opt's
     trials: predicted on the network, and measured on the machine that ran the sweep),
-    ``measured_K_opt`` (K_opt by the measured time) and ``network``."""
+    ``measured_K_opt`` (K_opt by the measured time) and ``network``. Trials that differ
+    in ``fragments``, ``fragment_delay``, ``payload``, ``K_schedule`` (and the other
+    :data:`STREAMING_DEFAULTS` columns) are ranked in groups of their own."""
     from kavg_ray.analysis.results import kopt_table
 
+    predicted, group_by = _streaming_groups(predicted)
     by_pred = kopt_table(  # predicted times hold no wait for the last learner
         predicted.assign(time_to_target_s=predicted["predicted_time_to_target_s"]), by="time",
-        flag_wait=False,
+        group_by=group_by, flag_wait=False,
     )  # fmt: skip
     by_meas = kopt_table(
-        predicted.assign(time_to_target_s=predicted["measured_time_to_target_s"]), by="time"
+        predicted.assign(time_to_target_s=predicted["measured_time_to_target_s"]),
+        by="time",
+        group_by=group_by,
     )
     keys = [c for c in by_pred.columns if c in predicted.columns and c != "K"]
     ok = (predicted["status"] == "completed") & predicted["K"].notna()

@@ -123,7 +123,8 @@ def ranked_by(trials_df: pd.DataFrame) -> str:
     return "loss" if "final_test_loss" in trials_df.columns else "accuracy"
 VARYING_GROUP_KEYS: tuple[str, ...] = (
     "backend", "lr", "batch_size", "epochs", "momentum", "optimizer", "outer_lr",
-    "outer_momentum", "outer_nesterov", "warmup_steps", "S", "K1",
+    "outer_momentum", "outer_nesterov", "warmup_steps", "S", "K1", "lr_schedule",
+    "lr_warmup_steps", "min_lr", "grad_clip", "grad_accum", "precision", "tf32", "steps",
 )  # fmt: skip
 
 #: kopt_table columns after the group keys (``predicted_kopt`` is appended when present).

@@ -24,6 +24,13 @@ HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 #: What Ray says when a new local node misses its fixed 30 s to register (a plain
 #: Exception: no type to catch).
 STARTUP_TIMEOUT_TEXT = "timed out during startup"
+#: How Ray's state API, called without an address, finds its cluster: the API server's
+#: URL wins, then the cluster address (else ray_current_cluster, else a scan of every
+#: gcs_server process on the machine).
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+ADDRESS_ENV = "RAY_ADDRESS"
+#: The worker_process_setup_hook kavg gives its Ray job (:func:`address_own_cluster`).
+OWN_CLUSTER_HOOK = "kavg_ray.launch.ray_private.address_own_cluster"
 
 
 @dataclass(frozen=True)
@@ -89,6 +96,31 @@ RELIANCES = (
         "execute_single and execute_single_async run a function on its workers",
         in_source="self._backend.on_start(execution_group, self._backend_config)",
     ),
+    Reliance(
+        "ray.train.v2._internal.state.util",
+        "Train V2's PlacementGroupCleaner (one per run) and its state actor ask the state "
+        "API whether the controller lives with no address: Ray looks for the cluster, and "
+        "with two local Rays up (two sweeps at once) fails ('Found multiple active Ray "
+        "instances') or reads the other one; kavg's workers name their own",
+        in_source="get_actor(actor_id, timeout=timeout)",
+    ),
+    Reliance(
+        "ray.train.v2._internal.execution.controller.placement_group_cleaner",
+        "the PlacementGroupCleaner polls is_actor_alive (above) every second while a run "
+        "lives, and removes the run's placement group when it says the controller is gone",
+        in_source="is_actor_alive(",
+    ),
+    Reliance(
+        "ray.dashboard.utils",
+        "the state API without an address uses $RAY_ADDRESS before any discovery: "
+        "kavg's worker_process_setup_hook sets it to the worker's own cluster",
+        in_source="os.environ.get(ray_constants.RAY_ADDRESS_ENVIRONMENT_VARIABLE)",
+    ),
+    Reliance(
+        "ray._private.ray_constants:RAY_API_SERVER_ADDRESS_ENVIRONMENT_VARIABLE",
+        "this variable wins over $RAY_ADDRESS there: kavg's workers drop it",
+        value=API_SERVER_ENV,
+    ),
 )
 
 
@@ -136,6 +168,26 @@ def single_machine_mode() -> None:
 
     os.environ[SINGLE_MACHINE_ENV] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def address_own_cluster() -> None:
+    """Point Ray's address discovery in this worker process at the worker's own cluster.
+
+    kavg's Ray job runs this in every worker process (``worker_process_setup_hook``,
+    :data:`OWN_CLUSTER_HOOK`; inherited by the actors its trials create, Ray Train's
+    detached PlacementGroupCleaner included). Ray code that calls the state API without an
+    address would otherwise look for the cluster: with two local Rays on the machine it
+    fails, or finds the other. Never raises: a failing hook would end the worker.
+    """
+    try:
+        import ray
+
+        address = ray.get_runtime_context().gcs_address
+        if address:
+            os.environ.pop(API_SERVER_ENV, None)
+            os.environ[ADDRESS_ENV] = address
+    except Exception:  # noqa: BLE001 - discovery is left as Ray has it
+        pass
 
 
 def external_address() -> str:

@@ -59,15 +59,21 @@ def _inject_fault(cfg: RunConfig, rank: int, epoch: int) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def checkpoint_due(cfg: RunConfig, epoch: int, diverged: bool = False) -> bool:
+def checkpoint_due(
+    cfg: RunConfig, epoch: float, diverged: bool = False, step: int | None = None
+) -> bool:
     """Whether the report of ``epoch`` carries a checkpoint (``failure.checkpoint_every_epochs``).
 
     The last epoch always does when checkpoints are on, and so does an epoch that
     diverged (the run stops there), so that a run whose driver dies after training has
-    ended is replayed, not retrained.
+    ended is replayed, not retrained. With a step budget (``workload.steps``) it counts
+    evaluations: every N-th of them (``eval_every_steps`` apart) and the last.
     """
-    every = cfg.failure.checkpoint_every_epochs
-    return every > 0 and (diverged or epoch % every == 0 or epoch == cfg.workload.epochs)
+    every, wl = cfg.failure.checkpoint_every_epochs, cfg.workload
+    if wl.steps is not None and step is not None:  # a step budget: every N-th evaluation
+        evaluation = -(-step // (wl.eval_every_steps or wl.steps))
+        return every > 0 and (diverged or evaluation % every == 0 or step >= wl.steps)
+    return every > 0 and (diverged or epoch % every == 0 or epoch == wl.epochs)
 
 
 def load_learner_state(folder: Path, rank: int, device: torch.device) -> dict:
@@ -98,7 +104,7 @@ def train_loop_per_worker(config: dict) -> None:
                 record_epoch(cfg, metrics)  # dashboard metrics, every engine alike
             _inject_fault(cfg, rank, metrics["epoch"])
         if state is None or not checkpoint_due(
-            cfg, metrics["epoch"], bool(metrics.get("diverged"))
+            cfg, metrics["epoch"], bool(metrics.get("diverged")), metrics.get("step")
         ):
             ray.train.report(metrics)
             return

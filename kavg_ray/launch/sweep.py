@@ -52,6 +52,10 @@ def trial_row(
         "bytes_communicated": last.get("bytes_communicated", 0),
         "rounds": last.get("rounds", 0),
         "samples": last.get("samples", 0),
+        "step": last.get("step", 0),
+        "tokens": last.get("tokens", 0),
+        "samples_per_s": last.get("samples_per_s", math.nan),
+        "tokens_per_s": last.get("tokens_per_s", math.nan),
         "error": error,
     }
     # K-AVG's every average is global: the columns let both algorithms sit side by side.
@@ -88,6 +92,11 @@ def _setting_columns(cfg: RunConfig) -> dict[str, Any]:
         "epochs": wl.epochs, "momentum": wl.momentum, "optimizer": wl.optimizer,
         "outer_lr": cfg.outer.lr, "outer_momentum": cfg.outer.momentum,
         "outer_nesterov": cfg.outer.nesterov, "warmup_steps": cfg.warmup_steps,
+        "lr_schedule": wl.lr.kind, "lr_warmup_steps": wl.lr.warmup_steps, "min_lr": wl.lr.min_lr,
+        "grad_clip": wl.grad_clip or 0.0,  # 0: no clipping
+        "grad_accum": wl.grad_accum, "precision": wl.precision,
+        "tf32": "default" if wl.tf32 is None else str(wl.tf32).lower(),
+        "steps": math.nan if wl.steps is None else wl.steps,
     }  # fmt: skip
 
 
@@ -117,7 +126,10 @@ def estimate_theory(points: list[RunConfig], echo=print) -> dict:
 def _status(cfg: RunConfig, history: list[dict]) -> str:
     if history and history[-1].get("diverged"):
         return "diverged"
-    if not history or history[-1]["epoch"] < cfg.workload.epochs:
+    wl = cfg.workload
+    if not history or (
+        history[-1].get("step", 0) < wl.steps if wl.steps else history[-1]["epoch"] < wl.epochs
+    ):
         return "failed"
     return "completed"
 
@@ -226,8 +238,8 @@ def _connect(address: str | None, py_modules: list[str] | None = None) -> bool:
     job_env = job_env_vars()
     env = {k: v for k, v in env.items() if k not in job_env}
     os.environ.update(env)
-    runtime_env: dict[str, Any] = {"env_vars": env}
     if address:
+        runtime_env = _runtime_env(env, address)
         if py_modules and not nodes.in_submitted_job():
             runtime_env["py_modules"] = list(py_modules)
         if _loopback_bound(address):
@@ -239,7 +251,7 @@ def _connect(address: str | None, py_modules: list[str] | None = None) -> bool:
             ray_private.single_machine_mode()
             ray.init(
                 include_dashboard=True, dashboard_host="127.0.0.1",
-                _node_ip_address="127.0.0.1", runtime_env=runtime_env,
+                _node_ip_address="127.0.0.1", runtime_env=_runtime_env(env, None),
             )  # fmt: skip
             return True
         except Exception as exc:
@@ -247,6 +259,18 @@ def _connect(address: str | None, py_modules: list[str] | None = None) -> bool:
             if not ray_private.is_startup_timeout(exc) or attempt == 2:
                 raise
             ray.shutdown()
+
+
+def _runtime_env(env: dict[str, str], address: str | None) -> dict[str, Any]:
+    """The job's runtime_env (a new dict each time: ray.init adds to it). Its workers are
+    told their own cluster (ray_private.address_own_cluster): Ray Train's placement-group
+    cleaner asks the state API with no address, and Ray's own search finds two clusters
+    when two local sweeps run at once (or the other one). Not inside a submitted job (whose
+    runtime_env is the job's) nor through Ray Client."""
+    runtime_env: dict[str, Any] = {"env_vars": dict(env)}
+    if not nodes.in_submitted_job() and not (address or "").startswith("ray://"):
+        runtime_env["worker_process_setup_hook"] = ray_private.OWN_CLUSTER_HOOK
+    return runtime_env
 
 
 def _loopback_bound(address: str) -> bool:

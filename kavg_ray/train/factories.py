@@ -17,10 +17,11 @@ import importlib
 import inspect
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 from torch.utils.data import Dataset as TorchDataset
 from torch.utils.data import IterableDataset
 
@@ -115,6 +116,22 @@ def _check_map_style(key: str, spec: str, name: str, ds: Any) -> None:
         raise fail(key, spec, f"{name} is empty")
     if not isinstance(item, (tuple, list)) or len(item) != 2:
         raise fail(key, spec, f"{name}[0] is {kind_of(item)}, expected an (x, y) pair")
+
+
+def build_factory_optimizer(cfg: RunConfig, params: Iterable[Tensor]) -> torch.optim.Optimizer:
+    """The inner optimizer of the config's optimizer factory, called as
+    ``function(params=..., lr=lr.initial)`` (the loop then sets each step's lr in every
+    ``param_groups`` entry): a ``torch.optim.Optimizer``, checked."""
+    wl = cfg.workload
+    fn = resolve(wl.optimizer, "optimizer")
+    opt = _call("optimizer", wl.optimizer, fn, {"params": params, "lr": wl.lr.initial})
+    if not isinstance(opt, torch.optim.Optimizer):
+        raise fail(
+            "optimizer", wl.optimizer, f"returned {kind_of(opt)}, expected a torch.optim.Optimizer"
+        )
+    if not opt.param_groups or any("lr" not in g for g in opt.param_groups):
+        raise fail("optimizer", wl.optimizer, "its param_groups have no 'lr' to schedule")
+    return opt
 
 
 def build_factory_model(cfg: RunConfig) -> nn.Module:

@@ -92,8 +92,11 @@ def build_workload(
 
 
 def build_optimizer(cfg: RunConfig, params: Iterable[Tensor]) -> torch.optim.Optimizer:
-    """The inner optimizer of ``workload.optimizer``: SGD (momentum, weight decay) or AdamW."""
+    """The inner optimizer of ``workload.optimizer``: SGD (momentum, weight decay), AdamW,
+    or a factory's (:func:`kavg_ray.train.factories.build_factory_optimizer`)."""
     wl = cfg.workload
+    if is_factory(wl.optimizer):
+        return factories.build_factory_optimizer(cfg, params)
     if wl.optimizer == "adamw":
         return torch.optim.AdamW(
             params, lr=wl.lr.initial, betas=tuple(wl.betas), eps=wl.eps,
@@ -273,7 +276,7 @@ def check_workload(cfg: RunConfig) -> None:
     training sample on the CPU, the loss gives a finite scalar. Nothing when the workload
     names no factory (built-in workloads are checked by the config itself)."""
     wl = cfg.workload
-    if not any(is_factory(name or "") for name in (wl.dataset, wl.model, wl.loss)):
+    if not any(is_factory(name or "") for name in (wl.dataset, wl.model, wl.loss, wl.optimizer)):
         return
     data = load_data(cfg)
     if cfg.backend == "simulated" and isinstance(data, LoaderData):
@@ -304,6 +307,8 @@ def check_workload(cfg: RunConfig) -> None:
         raise fail("model", wl.model, problem) from None
     name = wl.loss or ("half_mse" if data.task == "regression" else "cross_entropy")
     _check_loss(name, loss_fn(data, name), out, y)
+    if is_factory(wl.optimizer):
+        build_optimizer(cfg, model.parameters())
 
 
 def _check_loss(name: str, criterion: Callable[..., Any], out: Any, y: Any) -> None:

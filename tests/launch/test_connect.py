@@ -174,3 +174,26 @@ def test_joining_output_is_staged_outside_the_storage_until_joined(tmp_path) -> 
         assert say.log == path
     assert path.read_text() == "connecting\njoined\n"
     assert not os.path.exists(staged)
+
+
+def test_every_run_tells_its_workers_their_own_cluster(no_ray) -> None:
+    """Two local Rays on one machine (issue #29): each job's runtime_env carries the setup
+    hook that gives every worker $RAY_ADDRESS of its own cluster; not through Ray Client,
+    nor inside a submitted job (whose runtime_env is the job's)."""
+    from kavg_ray.launch import ray_private
+
+    monkeypatch, ray = no_ray
+    monkeypatch.setattr(ray_private, "single_machine_mode", lambda: None)
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    seen: list[dict] = []
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.append(kw["runtime_env"]))
+    for address in (None, "10.0.0.5:6379", "auto", "ray://10.0.0.5:10001"):
+        sweep.connect(address)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", '{"runtime_env": {}}')
+    sweep.connect("auto")
+    hooks = [env.get("worker_process_setup_hook") for env in seen]
+    own = ray_private.OWN_CLUSTER_HOOK
+    assert hooks == [own, own, own, None, None]
+    module, _, name = own.rpartition(".")
+    assert getattr(__import__(module, fromlist=[name]), name) is ray_private.address_own_cluster
+    assert all("RAY_TRAIN_V2_ENABLED" in env["env_vars"] for env in seen)

@@ -3,6 +3,7 @@ started): a Ray release that drops one fails here, with the reason, not in a use
 
 from __future__ import annotations
 
+import os
 from importlib.metadata import requires
 
 import ray
@@ -45,3 +46,24 @@ def test_a_missing_reliance_is_reported_with_its_reason(monkeypatch) -> None:  #
 def test_startup_timeout_is_told_from_other_failures() -> None:
     assert ray_private.is_startup_timeout(Exception("The current node timed out during startup."))
     assert not ray_private.is_startup_timeout(ConnectionError("connection refused"))
+
+
+def test_a_worker_is_pointed_at_its_own_cluster(monkeypatch) -> None:  # noqa: ANN001
+    """The setup hook (run in each Ray worker of kavg's job) sets $RAY_ADDRESS to the
+    worker's own GCS and drops $RAY_API_SERVER_ADDRESS, which would win over it."""
+    import types
+
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")  # another cluster's
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:2")
+    context = types.SimpleNamespace(gcs_address="127.0.0.1:40001")
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: context)
+    ray_private.address_own_cluster()
+    assert os.environ["RAY_ADDRESS"] == "127.0.0.1:40001"
+    assert "RAY_API_SERVER_ADDRESS" not in os.environ
+
+    def broken():  # noqa: ANN202
+        raise RuntimeError("not connected")
+
+    monkeypatch.setattr(ray, "get_runtime_context", broken)
+    ray_private.address_own_cluster()  # a failing hook would end the worker: it never raises
+    assert os.environ["RAY_ADDRESS"] == "127.0.0.1:40001"
