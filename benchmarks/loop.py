@@ -20,12 +20,18 @@ Workloads:
               corpus (text, sequences of 64), batch 16: the language-model path. The bare
               loop flattens (B, T, vocab) logits for the cross-entropy as a user would.
 
+With ``--recipe lm`` both loops train the language-model recipe (issue #26): bf16 autocast
+for the forward and loss, gradients clipped to global norm 1.0, and a learning rate set
+before every step by a 10-step warm-up into a cosine decay to lr/10. Ours gets it from the
+config keys (``precision``, ``grad_clip``, ``lr.schedule``); the bare loop is written by
+hand with ``torch.autocast``, ``clip_grad_norm_`` and the same formula.
+
 With ``--device cuda`` both loops keep model and data on GPU 0 (``train(..., device=)``
 for ours); the clock is then the wall clock, read after ``torch.cuda.synchronize()`` (ours:
 the epoch loop synchronizes before it reads its clock).
 
 Usage: python benchmarks/loop.py [--reps 5] [--workloads digits-mlp,digits-cnn,fake32-cnn,text-gpt]
-       [--threads 1] [--clock cpu|wall] [--device cpu|cuda]
+       [--threads 1] [--clock cpu|wall] [--device cpu|cuda] [--recipe plain|lm]
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import functools
+import math
 import os
 import platform
 import shutil
@@ -70,6 +77,8 @@ LR = 0.05
 CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
 clock = time.perf_counter  # set by main()
 DEVICE = torch.device("cpu")  # set by main()
+RECIPE = "plain"  # set by main(): plain | lm
+WARMUP, CLIP, MIN_LR = 10, 1.0, LR / 10
 
 
 class _ClockShim:
@@ -154,6 +163,10 @@ def run_ours(wl: Workload) -> tuple[float, float]:
         # fake32 rides on "cifar10" (an image data set for the config's checks) with an empty
         # data folder; the patched loader below serves the fake set and ignores the rest.
         workload.update(dataset="cifar10", data_dir=_empty_cifar_dir())
+    if RECIPE == "lm":
+        workload.update(precision="bf16", grad_clip=CLIP, lr={
+            "initial": LR, "schedule": "cosine", "warmup_steps": WARMUP, "min_lr": MIN_LR,
+        })  # fmt: skip
     doc = {"name": "bench", "workload": workload, "K": K, "P": 1, "seed": SEED}
     cfg = RunConfig.model_validate(doc)
     original = wl_module.load_dataset
@@ -212,14 +225,57 @@ def run_bare(wl: Workload) -> tuple[float, float]:
     return seconds, float(wl.epochs * steps * wl.batch_size)
 
 
+def recipe_lr(step: int, total: int) -> float:
+    """The bare loop's own warm-up and cosine, as a user writes them."""
+    progress = min(1.0, max(0.0, (step - WARMUP) / max(1, total - WARMUP)))
+    lr = MIN_LR + (LR - MIN_LR) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return lr * (step + 1) / WARMUP if step < WARMUP else lr
+
+
+def run_bare_recipe(wl: Workload) -> tuple[float, float]:
+    """(training seconds, samples) of the hand-written loop with the lm recipe."""
+    data = get_data(wl)
+    torch.manual_seed(SEED)
+    model = build_model(wl.model, data.input_shape, data.num_classes).to(DEVICE)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    steps = steps_per_epoch(data.n_train, wl.batch_size, 1)
+    train_x, train_y = data.train_x.to(DEVICE), data.train_y.to(DEVICE)
+    image, text = train_x.dtype == torch.uint8, train_x.dtype == torch.int64
+    seconds, step = 0.0, 0
+    for epoch in range(wl.epochs):
+        batches = epoch_indices(data.n_train, wl.batch_size, 0, 1, epoch, SEED)
+        gen = augment_generator(SEED, epoch, 0)
+        t0 = clock()
+        for idx in batches:
+            for group in opt.param_groups:
+                group["lr"] = recipe_lr(step, steps * wl.epochs)
+            x, y = train_x[idx], train_y[idx]
+            if image:
+                x = data.augment(data.prepare(x), gen)
+            with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+                out = model(x)
+                loss = F.cross_entropy(out.flatten(0, 1), y.flatten()) if text else (
+                    F.cross_entropy(out, y))  # fmt: skip
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+            opt.step()
+            step += 1
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize(DEVICE)
+        seconds += clock() - t0
+    return seconds, float(wl.epochs * steps * wl.batch_size)
+
+
 def bench(wl: Workload, reps: int) -> dict:
     get_data(wl)  # load once outside the clock (load_digits is cached by the OS after)
+    bare_fn = run_bare_recipe if RECIPE == "lm" else run_bare
     run_ours(wl)  # warm-up: first-call costs (allocator, oneDNN primitives) for both
-    run_bare(wl)
+    bare_fn(wl)
     ours, bare = [], []
     for rep in range(reps):
         # alternate which goes first, so a slow spell from elsewhere hits both alike
-        order = (run_ours, run_bare) if rep % 2 == 0 else (run_bare, run_ours)
+        order = (run_ours, bare_fn) if rep % 2 == 0 else (bare_fn, run_ours)
         for fn in order:
             seconds, samples = fn(wl)
             (ours if fn is run_ours else bare).append(samples / seconds)
@@ -262,6 +318,10 @@ def main(argv: list[str] | None = None) -> int:
         "wall: time.perf_counter",
     )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="tensors on")
+    parser.add_argument(
+        "--recipe", choices=("plain", "lm"), default="plain",
+        help="lm: bf16 autocast, clip 1.0, warm-up + cosine (see above)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.device == "cuda" and (args.clock != "wall" or not torch.cuda.is_available()):
         parser.error("--device cuda needs --clock wall and a visible CUDA device")
@@ -270,12 +330,14 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or args.reps < 1 or args.threads < 1:
         parser.error(f"unknown workload(s) {unknown}; valid: {', '.join(WORKLOADS)}")
     torch.set_num_threads(args.threads)
-    global clock, DEVICE
+    global clock, DEVICE, RECIPE
+    RECIPE = args.recipe
     clock = CLOCKS[args.clock]
     DEVICE = torch.device("cuda", 0) if args.device == "cuda" else torch.device("cpu")
 
     print(
-        f"# loop: P=1, K={K}, lr={LR}, SGD without momentum, {args.threads} torch thread(s), "
+        f"# loop: P=1, K={K}, lr={LR}, SGD without momentum, recipe {args.recipe}, "
+        f"{args.threads} torch thread(s), "
         f"{args.reps} alternating runs each, median samples/s, {args.clock} clock, "
         f"on {torch.cuda.get_device_name(0) if args.device == 'cuda' else 'cpu'}"
     )
