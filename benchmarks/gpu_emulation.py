@@ -37,8 +37,8 @@ Parts (``--parts``, all by default):
            should match synced and stay below unsynced. On a CPU every time is the host
            clock (the averager's perf_counter for event).
 
-bf16 against fp32 step times come with precision (issue #26); this script will time them
-then.
+bf16 against fp32 step times are gpu_session.sh's loop_cuda and loop_cuda_lm steps
+(benchmarks/loop.py --recipe lm).
 
 No Ray: torch and kavg_ray (whose config module needs pydantic and PyYAML). Ranks leave
 with os._exit after a final collective, as tests/distributed.py does (gloo's teardown can

@@ -10,14 +10,17 @@
 #                   each timed average, and back to back), then validate the prediction
 #                   against each trial's comm_time_s less its wait for the last learner
 #   packed          benchmarks/gpu.py: the packed simulated backend, samples/s and memory
-#   loop_cuda       the epoch loop against a bare CUDA loop (P = 1)
+#   loop_cuda       the epoch loop against a bare CUDA loop (P = 1), fp32
+#   loop_cuda_lm    the same with the language-model recipe (--recipe lm: bf16 autocast,
+#                   clip 1.0, warm-up + cosine): its samples/s beside loop_cuda's are the
+#                   bf16 against fp32 step times
 #   gpu_emulation   issue 25's GPU check (benchmarks/gpu_emulation.py): NCCL at P = 1
 #                   through python -m kavg_ray.train for K-AVG, DiLoCo and the simulated
 #                   backend; P = 2 and P = 4 processes on the one GPU in groups registered
 #                   for CUDA tensors only (cuda:gloo), training K-AVG, DiLoCo and Hier-AVG
 #                   through the engine and loop, each average checked against the mean;
 #                   an average's CUDA-event time beside synchronised host clocks. Exit 1
-#                   on a failed check. (bf16 against fp32 step times come with issue 26.)
+#                   on a failed check.
 #
 # Usage (repo root): OUT=DIR bash benchmarks/gpu_session.sh   (DIR gets log.txt + JSON)
 # About 8 minutes on the H200 machine of 2026-11-30 (the step limits add up to more), plus
@@ -73,5 +76,7 @@ step latency_gap 60 $PY benchmarks/latency_gap.py --P 2,4 --reps 400
 # P = 128 with three K packed (384 VGG-16 learners) does not fit in 140 GiB: stop at 64.
 step packed 150 $PY benchmarks/gpu.py --P 8,32,64 --out "$OUT/gpu.json"
 step loop_cuda 90 $PY benchmarks/loop.py --device cuda --clock wall --reps 3 \
+    --workloads digits-cnn,fake32-cnn,text-gpt
+step loop_cuda_lm 90 $PY benchmarks/loop.py --device cuda --clock wall --reps 3 --recipe lm \
     --workloads digits-cnn,fake32-cnn,text-gpt
 date -u
