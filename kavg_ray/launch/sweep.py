@@ -439,22 +439,16 @@ def run_sweep(
         connected_here = connect(address, quiet_echo.log, shipped)
         quiet_echo.settle()
         try:
-            if address:
-                nodes.check_shared_storage(storage)
-                check_simulated_memory(todo_points, local=False, joined=True)
-            check_placement(todo_points)
-            check_hier_groups(todo_points)
+            _check_joined(address, storage, todo_points)
             _prepare(store, sweep, spec_doc, points, todo, resume, say)
             tracker = TrialTracker(
                 store, sweep, by_id, todo, echo=say, epoch_lines=progress,
                 trial_lines=not progress,
                 console=None if log is None else console.rich_console(say),
             )  # fmt: skip
-            _tune(
-                tracker, todo_points or points, sweep_dir.resolve(), verbose,
-                _layout(todo_points, sweep_dir.resolve(), plan, search, pack,
-                        local=address is None),
-            )  # fmt: skip
+            root = sweep_dir.resolve()
+            layout = _layout(todo_points, root, plan, search, pack, local=address is None)
+            _tune(tracker, todo_points or points, root, verbose, layout)
         finally:
             if connected_here:
                 import ray
@@ -462,6 +456,17 @@ def run_sweep(
                 # Ends Ray's forwarding of worker logs, so the caller's table prints last.
                 ray.shutdown()
     return tracker.statuses
+
+
+def _check_joined(address: str | None, storage: str, todo_points: list[RunConfig]) -> None:
+    """The checks that need the cluster joined, before anything is written: a storage
+    every node sees and the cluster's GPU memory (a cluster only), placement, and
+    Hier-AVG's groups on nodes."""
+    if address:
+        nodes.check_shared_storage(storage)
+        check_simulated_memory(todo_points, local=False, joined=True)
+    check_placement(todo_points)
+    check_hier_groups(todo_points)
 
 
 def _ray_log(
