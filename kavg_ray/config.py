@@ -702,8 +702,11 @@ class RunConfig(_Strict):
                 f"algorithm {self.algorithm} has no averaging step: outer and warmup_steps "
                 "belong to kavg and hier_avg"
             )
-        if wl.optimizer != "sgd":
-            raise ValueError(f"algorithm {self.algorithm} runs SGD locally: optimizer must be sgd")
+        if wl.optimizer != "sgd" and not is_factory(wl.optimizer):
+            raise ValueError(
+                f"algorithm {self.algorithm} runs SGD locally: optimizer must be sgd or a "
+                "factory 'module.path:function'"
+            )
 
     def _check_algorithm_keys(self) -> RunConfig:
         algo = ALGORITHMS[self.algorithm]

@@ -56,13 +56,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from kavg_ray.config import RunConfig
+from kavg_ray.config import RunConfig, is_factory
 from kavg_ray.train.averaging import FlatModel
 from kavg_ray.train.data import augment_generator, epoch_indices, steps_per_epoch
 from kavg_ray.train.loop import EngineBase, empty_comm_metrics
 from kavg_ray.train.workload import (
     EvalSums,
     Recipe,
+    build_optimizer,
     build_workload,
     evaluate_sums,
     load_data,
@@ -238,6 +239,11 @@ class ParameterServerEngine(EngineBase):
         self._plan: tuple[int, torch.Tensor, torch.Generator] | None = None
         self.acc = torch.zeros_like(self.flat.buffer) if self.downpour else None
         self.momentum_buf: torch.Tensor | None = None
+        # workload.optimizer "module:function": the factory's optimizer steps the local
+        # model in place of the built-in SGD; Downpour pushes what it moved.
+        self.optimizer = (
+            build_optimizer(cfg, self.params) if is_factory(cfg.workload.optimizer) else None
+        )
         self.alpha = 0.0 if self.downpour else cfg.beta / world_size
         self.c = {
             "step": 0, "comm_time_s": 0.0, "bytes": 0, "rounds": 0, "pulled_version": 0,
@@ -319,7 +325,8 @@ class ParameterServerEngine(EngineBase):
         return loss_sum.item(), float(end - first)
 
     def _local_step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> torch.Tensor:
-        """One SGD step (heavy-ball for Downpour, Nesterov for EAMSGD) on the flat buffer."""
+        """One local step on the flat buffer: SGD (heavy-ball for Downpour, Nesterov for
+        EAMSGD), or the optimizer factory's step."""
         wl, flat, n = self.cfg.workload, self.flat.buffer, self.n_params
         has_buffers = flat.numel() > n  # floating buffers (BatchNorm statistics) follow
         buffers_before = flat[n:].clone() if self.downpour and has_buffers else None
@@ -333,6 +340,14 @@ class ParameterServerEngine(EngineBase):
                 p.grad = None
             loss = self.recipe.backward(self.workload.model, self.workload.loss, x, y)
             self.recipe.clip_gradients(self.params)
+        with torch.no_grad():
+            delta = self._factory_step(lr) if self.optimizer is not None else None
+        if delta is not None:
+            if self.downpour:
+                self.acc[:n] += delta
+                if has_buffers:
+                    self.acc[n:] += flat[n:] - buffers_before
+            return loss.detach()
         with torch.no_grad():
             g = torch.cat(
                 [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
@@ -353,6 +368,15 @@ class ParameterServerEngine(EngineBase):
                 if has_buffers:
                     self.acc[n:] += flat[n:] - buffers_before
         return loss.detach()
+
+    def _factory_step(self, lr: float) -> torch.Tensor:
+        """The factory optimizer's step at rate ``lr`` (the parameters are views of the flat
+        buffer); returns how far it moved the parameters."""
+        before = self.flat.buffer[: self.n_params].clone()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        return self.flat.buffer[: self.n_params] - before
 
     def evaluate(self) -> EvalSums:
         """The central model's test sums, read when every learner has ended the epoch."""
@@ -417,6 +441,8 @@ class ParameterServerEngine(EngineBase):
             "momentum": None if self.momentum_buf is None else self.momentum_buf.cpu().clone(),
             "counters": dict(self.c),
         }
+        if self.optimizer is not None:
+            state["optimizer"] = self.optimizer.state_dict()
         if self.rank == 0:
             state["server"] = {
                 "params": np.array(self.snap["params"], dtype=np.float32),
@@ -432,5 +458,7 @@ class ParameterServerEngine(EngineBase):
             self.acc.copy_(state["acc"])
         if state["momentum"] is not None:
             self.momentum_buf = state["momentum"].to(self.device)
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.c = dict(state["counters"])
         self.resumed_server = state.get("server")

@@ -366,3 +366,24 @@ def test_sweep_on_ray_learns_and_marks_divergence(tmp_path: Path, ray_head: RayH
     history = store.read_history("asgd")
     assert history[history["trial_id"] == "downpour-f1-p2-P2-s0"]["epoch"].tolist() == [1]
     assert sorted(history[history["trial_id"] == "eamsgd-t4-b0.9-P2-s0"]["epoch"]) == [1, 2, 3, 4]
+
+
+def test_an_optimizer_factory_steps_the_learners() -> None:
+    """workload.optimizer "module:function" on the parameter server: torch's own SGD by
+    import path moves Downpour's learner as the built-in SGD does, and an RMSprop run
+    resumes equal to an uninterrupted one (its state is checkpointed)."""
+    builtin_server, _ = _run(_cfg(**DOWNPOUR))
+    factory_server, reports = _run(_cfg({**DIGITS, "optimizer": "torch.optim:SGD"}, **DOWNPOUR))
+    builtin, factory = builtin_server.pull()[1], factory_server.pull()[1]
+    assert np.allclose(factory, builtin, rtol=0, atol=1e-6)
+    assert reports[-1][0]["pushes"] == reports[-1][0]["applied"] > 0
+
+    rms = {**DIGITS, "optimizer": "torch.optim:RMSprop", "lr": {"initial": 0.001}}
+    for doc in (DOWNPOUR, EAMSGD):
+        full_server, full = _run(_cfg(rms, **doc))
+        _, partial = _run(_cfg({**rms, "epochs": 1}, **doc))
+        assert "optimizer" in partial[-1][1]["engine"]
+        server, resumed = _run(_cfg(rms, **doc), resume=partial[-1][1])
+        assert torch.equal(resumed[-1][1]["engine"]["local"], full[-1][1]["engine"]["local"])
+        assert np.array_equal(server.pull()[1], full_server.pull()[1])
+        assert full[-1][0]["test_acc"] > 0.5
