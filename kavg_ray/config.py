@@ -23,6 +23,7 @@ from pydantic import (
     PrivateAttr,
     ValidationError,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -470,6 +471,15 @@ class WorkloadConfig(_Strict):
                 "eval_every_steps needs a step budget (workload.steps); an epoch budget "
                 "evaluates every epoch"
             )
+
+    @model_serializer(mode="wrap")
+    def _dump_one_budget(self, handler: Any) -> dict:
+        # A step budget's dump leaves out the unused epochs default, so that the dump
+        # validates again (the trials get their configs as dumps).
+        doc = handler(self)
+        if self.steps is not None and "epochs" not in self.model_fields_set:
+            doc.pop("epochs", None)
+        return doc
 
     @property
     def step_budget(self) -> bool:

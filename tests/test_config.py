@@ -521,3 +521,16 @@ def test_gpu_memory_gb_is_for_gpu_trials_and_positive():
     for bad in (0, -1, True, "big", float("inf"), 10_000):
         message = _run_error({"K": 1, "resources": {"use_gpu": True, "gpu_memory_gb": bad}})
         assert message.startswith("config: resources.gpu_memory_gb: "), message
+
+
+def test_a_step_budget_config_survives_its_dump() -> None:
+    """The sweep hands each trial its config as a JSON dump: a step budget's dump must
+    validate again (the epochs default is left out), and an epoch budget keeps epochs."""
+    doc = {"workload": {"dataset": "text", "model": "gpt", "steps": 20, "eval_every_steps": 10},
+           "K": 2}  # fmt: skip
+    cfg = RunConfig.model_validate(doc)
+    dumped = cfg.model_dump(mode="json")
+    assert "epochs" not in dumped["workload"] and dumped["workload"]["steps"] == 20
+    assert RunConfig.model_validate(dumped) == cfg
+    epochs = RunConfig.model_validate({"K": 2, "workload": {"epochs": 3}}).model_dump(mode="json")
+    assert epochs["workload"]["epochs"] == 3 and epochs["workload"]["steps"] is None

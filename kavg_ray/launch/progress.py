@@ -248,9 +248,11 @@ class TrialTracker:
         trial.pack, trial.started_s = pack, self.now() - self.started
         if self.trial_lines:
             cfg = self.configs[tid]
+            wl = cfg.workload
+            budget = f"{wl.steps} steps" if wl.step_budget else f"{wl.epochs} epochs"
             self.display.line(
                 f"[kavg] start {tid}  ({cfg.algorithm} P={cfg.P} K={cfg.period} "
-                f"seed={cfg.seed}, {cfg.workload.epochs} epochs)"
+                f"seed={cfg.seed}, {budget})"
             )
             self.display.update(self.done, len(self.trials), show=False)
         self.write_progress()

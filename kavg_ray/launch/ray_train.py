@@ -76,6 +76,14 @@ def checkpoint_due(
     return every > 0 and (diverged or epoch % every == 0 or epoch == wl.epochs)
 
 
+def checkpoint_name(cfg: RunConfig, metrics: dict) -> str:
+    """The folder of a report's checkpoint: ``epoch-000003``, or with a step budget (whose
+    epochs are fractional) ``step-000000150``."""
+    if cfg.workload.step_budget:
+        return f"step-{int(metrics['step']):09d}"
+    return f"epoch-{int(metrics['epoch']):06d}"
+
+
 def load_learner_state(folder: Path, rank: int, device: torch.device) -> dict:
     """Learner ``rank``'s checkpoint, onto this worker's ``device``: after a restart Ray may
     place the rank on another GPU than the one that saved it (or where that index does
@@ -113,7 +121,7 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report(
                 metrics,
                 checkpoint=ray.train.Checkpoint.from_directory(d),
-                checkpoint_dir_name=f"epoch-{metrics['epoch']:06d}",
+                checkpoint_dir_name=checkpoint_name(cfg, metrics),
             )
 
     train(

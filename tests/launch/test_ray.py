@@ -79,6 +79,30 @@ def test_kavg_train_on_ray(tmp_path: Path, kavg) -> None:  # noqa: ANN001
     assert history["epoch"].tolist() == [1, 2, 3, 4, 5]
 
 
+def test_step_budget_recipe_on_ray(tmp_path: Path, kavg) -> None:  # noqa: ANN001
+    """The language-model recipe on P = 2 Ray Train learners: a step budget shorter than an
+    epoch, evaluated and checkpointed every 4 steps, bf16, clipping, warm-up into cosine."""
+    config = {
+        "name": "lm-steps",
+        "workload": {
+            "dataset": "text", "dataset_args": {"seq_len": 16}, "model": "gpt",
+            "model_args": {"dim": 16, "layers": 1, "heads": 2}, "batch_size": 8,
+            "steps": 12, "eval_every_steps": 4, "precision": "bf16", "grad_clip": 1.0,
+            "lr": {"initial": 0.05, "schedule": "cosine", "warmup_steps": 3},
+        },
+        "K": 2, "P": 2, "resources": {"cpus_per_worker": 0.5},
+    }  # fmt: skip
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    out = kavg("train", "run.yaml", "--storage", "store", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:] + out.stdout[-3000:]
+    (row,) = ResultsStore(tmp_path / "store").read_trials("lm-steps").to_dict("records")
+    assert row["status"] == "completed" and row["rounds"] == 12 // 2
+    history = ResultsStore(tmp_path / "store").read_history("lm-steps")
+    assert history["step"].tolist() == [4, 8, 12]
+    assert all(0 < e < 1 for e in history["epoch"])  # shorter than one epoch
+    assert sorted(p.name for p in (tmp_path / "store").rglob("step-0*")), "no step checkpoints"
+
+
 def test_sweep_tables_kopt_and_resume(tmp_path: Path, kavg) -> None:  # noqa: ANN001
     spec = {
         "name": "grid2x2",

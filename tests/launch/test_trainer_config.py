@@ -28,3 +28,18 @@ def test_a_checkpoint_loads_onto_this_workers_device(tmp_path) -> None:  # noqa:
     # "meta" stands in for another GPU than the one that saved it.
     state = load_learner_state(tmp_path, 1, torch.device("meta"))
     assert state["w"].device == torch.device("meta") == state["rng"].device
+
+
+def test_checkpoint_folders_name_the_epoch_or_the_step() -> None:
+    """A step budget's epochs are fractional: its checkpoints are named by the step (this
+    failed every step-budget trial on Ray before)."""
+    from kavg_ray.config import RunConfig
+    from kavg_ray.launch.ray_train import checkpoint_name
+
+    epochs = RunConfig.model_validate({"K": 2, "workload": {"epochs": 3}})
+    assert checkpoint_name(epochs, {"epoch": 3}) == "epoch-000003"
+    steps = RunConfig.model_validate(
+        {"K": 2, "workload": {"dataset": "text", "model": "gpt", "steps": 150,
+                              "eval_every_steps": 50}}
+    )  # fmt: skip
+    assert checkpoint_name(steps, {"epoch": 0.4625, "step": 50}) == "step-000000050"
