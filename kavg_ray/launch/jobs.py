@@ -333,6 +333,7 @@ def running_trials(progress: dict[str, Any] | None, finished: set[str]) -> list[
         reported = ago(t.get("reported_s"))
         out.append(
             {"trial_id": tid, "epoch": t.get("epoch"), "epochs": t.get("epochs"),
+             "step": t.get("step"), "steps": t.get("steps"),
              "test_acc": t.get("test_acc"), "restarts": t.get("restarts", 0),
              "report_age_s": round(age, 1) if reported is None else reported,
              "started_age_s": ago(t.get("started_s")), "pack": t.get("pack")}
@@ -354,14 +355,16 @@ def _running_line(run: dict[str, Any]) -> str:
     """One running trial of `kavg sweep status`: its epoch, or what it does before its
     first report (a packed point trains in its pack, which reports after the epoch)."""
     acc, pack = run.get("test_acc"), run.get("pack")
+    steps = run.get("steps")  # a step budget counts steps, not epochs
     if run.get("epoch"):
-        done = f"epoch {run['epoch']}/{run['epochs']}"
+        done = (f"step {run['step']}/{steps}" if steps and run.get("step") is not None
+                else f"epoch {run['epoch']}/{run['epochs']}")  # fmt: skip
         done += f", test accuracy {acc:.4f}" if is_finite_number(acc) else ""
         done += f", packed in {pack}" if pack else ""
     elif pack:
         done = f"packed in {pack}: training (first epoch not reported yet)"
     else:
-        done = f"starting ({run['epochs']} epochs)"
+        done = f"starting ({steps} steps)" if steps else f"starting ({run['epochs']} epochs)"
     restarts = f", {run['restarts']} restart(s)" if run.get("restarts") else ""
     started = run.get("started_age_s")
     when = (f"started {started:.0f} s ago" if not run.get("epoch") and started is not None

@@ -368,6 +368,9 @@ class TrialTracker:
             }
             if trial.pack is not None:
                 trials[tid]["pack"] = trial.pack
+            wl = self.configs[tid].workload
+            if wl.step_budget:  # its last evaluated step, of how many
+                trials[tid].update(step=last.get("step"), steps=wl.steps)
         self.store.write_progress(self.sweep, {
             "updated_unix": time.time(), "total": len(self.trials), "finished": self.done,
             "elapsed_s": round(self.now() - self.started, 3), "trials": trials,

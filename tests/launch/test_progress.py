@@ -633,3 +633,18 @@ def test_sweep_status_reads_an_older_progress_file(tmp_path: Path) -> None:
     assert line.startswith(f"running: {TID}  starting (4 epochs)  (last report ") and (
         line.endswith(" s ago)")
     )
+
+
+def test_sweep_status_counts_a_step_budget_in_steps(tmp_path: Path) -> None:
+    """A step budget's trial: "starting (150 steps)", then its last evaluated step."""
+    cfg = parse_run({"name": "s", "K": 2, "P": 2, "workload": {
+        "dataset": "text", "model": "gpt", "steps": 150, "eval_every_steps": 50}})
+    tid = cfg.trial_name()
+    tr = TrialTracker(ResultsStore(tmp_path), "s", {tid: cfg}, [tid], echo=lambda _: None,
+                      now=Clock())  # fmt: skip
+    tr.start(tid)
+    assert _status_lines(tmp_path)[1].startswith(f"running: {tid}  starting (150 steps)")
+    tr.result(tid, _epoch(1, 1.0, epoch=0.46, step=50))
+    assert _status_lines(tmp_path)[1].startswith(
+        f"running: {tid}  step 50/150, test accuracy 0.6000"
+    )
