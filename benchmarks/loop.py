@@ -185,16 +185,37 @@ def run_ours(wl: Workload) -> tuple[float, float]:
     return metrics["compute_time_s"], float(metrics["samples"])
 
 
-def run_bare(wl: Workload) -> tuple[float, float]:
-    """(training seconds, samples) of the hand-written loop."""
+@dataclass
+class BareRun:
+    """What a hand-written loop sets up before its clock starts."""
+
+    data: Dataset
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    steps: int  # per epoch
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    image: bool
+    text: bool  # token sequences: logits (B, T, vocab)
+
+
+def bare_setup(wl: Workload) -> BareRun:
     data = get_data(wl)
     torch.manual_seed(SEED)
     model = build_model(wl.model, data.input_shape, data.num_classes).to(DEVICE)
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
-    steps = steps_per_epoch(data.n_train, wl.batch_size, 1)
     train_x, train_y = data.train_x.to(DEVICE), data.train_y.to(DEVICE)
-    image = train_x.dtype == torch.uint8
-    text = train_x.dtype == torch.int64  # token sequences: logits (B, T, vocab)
+    return BareRun(
+        data, model, torch.optim.SGD(model.parameters(), lr=LR),
+        steps_per_epoch(data.n_train, wl.batch_size, 1), train_x, train_y,
+        train_x.dtype == torch.uint8, train_x.dtype == torch.int64,
+    )  # fmt: skip
+
+
+def run_bare(wl: Workload) -> tuple[float, float]:
+    """(training seconds, samples) of the hand-written loop."""
+    run = bare_setup(wl)
+    data, model, opt, steps = run.data, run.model, run.opt, run.steps
+    train_x, train_y, image, text = run.train_x, run.train_y, run.image, run.text
     seconds = 0.0
     for epoch in range(wl.epochs):
         batches = epoch_indices(data.n_train, wl.batch_size, 0, 1, epoch, SEED)
@@ -234,13 +255,9 @@ def recipe_lr(step: int, total: int) -> float:
 
 def run_bare_recipe(wl: Workload) -> tuple[float, float]:
     """(training seconds, samples) of the hand-written loop with the lm recipe."""
-    data = get_data(wl)
-    torch.manual_seed(SEED)
-    model = build_model(wl.model, data.input_shape, data.num_classes).to(DEVICE)
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
-    steps = steps_per_epoch(data.n_train, wl.batch_size, 1)
-    train_x, train_y = data.train_x.to(DEVICE), data.train_y.to(DEVICE)
-    image, text = train_x.dtype == torch.uint8, train_x.dtype == torch.int64
+    run = bare_setup(wl)
+    data, model, opt, steps = run.data, run.model, run.opt, run.steps
+    train_x, train_y, image, text = run.train_x, run.train_y, run.image, run.text
     seconds, step = 0.0, 0
     for epoch in range(wl.epochs):
         batches = epoch_indices(data.n_train, wl.batch_size, 0, 1, epoch, SEED)

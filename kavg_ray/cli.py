@@ -222,18 +222,7 @@ def sweep_run(
     click.echo(f"\nK_opt by {by} for sweep '{sweep_name}' ({len(trials)} trials):")
     table = results.kopt_table(trials, by=by, history=results.load_history(sweep_name, storage))
     click.echo(results.format_frame(table, "table"), nl=False)
-    # Where the results are, and the commands that read them from any folder: the default
-    # storage, ./kavg_results, is relative to the folder the sweep ran in.
-    from kavg_ray.launch.jobs import absolute_storage
-
-    at = ["--storage", absolute_storage(storage)]
-    click.echo(f"results: {_at(at[1], sweep_name)}")
-    click.echo("kopt:    " + shlex.join(
-        ["kavg", "results", "kopt", sweep_name, *(["--by", by] if by == "time" else []), *at]))
-    click.echo("plot:    " + shlex.join(
-        ["kavg", "results", "plot", sweep_name, "--out", f"plots/{sweep_name}", *at]))
-    click.echo("report:  " + shlex.join(
-        ["kavg", "results", "report", sweep_name, "--out", f"reports/{sweep_name}", *at]))
+    _echo_where_results_are(sweep_name, storage, by)
     # Failed trials have no finished row either: both kinds are what --resume reruns.
     status = dict(zip(trials["trial_id"], trials["status"], strict=True))
     missing = [
@@ -260,6 +249,21 @@ def sweep_run(
             err=True,
         )
         sys.exit(1)
+
+
+def _echo_where_results_are(sweep_name: str, storage: str, by: str) -> None:
+    """Where a sweep's results are, and the commands that read them from any folder: the
+    default storage, ./kavg_results, is relative to the folder the sweep ran in."""
+    from kavg_ray.launch.jobs import absolute_storage
+
+    at = ["--storage", absolute_storage(storage)]
+    click.echo(f"results: {_at(at[1], sweep_name)}")
+    click.echo("kopt:    " + shlex.join(
+        ["kavg", "results", "kopt", sweep_name, *(["--by", by] if by == "time" else []), *at]))
+    click.echo("plot:    " + shlex.join(
+        ["kavg", "results", "plot", sweep_name, "--out", f"plots/{sweep_name}", *at]))
+    click.echo("report:  " + shlex.join(
+        ["kavg", "results", "report", sweep_name, "--out", f"reports/{sweep_name}", *at]))
 
 
 @sweep.command("submit")

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -104,3 +105,13 @@ def start_s3_server(timeout: float = 60) -> S3Server:
             time.sleep(0.1)
     server.stop()
     raise RuntimeError(f"moto's server did not answer on 127.0.0.1:{port} in {timeout:g} s")
+
+
+def serving_bucket(bucket: str) -> Iterator[S3Server]:
+    """A fixture body: a started server holding ``bucket``, stopped afterwards."""
+    server = start_s3_server()
+    try:
+        server.create_bucket(bucket)
+        yield server
+    finally:
+        server.stop()

@@ -21,7 +21,7 @@ from kavg_ray.analysis.results import FINISHED_STATUSES, ResultsStore, kopt_tabl
 from kavg_ray.analysis.storage import RemotePath, StorageError
 from kavg_ray.errors import BadInputError, KavgError
 
-from .s3_server import CREDENTIALS, S3Server, _free_port, start_s3_server
+from .s3_server import CREDENTIALS, S3Server, _free_port, serving_bucket
 from .test_plots import SPEC, hand_history, hand_trials
 
 BUCKET = "kavg-unit"
@@ -29,12 +29,7 @@ BUCKET = "kavg-unit"
 
 @pytest.fixture(scope="module")
 def s3() -> Iterator[S3Server]:
-    server = start_s3_server()
-    try:
-        server.create_bucket(BUCKET)
-        yield server
-    finally:
-        server.stop()
+    yield from serving_bucket(BUCKET)
 
 
 @pytest.fixture

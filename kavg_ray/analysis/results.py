@@ -678,14 +678,18 @@ def kopt_table(
         by, _score_values(trials_df, by, score, history), _history_by_trial(history),
         int(n_boot), int(seed), flag_wait,
     )  # fmt: skip
+    rows = _kopt_rows(trials_df, keys, ctx, has_pred)
+    return _typed_kopt_frame(pd.DataFrame(rows)[out_cols])
 
-    if keys:
-        groups: Iterable[tuple[Any, pd.DataFrame]] = trials_df.groupby(
-            keys, sort=True, dropna=False
-        )
-    else:
-        groups = [((), trials_df)]
 
+def _kopt_rows(
+    trials_df: pd.DataFrame, keys: list[str], ctx: _KoptContext, has_pred: bool
+) -> list[dict[str, Any]]:
+    """One row per group of ``keys``: the keys, the group's K_opt columns and (with
+    ``has_pred``) its first predicted K_opt."""
+    groups: Iterable[tuple[Any, pd.DataFrame]] = (
+        trials_df.groupby(keys, sort=True, dropna=False) if keys else [((), trials_df)]
+    )
     rows: list[dict[str, Any]] = []
     for key, g in groups:
         key_t = key if isinstance(key, tuple) else (key,)
@@ -695,7 +699,7 @@ def kopt_table(
             pred = g["predicted_kopt"].dropna()
             row["predicted_kopt"] = pred.iloc[0] if len(pred) else pd.NA
         rows.append(row)
-    return _typed_kopt_frame(pd.DataFrame(rows)[out_cols])
+    return rows
 
 
 def _kopt_group_keys(trials_df: pd.DataFrame, group_by: str | list[str] | None) -> list[str]:

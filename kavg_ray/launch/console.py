@@ -41,6 +41,32 @@ def rich_console(echo: Callable[[str], None]) -> Any:
     return Console(file=stream)
 
 
+def _open_log(path: Path, staged: bool) -> tuple[int, Path | None]:
+    """The fd the output goes to, and the temporary file it is staged in (None: ``path``)."""
+    if not staged:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644), None
+    log_fd, staged_name = tempfile.mkstemp(prefix="kavg-connect-", suffix=".log")
+    os.fchmod(log_fd, 0o644)
+    return log_fd, Path(staged_name)
+
+
+def _move_stage(stage: Path, path: Path) -> int:
+    """Append the staged output to ``path`` (its folder created), point fds 1 and 2 at it
+    and remove the stage; returns the new fd (to close at the end)."""
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    final = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    with open(stage, "rb") as staged_out:
+        while chunk := staged_out.read(1 << 20):
+            os.write(final, chunk)
+    os.dup2(final, 1)
+    os.dup2(final, 2)
+    os.unlink(stage)
+    return final
+
+
 @contextlib.contextmanager
 def quiet(path: Path | None, staged: bool = False) -> Iterator[Callable[[str], None]]:
     """Within: fds 1 and 2 append to ``path``; yields an echo to the real stdout.
@@ -62,12 +88,7 @@ def quiet(path: Path | None, staged: bool = False) -> Iterator[Callable[[str], N
     sys.stderr.flush()
     saved_out, saved_err = os.dup(1), os.dup(2)
     terminal = os.fdopen(os.dup(saved_out), "w", buffering=1, encoding="utf-8")
-    if staged:
-        log_fd, staged_name = tempfile.mkstemp(prefix="kavg-connect-", suffix=".log")
-        os.fchmod(log_fd, 0o644)
-        stage: Path | None = Path(staged_name)
-    else:
-        log_fd, stage = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644), None
+    log_fd, stage = _open_log(path, staged)
     fds = [saved_out, saved_err, log_fd]
     try:
         os.dup2(log_fd, 1)
@@ -79,21 +100,9 @@ def quiet(path: Path | None, staged: bool = False) -> Iterator[Callable[[str], N
 
         def settle() -> None:
             nonlocal stage
-            if stage is None:
-                return
-            with contextlib.suppress(Exception):
-                sys.stdout.flush()
-                sys.stderr.flush()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            final = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-            fds.append(final)
-            with open(stage, "rb") as staged_out:
-                while chunk := staged_out.read(1 << 20):
-                    os.write(final, chunk)
-            os.dup2(final, 1)
-            os.dup2(final, 2)
-            os.unlink(stage)
-            stage, echo.log = None, path  # type: ignore[attr-defined]
+            if stage is not None:
+                fds.append(_move_stage(stage, path))
+                stage, echo.log = None, path  # type: ignore[attr-defined]
 
         echo.terminal = terminal  # type: ignore[attr-defined] - for rich_console
         echo.log, echo.settle = stage or path, settle  # type: ignore[attr-defined]

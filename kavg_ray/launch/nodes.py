@@ -115,7 +115,7 @@ def _ask_nodes(path: str, token: str) -> dict[str, bool]:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    nodes = alive_nodes()
     task = ray.remote(num_cpus=0)(_node_sees)
     refs = {
         n["NodeManagerAddress"] + f" ({n['NodeID'][:8]})": task.options(
@@ -128,10 +128,15 @@ def _ask_nodes(path: str, token: str) -> dict[str, bool]:
     return {name: (ray.get(ref) if ref in done else None) for name, ref in refs.items()}
 
 
-def alive_node_count() -> int:
+def alive_nodes() -> list[dict]:
+    """The connected cluster's alive nodes (``ray.nodes()`` entries)."""
     import ray
 
-    return sum(1 for n in ray.nodes() if n.get("Alive"))
+    return [n for n in ray.nodes() if n.get("Alive")]
+
+
+def alive_node_count() -> int:
+    return len(alive_nodes())
 
 
 def check_shared_storage(

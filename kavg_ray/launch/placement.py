@@ -36,9 +36,9 @@ def predicted_learners_per_node(
 
 def alive_node_resources() -> list[dict[str, float]]:
     """The total resources of each alive node of the connected Ray cluster."""
-    import ray
+    from kavg_ray.launch.nodes import alive_nodes
 
-    return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+    return [dict(n["Resources"]) for n in alive_nodes()]
 
 
 def check_hier_groups(

@@ -441,11 +441,7 @@ def run_sweep(
         try:
             _check_joined(address, storage, todo_points)
             _prepare(store, sweep, spec_doc, points, todo, resume, say)
-            tracker = TrialTracker(
-                store, sweep, by_id, todo, echo=say, epoch_lines=progress,
-                trial_lines=not progress,
-                console=None if log is None else console.rich_console(say),
-            )  # fmt: skip
+            tracker = _tracker(store, sweep, by_id, todo, say, progress, log is not None)
             root = sweep_dir.resolve()
             layout = _layout(todo_points, root, plan, search, pack, local=address is None)
             _tune(tracker, todo_points or points, root, verbose, layout)
@@ -456,6 +452,18 @@ def run_sweep(
                 # Ends Ray's forwarding of worker logs, so the caller's table prints last.
                 ray.shutdown()
     return tracker.statuses
+
+
+def _tracker(
+    store: ResultsStore, sweep: str, by_id: dict[str, RunConfig], todo: list[str], say: Any,
+    progress: bool, quiet: bool,
+) -> TrialTracker:  # fmt: skip
+    """The run's trial lines: every epoch (``progress``) or a line per trial start and
+    end, with a live bar when ``quiet`` (Ray's output in the log)."""
+    return TrialTracker(
+        store, sweep, by_id, todo, echo=say, epoch_lines=progress, trial_lines=not progress,
+        console=console.rich_console(say) if quiet else None,
+    )
 
 
 def _check_joined(address: str | None, storage: str, todo_points: list[RunConfig]) -> None:

@@ -883,3 +883,33 @@ def augment_generator(seed: int, epoch: int, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed(
         ((_epoch_seed(seed, epoch) * 4099 + rank) + _AUGMENT_SALT) % _SEED_MOD
     )
+
+
+class LearnerEpochs:
+    """One learner's plan of an epoch: its batches (``epoch_indices``, ``(steps,
+    step_batch)`` on ``device``) and its augmentation stream, which consecutive calls for
+    the same epoch continue; starting inside an epoch not begun here (a resume, a step
+    budget's evaluation), the earlier steps' augmentation is drawn first."""
+
+    def __init__(
+        self, data: Any, step_batch: int, rank: int, world_size: int, seed: int,
+        sampling: str, device: torch.device,
+    ) -> None:  # fmt: skip
+        self.data, self.step_batch, self.rank, self.world_size = data, step_batch, rank, world_size
+        self.seed, self.sampling, self.device = seed, sampling, device
+        self._plan: tuple[int, Tensor, torch.Generator] | None = None
+
+    def at(self, epoch: int, first: int) -> tuple[Tensor, torch.Generator]:
+        """Epoch ``epoch``'s batches and stream, positioned for step ``first``."""
+        if self._plan is None or self._plan[0] != epoch or first == 0:
+            data = self.data
+            batches = epoch_indices(
+                data.n_train, self.step_batch, self.rank, self.world_size, epoch, self.seed,
+                self.sampling,
+            ).to(self.device)  # fmt: skip
+            gen = augment_generator(self.seed, epoch, self.rank)
+            if first and data.augment is not None:
+                for _ in data.train_batches(batches[:first], gen):
+                    pass
+            self._plan = (epoch, batches, gen)
+        return self._plan[1], self._plan[2]

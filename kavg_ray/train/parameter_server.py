@@ -58,7 +58,7 @@ import torch.distributed as dist
 
 from kavg_ray.config import RunConfig, is_factory
 from kavg_ray.train.averaging import FlatModel
-from kavg_ray.train.data import augment_generator, epoch_indices, steps_per_epoch
+from kavg_ray.train.data import LearnerEpochs, steps_per_epoch
 from kavg_ray.train.loop import EngineBase, empty_comm_metrics
 from kavg_ray.train.workload import (
     EvalSums,
@@ -236,7 +236,10 @@ class ParameterServerEngine(EngineBase):
             self.workload.data.n_train, self.recipe.step_batch, world_size
         )
         self.tokens_per_sample = tokens_per_sample(self.workload.data)
-        self._plan: tuple[int, torch.Tensor, torch.Generator] | None = None
+        self.epochs = LearnerEpochs(
+            self.workload.data, self.recipe.step_batch, rank, world_size, cfg.seed,
+            cfg.workload.sampling, device,
+        )  # fmt: skip
         self.acc = torch.zeros_like(self.flat.buffer) if self.downpour else None
         self.momentum_buf: torch.Tensor | None = None
         # workload.optimizer "module:function": the factory's optimizer steps the local
@@ -290,26 +293,11 @@ class ParameterServerEngine(EngineBase):
         if not resumed:
             self._pull()  # every learner starts from the center
 
-    def _epoch_plan(self, epoch: int, first: int) -> tuple[torch.Tensor, torch.Generator]:
-        """The epoch's batches and augmentation stream (as the process-group engine's)."""
-        cfg, data = self.cfg, self.workload.data
-        if self._plan is None or self._plan[0] != epoch or first == 0:
-            batches = epoch_indices(
-                data.n_train, self.recipe.step_batch, self.rank, self.world_size, epoch,
-                cfg.seed, cfg.workload.sampling,
-            ).to(self.device)  # fmt: skip
-            gen = augment_generator(cfg.seed, epoch, self.rank)
-            if first and data.augment is not None:
-                for _ in data.train_batches(batches[:first], gen):
-                    pass
-            self._plan = (epoch, batches, gen)
-        return self._plan[1], self._plan[2]
-
     def train_steps(
         self, epoch: int, first: int, end: int, lrs: list[float]
     ) -> tuple[float, float]:
         cfg, data = self.cfg, self.workload.data
-        batches, gen = self._epoch_plan(epoch, first)
+        batches, gen = self.epochs.at(epoch, first)
         loss_sum = torch.zeros((), device=self.device)
         for lr, (x, y) in zip(lrs, data.train_batches(batches[first:end], gen), strict=True):
             loss_sum += self._local_step(x, y, lr)

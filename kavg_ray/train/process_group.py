@@ -15,7 +15,7 @@ import torch
 from kavg_ray.config import RunConfig
 from kavg_ray.train import collectives
 from kavg_ray.train.averaging import HierAvgAverager, KAvgAverager
-from kavg_ray.train.data import augment_generator, epoch_indices, steps_per_epoch
+from kavg_ray.train.data import LearnerEpochs, steps_per_epoch
 from kavg_ray.train.groups import gather_nodes
 from kavg_ray.train.loop import EngineBase, empty_comm_metrics
 from kavg_ray.train.workload import (
@@ -66,31 +66,17 @@ class ProcessGroupEngine(EngineBase):
             self.workload.data.n_train, self.recipe.step_batch, world_size
         )
         self.tokens_per_sample = tokens_per_sample(self.workload.data)
-        self._plan: tuple[int, torch.Tensor, torch.Generator] | None = None
-
-    def _epoch_plan(self, epoch: int, first: int) -> tuple[torch.Tensor, torch.Generator]:
-        """The epoch's batches, ``(steps, grad_accum B)``, and its augmentation stream, which
-        consecutive calls continue; starting inside an epoch not begun here, the earlier
-        steps' augmentation is drawn first."""
-        cfg, data = self.cfg, self.workload.data
-        if self._plan is None or self._plan[0] != epoch or first == 0:
-            batches = epoch_indices(
-                data.n_train, self.recipe.step_batch, self.rank, self.world_size, epoch,
-                cfg.seed, cfg.workload.sampling,
-            ).to(self.device)  # fmt: skip
-            gen = augment_generator(cfg.seed, epoch, self.rank)
-            if first and data.augment is not None:
-                for _ in data.train_batches(batches[:first], gen):
-                    pass
-            self._plan = (epoch, batches, gen)
-        return self._plan[1], self._plan[2]
+        self.epochs = LearnerEpochs(
+            self.workload.data, self.recipe.step_batch, rank, world_size, cfg.seed,
+            cfg.workload.sampling, device,
+        )  # fmt: skip
 
     def train_steps(
         self, epoch: int, first: int, end: int, lrs: list[float]
     ) -> tuple[float, float]:
         data, model = self.workload.data, self.workload.model
         opt, avg, criterion = self.optimizer, self.averager, self.workload.loss
-        batches, gen = self._epoch_plan(epoch, first)
+        batches, gen = self.epochs.at(epoch, first)
         recipe = self.recipe
         losses = []  # summed once per call: a running sum costs a kernel per step
         for lr, (x, y) in zip(lrs, data.train_batches(batches[first:end], gen), strict=True):

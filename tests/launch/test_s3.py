@@ -24,7 +24,7 @@ import yaml
 from kavg_ray.analysis.results import ResultsStore
 
 from ..ray_head import RayHead
-from ..s3_server import CREDENTIALS, S3Server, start_s3_server
+from ..s3_server import CREDENTIALS, S3Server, serving_bucket
 
 pytestmark = pytest.mark.ray
 
@@ -34,12 +34,7 @@ TRIALS = ["K1-P1-s0", "K4-P1-s0"]
 
 @pytest.fixture
 def s3() -> Iterator[S3Server]:
-    server = start_s3_server()
-    try:
-        server.create_bucket(BUCKET)
-        yield server
-    finally:
-        server.stop()
+    yield from serving_bucket(BUCKET)
 
 
 def test_sweep_on_s3_storage_resumes_without_losing_or_repeating_rows(
