@@ -28,8 +28,17 @@ all-reduces the CUDA tensors (through host memory: NCCL cannot put two ranks on 
 with a ``torch.cuda.synchronize()`` before each clock is read; the outer step then runs at
 the GPU's memory bandwidth.
 
+With ``--payloads fp32,bf16,fp16,fp8,int8,int4`` it times compressed averages instead
+(``KAvgAverager(model, 1, payload=...)``, kavg_ray.train.payload): each learner's change
+since the last average (a fresh random one, made outside the clock, before every
+repetition) quantized in blocks of 256 with a float32 scale, an all-to-all of the quantized
+shards, a float32 sum, the mean requantized and gathered. The table gives each payload's
+median ms against fp32's (the plain all-reduce) and the bytes a learner hands in per
+average (``bytes_communicated`` / averages, the cost model's ``payload_bytes``).
+
 Usage: python benchmarks/averaging.py [--reps 30] [--models resnet18,vgg16]
        [--world-sizes 2,4] [--device cpu|cuda] [--out FILE.json]
+       [--payloads fp32,bf16,fp16,fp8,int8,int4]
 """
 
 from __future__ import annotations
@@ -55,6 +64,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kavg_ray.train.averaging import KAvgAverager  # noqa: E402
 from kavg_ray.train.models import build_model  # noqa: E402
+from kavg_ray.train.payload import PAYLOADS  # noqa: E402
 
 WARMUP = 3
 METHODS = ("ours", "floor", "allreduce", "torch", "per-tensor", "outer", "outer-serial")
@@ -188,19 +198,86 @@ def _worker(
     dist.destroy_process_group()
 
 
-def run(models: list[str], world_sizes: list[int], reps: int, device: str = "cpu") -> list[dict]:
+def _payload_times(
+    name: str, world: int, reps: int, payloads: list[str], dev: torch.device
+) -> dict:
+    """Rank's median and minimum ms, and bytes per average, of each payload's average."""
+    averagers = {}
+    for p in payloads:
+        torch.manual_seed(0)
+        averagers[p] = KAvgAverager(build_model(name, (3, 32, 32), 10).to(dev), 1, payload=p)
+    noise = torch.Generator(device=dev).manual_seed(dist.get_rank())
+    times: dict[str, list[float]] = {p: [] for p in payloads}
+    for rep in range(WARMUP + reps):
+        shift = rep % len(payloads)
+        for p in payloads[shift:] + payloads[:shift]:
+            buf = averagers[p].flat.buffer  # a learner's change since the last average
+            buf.add_(torch.randn(buf.numel(), generator=noise, device=dev), alpha=1e-3)
+            dist.barrier()
+            t0 = time.perf_counter()
+            averagers[p].average()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            if rep >= WARMUP:
+                times[p].append(time.perf_counter() - t0)
+    return {
+        "model": name, "P": world, "device": str(dev),
+        "elements": averagers[payloads[0]].flat.buffer.numel(),
+        "median_ms": {p: 1000 * statistics.median(times[p]) for p in payloads},
+        "min_ms": {p: 1000 * min(times[p]) for p in payloads},
+        "bytes": {p: averagers[p].stats.bytes // averagers[p].stats.count for p in payloads},
+    }  # fmt: skip
+
+
+def _payload_worker(
+    rank: int, world: int, port: int, models: list[str], reps: int, out_path: str, device: str,
+    payloads: list[str],
+) -> None:  # fmt: skip
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    if device == "cuda":
+        torch.cuda.set_device(0)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    rows = [_payload_times(name, world, reps, payloads, torch.device(device)) for name in models]
+    if rank == 0:
+        Path(out_path).write_text(json.dumps(rows))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run(
+    models: list[str], world_sizes: list[int], reps: int, device: str = "cpu",
+    payloads: list[str] | None = None,
+) -> list[dict]:  # fmt: skip
+    """The rows of every (model, P): the methods' times, or with ``payloads`` theirs."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for world in world_sizes:
             out = os.path.join(tmp, f"P{world}.json")
+            worker, extra = (_worker, ()) if payloads is None else (_payload_worker, (payloads,))
             mp.spawn(
-                _worker,
-                args=(world, _free_port(), models, reps, out, device),
+                worker,
+                args=(world, _free_port(), models, reps, out, device, *extra),
                 nprocs=world,
                 join=True,
             )
             rows += json.loads(Path(out).read_text())
     return rows
+
+
+def format_payload_table(rows: list[dict], stat: str = "median_ms") -> str:
+    """One line per (model, P, payload): ms, its ratio to fp32's, bytes and their ratio."""
+    lines = ["| model | P | payload | ms | x fp32 | MB per average | x fp32 bytes |",
+             "|" + " --- |" * 7]  # fmt: skip
+    for r in rows:
+        ms, nbytes = r[stat], r["bytes"]
+        base_ms, base_bytes = ms.get("fp32"), nbytes.get("fp32")
+        for p in ms:
+            ratio = f"{ms[p] / base_ms:.2f}" if base_ms else "-"
+            bratio = f"{nbytes[p] / base_bytes:.3f}" if base_bytes else "-"
+            lines.append(f"| {r['model']} | {r['P']} | {p} | {ms[p]:.1f} | {ratio} "
+                         f"| {nbytes[p] / 1e6:.3f} | {bratio} |")  # fmt: skip
+    return "\n".join(lines)
 
 
 def format_table(rows: list[dict], stat: str = "median_ms") -> str:
@@ -229,11 +306,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--world-sizes", default="2,4", help="comma-separated values of P")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="tensors on")
     parser.add_argument("--out", default=None, help="also write the rows as JSON here")
+    parser.add_argument("--payloads", default=None,
+                        help="time compressed averages of these payloads instead "
+                        "(comma-separated: fp32,bf16,fp16,fp8,int8,int4)")  # fmt: skip
     args = parser.parse_args(argv)
     models = [m for m in args.models.split(",") if m]
     worlds = [int(p) for p in args.world_sizes.split(",") if p]
     if args.reps < 1 or not models or any(p < 2 for p in worlds):
         parser.error("need --reps >= 1, at least one model, and world sizes >= 2")
+    payloads = None if args.payloads is None else [p for p in args.payloads.split(",") if p]
+    if payloads is not None and (not payloads or set(payloads) - set(PAYLOADS)):
+        parser.error(f"--payloads: a comma-separated list of {', '.join(PAYLOADS)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible")
     gpu = f", {torch.cuda.get_device_name(0)}" if args.device == "cuda" else ""
@@ -249,9 +332,17 @@ def main(argv: list[str] | None = None) -> int:
         f"{os.cpu_count()} CPUs, load average at start {os.getloadavg()[0]:.2f}"
     )
     start = time.perf_counter()
-    rows = run(models, worlds, args.reps, args.device)
+    rows = run(models, worlds, args.reps, args.device, payloads)
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
+    if payloads is not None:
+        print("## median ms per average, by payload")
+        print(format_payload_table(rows, "median_ms"))
+        print("## best (minimum) ms per average")
+        print(format_payload_table(rows, "min_ms"))
+        print(f"# total {time.perf_counter() - start:.0f} s, load average at end "
+              f"{os.getloadavg()[0]:.2f}")  # fmt: skip
+        return 0
     print("## median ms per average")
     print(format_table(rows, "median_ms"))
     print("## best (minimum) ms per average, for reference on a shared machine")

@@ -219,6 +219,10 @@ def sweep_run(
     )  # fmt: skip
     trials = results.load_trials(sweep_name, storage)
     by = "time" if points[0].target_accuracy else results.ranked_by(trials)
+    if by == "time" and _simulated_times(trials):  # the cost model prices their time
+        by = results.ranked_by(trials)
+        click.echo(f"\nK_opt by time of simulated trials: kavg results kopt {sweep_name} "
+                   "--by time --network NETWORK (the cost model)")  # fmt: skip
     click.echo(f"\nK_opt by {by} for sweep '{sweep_name}' ({len(trials)} trials):")
     table = results.kopt_table(trials, by=by, history=results.load_history(sweep_name, storage))
     click.echo(results.format_frame(table, "table"), nl=False)
@@ -508,9 +512,12 @@ def _kopt_on_network(sweep_name: str, storage: str, fmt: str, by: str, net: tupl
     pred = _predict_on(sweep_name, storage, net, trials)
     if fmt == "table":
         click.echo(f"network assumed: {network.describe()}")
-    click.echo(results.format_frame(costmodel.kopt_by_predicted_time(pred), fmt))
+    click.echo(results.format_frame(costmodel.kopt_by_predicted_time(pred), fmt),
+               nl=fmt != "table")  # fmt: skip
     if fmt != "table":  # machine-readable output: the K_opt frame alone
         return
+    click.echo(f"K_opt by predicted time on {network.name}: mean time to the target. "
+               f"{KOPT_LEGEND}")  # fmt: skip
     speedup = costmodel.asgd_speedup_table(pred)
     if any(c.startswith("speedup_over_") for c in speedup.columns):
         click.echo("K-AVG against the parameter server on this network (mean predicted time "
@@ -562,6 +569,8 @@ def results_kopt(
     by = by or results.ranked_by(trials)
     if by == "time" and score != "last":
         raise BadInput("--score ranks accuracy or loss: by time it is last")
+    if by == "time" and _simulated_times(trials):
+        raise BadInput(_simulated_times(trials))
     if uncertainty:
         from kavg_ray.analysis import uncertainty as unc
 
@@ -588,6 +597,18 @@ KOPT_LEGEND = (
     "K = 1 is best;\n"
     "diff_vs_k1: K_opt minus K = 1 on the same seeds, with its 90% interval [lo, hi]."
 )
+
+
+def _simulated_times(trials: Any) -> str:
+    """Why ``trials`` cannot be ranked by their measured time (simulated learners share a
+    process and communicate nothing: the cost model prices them), or ""."""
+    backend = trials["backend"] if "backend" in trials.columns else None
+    n = 0 if backend is None else int((backend == "simulated").sum())
+    if not n:
+        return ""
+    return (f"{n} simulated trial(s): their learners share one process and communicate "
+            "nothing, so K_opt by time comes from the cost model: add --network (e.g. "
+            "--network eth10g)")  # fmt: skip
 
 
 def _score_words(score: str, by: str) -> str:

@@ -98,6 +98,16 @@ GRID_KEYS = {
     "precision": ("workload", "precision"),
     "tf32": ("workload", "tf32"),
     "steps": ("workload", "steps"),
+    "fragments": ("fragments",),
+    "fragment_delay": ("fragment_delay",),
+    "fragment_alpha": ("fragment_alpha",),
+    "K_schedule": ("K_schedule",),
+    "K_factor": ("K_factor",),
+    "K_min": ("K_min",),
+    "K_max": ("K_max",),
+    "K_interval": ("K_interval",),
+    "payload": ("payload",),
+    "payload_error_feedback": ("payload_error_feedback",),
 }
 # Swept keys that the trial name ``K4-P2-s0`` does not already show; a grid over them
 # appends ``-lr0.05``, ``-batch_size32`` ... so that every grid point has its own name.
@@ -641,6 +651,52 @@ class RunConfig(_Strict):
     theory: Literal["estimate"] | None = Field(
         default=None, description="'estimate': probe L, M, F gap and predict K_opt per P"
     )
+    # Streaming fragments (docs/design.md section 9): kavg only.
+    fragments: Int = Field(
+        default=1, ge=1, le=1_000_000,
+        description="kavg: average the model in F fragments of consecutive layers, in "
+        "rotation, one every K/F steps (F divides K)",
+    )  # fmt: skip
+    fragment_delay: Int = Field(
+        default=0, ge=0, le=1_000_000,
+        description="kavg: apply a fragment's average tau steps after it is launched (tau < K/F)",
+    )  # fmt: skip
+    fragment_alpha: Float = Field(
+        default=0.0, ge=0, le=1,
+        description="kavg: the share of its own fragment a learner keeps when the average "
+        "arrives (torchft's fragment_update_alpha; 0 takes the average)",
+    )  # fmt: skip
+    # A K that changes during training (docs/design.md section 9, "Adaptive periods"): kavg.
+    K_schedule: Literal["constant", "stagewise", "adacomm"] = Field(
+        default="constant",
+        description="kavg: constant K, stagewise (K times K_factor when the lr drops) or adacomm "
+        "(K from the loss and lr every K_interval steps); K is the first period",
+    )
+    K_factor: Int | None = Field(
+        default=None, ge=2, le=1024, description="stagewise: K's multiplier at each lr drop (2)"
+    )
+    K_min: Int | None = Field(
+        default=None, ge=1, le=1_000_000, description="adacomm: the smallest K (1)"
+    )
+    K_max: Int | None = Field(
+        default=None, ge=1, le=1_000_000, description="stagewise, adacomm: the largest K (none)"
+    )
+    K_interval: Int | None = Field(
+        default=None, ge=1, le=100_000_000,
+        description="adacomm: recompute K every this many steps (one epoch's steps)",
+    )  # fmt: skip
+    # Compressed averages (docs/design.md section 9, "Compressed averages"): kavg only.
+    payload: Literal["fp32", "bf16", "fp16", "fp8", "int8", "int4"] = Field(
+        default="fp32",
+        description="kavg: what a global average sends: fp32 (the all-reduce), or each "
+        "learner's change since the last average as bf16, fp16, or fp8/int8/int4 with one "
+        "float32 scale per 256 elements",
+    )
+    payload_error_feedback: Bool = Field(
+        default=False,
+        description="kavg, payload other than fp32: add what quantizing dropped to the next "
+        "payload",
+    )
     # The swept keys outside CORE_KEYS, set by SweepSpec.points() for the trial name.
     _name_extra: tuple[str, ...] = PrivateAttr(default=())
 
@@ -680,7 +736,25 @@ class RunConfig(_Strict):
             )
         self._check_outer()
         self._check_recipe()
-        return self._check_algorithm_keys()
+        self._check_algorithm_keys()
+        self._check_fragments()
+        self._check_K_schedule()
+        self._check_payload()
+        return self
+
+    def _check_payload(self) -> None:
+        """payload and payload_error_feedback: K-AVG's (the Hier-AVG and parameter-server
+        averages are not built compressed); error feedback needs a compressed payload."""
+        if self.payload_error_feedback and self.payload == "fp32":
+            raise ValueError(
+                "payload_error_feedback needs a compressed payload (bf16, fp16, fp8, int8 "
+                "or int4), not fp32"
+            )
+        if self.payload != "fp32" and self.algorithm != "kavg":
+            raise ValueError(
+                f"payload {self.payload} is built for kavg only; {self.algorithm} averages "
+                "send fp32"
+            )
 
     def _check_recipe(self) -> None:
         """The training recipe's keys (docs/design.md section 1) that an engine cannot honour."""
@@ -744,6 +818,66 @@ class RunConfig(_Strict):
                 f"EAMSGD moving rate alpha = beta / P = {self.beta}/{self.P} must be below 1"
             )
         return self
+
+    @property
+    def streaming(self) -> bool:
+        """Whether the average streams in fragments (a fragment key is not its default)."""
+        return (self.fragments, self.fragment_delay, self.fragment_alpha) != (1, 0, 0.0)
+
+    def _check_fragments(self) -> None:
+        """fragments, fragment_delay, fragment_alpha: kavg's, F | K, tau < K/F, and none of
+        what they are not built with."""
+        if not self.streaming:
+            return
+        keys = "fragments, fragment_delay and fragment_alpha"
+        if self.algorithm != "kavg":
+            built = "streaming Hier-AVG is not built" if self.algorithm == "hier_avg" else (
+                "it has no averaging step")
+            raise ValueError(f"{keys} stream K-AVG's average, not {self.algorithm}'s: {built}")
+        if self.K % self.fragments:
+            raise ValueError(f"fragments F={self.fragments} must divide K={self.K}")
+        if self.fragment_delay >= self.K // self.fragments:
+            raise ValueError(
+                f"fragment_delay={self.fragment_delay} must be below K/F="
+                f"{self.K // self.fragments}: a fragment's average is applied before the next "
+                "is launched"
+            )
+        if self.warmup_steps:
+            raise ValueError(f"{keys} take no warmup_steps (a warm-up averages the whole model)")
+        schedule = getattr(self, "K_schedule", "constant")
+        if schedule != "constant":
+            raise ValueError(f"{keys} need K_schedule constant, not {schedule}")
+        payload = getattr(self, "payload", "fp32")
+        if payload != "fp32":
+            raise ValueError(f"{keys} send fp32: payload {payload} with fragments is not built")
+
+    def _check_K_schedule(self) -> None:
+        """K_schedule and its parameters: kavg's, each beside its own schedule, K in bounds."""
+        kind, given = self.K_schedule, {
+            k: getattr(self, k) for k in ("K_factor", "K_min", "K_max", "K_interval")
+            if getattr(self, k) is not None
+        }  # fmt: skip
+        own = {"constant": (), "stagewise": ("K_factor", "K_max"),
+               "adacomm": ("K_min", "K_max", "K_interval")}[kind]  # fmt: skip
+        foreign = [k for k in given if k not in own]
+        if foreign:
+            takes = ", ".join(own) if own else "none of them"
+            raise ValueError(f"{', '.join(foreign)} given, but K_schedule {kind} takes {takes}")
+        if kind == "constant":
+            return
+        if self.algorithm != "kavg":
+            raise ValueError(f"K_schedule {kind} is built for kavg, not {self.algorithm}")
+        lo, hi = self.K_min or 1, self.K_max
+        if hi is not None and lo > hi:
+            raise ValueError(f"K_min={lo} is above K_max={hi}")
+        if not lo <= self.K <= (hi or self.K):
+            raise ValueError(f"K={self.K} (the first period) must lie in [K_min, K_max] = "
+                             f"[{lo}, {hi if hi is not None else 'none'}]")  # fmt: skip
+        if kind == "stagewise" and self.workload.lr.kind != "step":
+            raise ValueError(
+                "K_schedule stagewise grows K when the lr drops: it needs the step lr schedule "
+                f"(workload.lr.halve_every_epochs), not {self.workload.lr.kind}"
+            )
 
     @property
     def workers(self) -> int:
@@ -827,7 +961,8 @@ class SweepSpec(_Strict):
     grid: dict[str, list[Any]]
     variants: list[dict[str, Any]] = [{}]
     search: SearchConfig = SearchConfig()
-    # Simulated grid points that share workload and P run stacked in one trial.
+    # Simulated grid points that share workload and P run stacked in one trial. A spec
+    # without `pack:` packs when every point can be packed (parse_sweep, packable).
     pack: Bool = False
     _points: list[RunConfig] | None = PrivateAttr(default=None)
 
@@ -981,17 +1116,20 @@ def parse_sweep(doc: dict[str, Any], source: str = "spec") -> SweepSpec:
         raise ConfigError(f"{source}: has no grid: run a single config with 'kavg train'")
     grid = doc.pop("grid")
     variants = _pop_variants(doc, source)
-    search, pack = _parse_search(doc.pop("search", "grid"), doc.pop("pack", False), source)
+    search, pack = _parse_search(doc.pop("search", "grid"), doc.pop("pack", None), source)
     if search.strategy == "refine" and isinstance(grid, dict):
         grid = _refine_grid(grid, doc, variants, search, source)
     if not isinstance(grid, dict) or not grid:
         raise ConfigError(f"{source}: grid: must be a non-empty mapping of key -> list")
     _check_grid(grid, doc, variants, source)
-    spec = SweepSpec(base=doc, grid=grid, variants=variants, search=search, pack=pack)
+    spec = SweepSpec(base=doc, grid=grid, variants=variants, search=search, pack=bool(pack))
     try:
         points = spec.points()
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
+    if pack is None:  # fast by default: pack what can be packed, else one trial per point
+        can = search.strategy == "grid" and search.early_stop is None
+        spec = spec.model_copy(update={"pack": can and all(packable(p) for p in points)})
     _check_search_points(spec, points, source)
     _check_distinct_trial_names(points, source)
     return spec
@@ -1084,9 +1222,10 @@ def _check_distinct_trial_names(points: list[RunConfig], source: str) -> None:
         names.add(name)
 
 
-def _parse_search(raw: Any, pack: Any, source: str) -> tuple[SearchConfig, bool]:
-    """`search:` (grid | refine, or a mapping) and `pack:` (true | false) of a spec."""
-    if not isinstance(pack, bool):
+def _parse_search(raw: Any, pack: Any, source: str) -> tuple[SearchConfig, bool | None]:
+    """`search:` (grid | refine, or a mapping) and `pack:` (true | false; None: not
+    given, decided by the points) of a spec."""
+    if pack is not None and not isinstance(pack, bool):
         raise ConfigError(f"{source}: pack: must be true or false, got {pack!r}")
     doc = {"strategy": raw} if isinstance(raw, str) else raw
     if not isinstance(doc, dict):
@@ -1137,11 +1276,16 @@ def _check_search_points(spec: SweepSpec, points: list[RunConfig], source: str) 
                 f"{source}: search: refine ranks K by final test accuracy (or loss); "
                 "target_accuracy (K_opt by time) needs search: grid"
             )
-        if spec.pack and (p.backend != "simulated" or p.algorithm not in ("kavg", "hier_avg")):
+        if spec.pack and not packable(p):
             raise ConfigError(
                 f"{source}: pack: true stacks simulated kavg and hier_avg trials; grid point "
                 f"{p.trial_name()} is {p.algorithm} on backend {p.backend}"
             )
+
+
+def packable(cfg: RunConfig) -> bool:
+    """Whether a grid point can run in a pack: simulated K-AVG or Hier-AVG."""
+    return cfg.backend == "simulated" and cfg.algorithm in ("kavg", "hier_avg")
 
 
 def _has_path(doc: Any, path: tuple[str, ...]) -> bool:

@@ -22,11 +22,14 @@ EPOCH_KEYS = (
     "samples_per_s", "tokens_per_s",
 )  # fmt: skip
 #: Hier-AVG's two levels (and whether its groups share a node: 1.0, else 0.0) and the
-#: parameter server's counters (zeros or NaN elsewhere).
+#: parameter server's counters (zeros or NaN elsewhere). ``K_in_force``: the global period
+#: of the steps under way at the evaluation (K, K2 for Hier-AVG; with a ``K_schedule`` the
+#: K that the last average opened; NaN for the parameter server); ``averages_taken``: the
+#: rounds since the previous evaluation.
 ALGORITHM_KEYS = (
     "local_reductions", "global_reductions", "local_comm_time_s", "global_comm_time_s",
     "local_bytes", "global_bytes", "local_on_node", "staleness_mean", "staleness_max",
-    "pushes", "applied",
+    "pushes", "applied", "K_in_force", "averages_taken",
 )  # fmt: skip
 #: Every engine reports exactly these keys, every epoch.
 METRIC_KEYS = (*EPOCH_KEYS, "diverged", *ALGORITHM_KEYS)

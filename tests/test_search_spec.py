@@ -18,11 +18,27 @@ def names(spec) -> list[str]:
     return [p.trial_name() for p in spec.points()]
 
 
-def test_default_is_grid_without_packing() -> None:
+def test_default_is_grid_packed_when_every_point_can_be() -> None:
     spec = parse_sweep({**BASE, "grid": {"K": [1, 4], "P": [2]}})
     assert spec.search.strategy == "grid" and spec.search.early_stop is None
-    assert spec.pack is False
+    assert spec.pack is True  # simulated kavg on a grid: packed by default
     assert names(spec) == ["K1-P2-s0-sim", "K4-P2-s0-sim"]
+    assert parse_sweep({**BASE, "pack": False, "grid": {"K": [1, 4], "P": [2]}}).pack is False
+
+
+@pytest.mark.parametrize(
+    ("extra", "grid"),
+    [
+        ({"backend": "ray"}, {"K": [1, 4], "P": [2]}),  # one real point is enough
+        ({"variants": [{}, {"backend": "ray"}]}, {"K": [1], "P": [2]}),
+        ({"algorithm": "downpour", "backend": "ray", "fetch_period": 1, "push_period": 1},
+         {"P": [2, 4]}),
+        ({"search": "refine"}, {"P": [2]}),
+        ({"search": {"early_stop": {}}}, {"K": [1, 4], "P": [2]}),
+    ],
+)
+def test_what_cannot_be_packed_runs_one_trial_per_point_silently(extra: dict, grid: dict) -> None:
+    assert parse_sweep({**BASE, **extra, "grid": grid}).pack is False
 
 
 def test_refine_without_k_list_uses_powers_of_two_in_range() -> None:

@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SWEEPS = ROOT / "sweeps"
 PAPER = SWEEPS / "paper"
 SMALL = SWEEPS / "paper-small"
+MNIST1D = SWEEPS / "mnist1d"  # the claims study on MNIST-1D (docs/reproduction/README.md)
 SPECS = sorted(SWEEPS.rglob("*.yaml"))
 
 PAPER_P = {8, 16, 32, 64, 128}
@@ -174,3 +175,20 @@ def test_small_twins_keep_each_figures_structure() -> None:
     assert {p.workload.lr.initial for p in asgd} == {1.0}
     for name in ("small_fig7_mlp", "small_fig7_cnn"):
         assert 1 in _values(_points(name, SMALL), "P")
+
+
+@pytest.mark.parametrize("path", sorted(MNIST1D.glob("*.yaml")), ids=_rel)
+def test_mnist1d_claim_spec_says_what_it_tests_and_fits_two_cpu_cores(path: Path) -> None:
+    text = path.read_text()
+    header = text.split("\nname:")[0]
+    assert text.startswith("#") and "laim" in header and "Cost here" in header, _rel(path)
+    assert read_yaml(path)["name"] == path.stem
+    spec = _sweep(path)
+    points = spec.points()
+    for p in points:
+        assert p.workload.dataset == "mnist1d" and not p.resources.use_gpu
+        assert p.workers * p.resources.cpus_per_worker <= SMALL_CPUS
+        if p.backend == "ray":
+            assert p.P <= 4  # real processes only for the spot checks and claim (c)
+    if _values(points, "backend") == {"simulated"}:
+        assert spec.pack and len(_values(points, "seed")) >= 5

@@ -229,7 +229,13 @@ def test_kopt_curve_fits_p_from_2_and_predicts_untried_powers_of_two():
     fits, curve = kopt_curve(table_frame(table))
     fit = fits.iloc[0]
     assert fit["a"] == pytest.approx(1.0) and fit["b"] == pytest.approx(1.0)
-    assert fit["n_points"] == 3 and fit["P_fitted"] == "2,4,8" and fit["note"] == ""
+    assert fit["n_points"] == 3 and fit["P_fitted"] == "2,4,8"
+    # One seed per point: fewer than two settled P, so every P is fitted, and flagged.
+    assert fit["P_unsettled"] == "2,4,8" and fit["note"] == (
+        "rests on unsettled K_opt: P=2 (single seed), P=4 (single seed), P=8 (single seed); "
+        "a sketch, not a law"
+    )
+    assert list(curve["note"])[1:4] == ["flagged: single seed"] * 3
     assert list(curve["P"]) == [1, 2, 4, 8, 16, 32]
     assert list(curve["kind"]) == ["measured"] * 4 + ["predicted"] * 2
     assert list(curve["K_pred"]) == [1, 2, 4, 8, 16, 32]
@@ -243,7 +249,46 @@ def test_kopt_curve_with_two_p_says_the_fit_is_exact():
     table = {2: {1: [0.7], 2: [0.9]}, 4: {2: [0.7], 8: [0.9]}}
     fits, _ = kopt_curve(table_frame(table))
     assert fits.iloc[0]["b"] == pytest.approx(2.0) and fits.iloc[0]["r2"] == 1.0
-    assert fits.iloc[0]["note"] == "two P: the fit is exact, its R^2 says nothing"
+    edge = "single seed; at the largest K tried: K_opt may be larger"
+    assert fits.iloc[0]["note"] == (
+        f"two P: the fit is exact, its R^2 says nothing; rests on unsettled K_opt: "
+        f"P=2 ({edge}), P=4 ({edge}); a sketch, not a law"
+    )
+
+
+def test_kopt_curve_leaves_out_unsettled_p_when_two_settled_remain():
+    """P=2 and P=4: K_opt best on every seed (clear). P=8: clear, but the largest K tried.
+    P=16: K=4 and K=16 tie in the mean and split the bootstrap (inconclusive)."""
+    table = {
+        2: {1: [0.5, 0.6, 0.55], 2: [0.9, 0.8, 0.85], 4: [0.7, 0.7, 0.7]},
+        4: {2: [0.5, 0.6, 0.55], 4: [0.9, 0.8, 0.85], 8: [0.7, 0.7, 0.7]},
+        8: {4: [0.5, 0.6, 0.55], 8: [0.7, 0.7, 0.7], 16: [0.9, 0.8, 0.85]},
+        16: {2: [0.5, 0.5], 4: [0.9, 0.8], 8: [0.5, 0.5], 16: [0.8, 0.9]},
+    }
+    fits, curve = kopt_curve(table_frame(table))
+    fit = fits.iloc[0]
+    assert fit["P_fitted"] == "2,4" and fit["n_points"] == 2 and fit["P_unsettled"] == "8,16"
+    assert fit["a"] == pytest.approx(1.0) and fit["b"] == pytest.approx(1.0)
+    assert fit["note"] == (
+        "two P: the fit is exact, its R^2 says nothing; fitted on the settled P only; left "
+        "out: P=8 (at the largest K tried: K_opt may be larger), P=16 (inconclusive)"
+    )
+    measured = curve[curve["kind"] == "measured"]
+    assert list(measured["K_opt"]) == [2, 4, 16, 4]
+    assert list(measured["verdict"]) == ["clear", "clear", "clear", "inconclusive"]
+    assert list(measured["note"]) == [
+        "", "", "not fitted: at the largest K tried: K_opt may be larger",
+        "not fitted: inconclusive",
+    ]  # fmt: skip
+    assert list(measured["residual_log2"].isna()) == [False, False, True, True]
+    # Had P=8 and P=16 been fitted, b would not be 1: K_opt 16 at P=8, 4 at P=16.
+    assert list(measured["K_pred"]) == [2, 4, 8, 16]
+    from kavg_ray.analysis import plots
+
+    ax = next(a for a in plots.kopt_vs_p(table_frame(table)).axes if a.get_visible())
+    line = next(ln for ln in ax.get_lines() if ln.get_label().startswith("fit K ="))
+    assert line.get_label() == "fit K = 1·P^1 (R² = 1.000); P 8, 16 left out"
+    assert line.get_xdata()[0] == pytest.approx(2.0) and line.get_xdata()[-1] == pytest.approx(4)
 
 
 def test_kopt_curve_without_two_p_says_why():
@@ -326,4 +371,5 @@ def test_kopt_vs_p_draws_the_fitted_curve():
     x, y = fit.get_xdata(), fit.get_ydata()
     assert x[0] == pytest.approx(2.0) and x[-1] == pytest.approx(8.0)
     assert list(y) == pytest.approx(list(x))  # K_opt = P: a = 1, b = 1
-    assert fit.get_label() == "fit K = 1·P^1 (R² = 1.000)"
+    # One seed per P: no P is settled, so the fit uses them all and says so.
+    assert fit.get_label() == "fit K = 1·P^1 (R² = 1.000); on unsettled K_opt at P 2, 4, 8"

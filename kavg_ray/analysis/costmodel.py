@@ -36,7 +36,9 @@ own steps plus messages.
 
 **Time of a trial** = local steps x step time + the communication above. The step time is
 measured (``compute_time_s`` per local step of the trial; on the simulated backend, which
-stacks all P learners in one process, that divided by P) or given for the target hardware.
+stacks all P learners in one process, that divided by P, and for a packed point, whose
+``compute_time_s`` is its pack's, also by the points of the pack, ``pack_points``) or given
+for the target hardware.
 
 What the model leaves out, plainly: overlap of communication with computation other than
 a fragment's ``fragment_delay`` (the plain averager does not overlap), the compute of
@@ -613,7 +615,10 @@ def _measured_step_time(trial: Mapping[str, Any], last: Mapping[str, Any]) -> fl
     if not steps > 0:
         return math.nan
     per_step = compute / steps
-    return per_step / int(trial["P"]) if trial.get("backend") == "simulated" else per_step
+    if trial.get("backend") != "simulated":
+        return per_step
+    # One process ran the P learners (a packed point: those of every point of its pack).
+    return per_step / (int(trial["P"]) * _count(trial, "pack_points", 1.0, 1.0))
 
 
 def _predict_one(
@@ -629,7 +634,9 @@ def _predict_one(
     n = _trial_model_bytes(trial, last, sizer)
     st = step_time if step_time is not None else _measured_step_time(trial, last)
     if step_time is None and trial.get("backend") == "simulated":
-        out["step_time_source"] = "measured/P (simulated)"
+        packed = _count(trial, "pack_points", 1.0, 1.0)
+        out["step_time_source"] = (f"measured/(P x {packed:g} packed points)" if packed > 1
+                                   else "measured/P (simulated)")  # fmt: skip
     end = _progress(trial, last, n)
     out.update(model_bytes=n, step_time_s=st, predicted_time_s=predicted_time(end, network, st))
     out["predicted_comm_time_s"], out["predicted_hidden_time_s"] = _comm_only(end, network, st)
@@ -694,11 +701,12 @@ def predict_trials(
     return pd.concat([out, pred], axis=1)
 
 
-#: Trial columns of issue #28 that change how an average travels or when it happens: with
-#: their defaults (what a row without the column means). A K_opt table by predicted time
-#: splits by each one that varies in the sweep, as by results.VARYING_GROUP_KEYS.
+#: Trial columns of issue #28 that change how an average travels: with their defaults
+#: (what a row without the column means). A K_opt table by predicted time splits by each
+#: one that varies in the sweep, as by results.VARYING_GROUP_KEYS. ``K_schedule`` is not
+#: one: a schedule is a candidate beside the fixed K of its group (analysis/schedules.py).
 STREAMING_DEFAULTS: dict[str, Any] = {
-    "fragments": 1, "fragment_delay": 0, "payload": "fp32", "K_schedule": "constant",
+    "fragments": 1, "fragment_delay": 0, "payload": "fp32",
     "fragment_alpha": None, "payload_error_feedback": None,
 }  # fmt: skip
 
@@ -732,8 +740,9 @@ def kopt_by_predicted_time(predicted: pd.DataFrame) -> pd.DataFrame:
     plus ``predicted_time_s`` and ``measured_time_s`` (mean time to target of K_opt's
     trials: predicted on the network, and measured on the machine that ran the sweep),
     ``measured_K_opt`` (K_opt by the measured time) and ``network``. Trials that differ
-    in ``fragments``, ``fragment_delay``, ``payload``, ``K_schedule`` (and the other
-    :data:`STREAMING_DEFAULTS` columns) are ranked in groups of their own."""
+    in ``fragments``, ``fragment_delay``, ``payload`` (and the other
+    :data:`STREAMING_DEFAULTS` columns) are ranked in groups of their own; a K_schedule's
+    trials share their group and are set against its best fixed K (analysis/schedules.py)."""
     from kavg_ray.analysis.results import kopt_table
 
     predicted, group_by = _streaming_groups(predicted)
@@ -747,7 +756,10 @@ def kopt_by_predicted_time(predicted: pd.DataFrame) -> pd.DataFrame:
         group_by=group_by,
     )
     keys = [c for c in by_pred.columns if c in predicted.columns and c != "K"]
+    from kavg_ray.analysis.schedules import candidate_labels
+
     ok = (predicted["status"] == "completed") & predicted["K"].notna()
+    ok &= candidate_labels(predicted).isna()  # a K_schedule's trials: not its K0's
     measured_means = []
     for row in by_pred.to_dict("records"):
         sel = ok & (predicted["K"] == row["K_opt"]) if not pd.isna(row["K_opt"]) else ok & False

@@ -485,7 +485,7 @@ def kopt_vs_p(
     for ax, (title, g) in zip(axes, facets, strict=True):
         g = g.sort_values("P")
         x, y, ranges = _draw_measured_kopt(ax, g)
-        _draw_kopt_fit(ax, x, y)
+        _draw_kopt_fit(ax, g)
         yticks: list[float] = list(y) + [v for r in ranges for v in r]
         xticks: list[float] = list(x)
         pred = _predicted_kopt_points(g, predicted)
@@ -872,16 +872,22 @@ def kopt_bootstrap(trials: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> F
     return fig
 
 
-def _draw_kopt_fit(ax: Axes, P: Iterable[float], K: Iterable[float]) -> None:
+def _draw_kopt_fit(ax: Axes, g: pd.DataFrame) -> None:
     """Draw K_opt = a * P^b fitted over P >= 2 (:func:`kavg_ray.analysis.uncertainty.fit_power_law`)
-    across the measured P range, when two or more distinct P (one K_opt each) allow it."""
-    from kavg_ray.analysis.uncertainty import MIN_FIT_P, fit_power_law
+    across the measured P range, when two or more distinct P (one K_opt each) allow it: on
+    the P whose K_opt is settled when two or more are, else on all of them, labelled as
+    resting on unsettled K_opt (:func:`kavg_ray.analysis.uncertainty.fit_selection`)."""
+    from kavg_ray.analysis.uncertainty import fit_power_law, fit_selection
 
-    pts = [(float(p), float(k)) for p, k in zip(P, K, strict=True) if p >= MIN_FIT_P and k > 0]
+    rows, flags, settled_only = fit_selection(g[g["K_opt"] > 0])
+    pts = [(float(p), float(k)) for p, k in zip(rows["P"], rows["K_opt"], strict=True)]
     ps = [p for p, _ in pts]
     if len(set(ps)) < 2 or len(set(ps)) != len(ps):
         return
     fit = fit_power_law(ps, [k for _, k in pts])
+    which = ", ".join(f"{p:g}" for p in sorted(flags))
+    caveat = (f"; P {which} left out" if settled_only else
+              f"; on unsettled K_opt at P {which}") if flags else ""  # fmt: skip
     xs = np.geomspace(min(ps), max(ps), 64)
     ax.plot(
         xs,
@@ -889,5 +895,5 @@ def _draw_kopt_fit(ax: Axes, P: Iterable[float], K: Iterable[float]) -> None:
         linestyle=":",
         linewidth=1.8,
         color="tab:green",
-        label=f"fit K = {fit.a:.3g}·P^{fit.b:.3g} (R² = {fit.r2:.3f})",
+        label=f"fit K = {fit.a:.3g}·P^{fit.b:.3g} (R² = {fit.r2:.3f}){caveat}",
     )

@@ -37,7 +37,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kavg_ray.analysis import confidence
+from kavg_ray.analysis import confidence, schedules
 from kavg_ray.analysis.storage import RemotePath, local_dir, storage_root
 from kavg_ray.errors import ResultsError
 from kavg_ray.metrics import EPOCH_KEYS
@@ -125,6 +125,7 @@ VARYING_GROUP_KEYS: tuple[str, ...] = (
     "backend", "lr", "batch_size", "epochs", "momentum", "optimizer", "outer_lr",
     "outer_momentum", "outer_nesterov", "warmup_steps", "S", "K1", "lr_schedule",
     "lr_warmup_steps", "min_lr", "grad_clip", "grad_accum", "precision", "tf32", "steps",
+    "payload", "payload_error_feedback", "fragments", "fragment_delay", "fragment_alpha",
 )  # fmt: skip
 
 #: kopt_table columns after the group keys (``predicted_kopt`` is appended when present).
@@ -678,8 +679,20 @@ def kopt_table(
         by, _score_values(trials_df, by, score, history), _history_by_trial(history),
         int(n_boot), int(seed), flag_wait,
     )  # fmt: skip
-    rows = _kopt_rows(trials_df, keys, ctx, has_pred)
-    return _typed_kopt_frame(pd.DataFrame(rows)[out_cols])
+    # A K_schedule's trials are candidates of their own, set against the best fixed K
+    # (analysis/schedules.py); K_opt ranks the fixed K.
+    labels = schedules.candidate_labels(trials_df)
+    fixed = trials_df[labels.isna()]
+    rows = _kopt_rows(fixed, keys, ctx, has_pred)
+    table = _typed_kopt_frame(pd.DataFrame(rows, columns=out_cols)[out_cols])
+    if labels.notna().any():
+        extra = schedules.comparison_columns(
+            trials_df, keys, labels,
+            lambda g: group_values(g, ctx.values.loc[g.index], ctx.by)[:2], ctx.sign,
+            ctx.n_boot, ctx.seed,
+        )  # fmt: skip
+        table = pd.concat([table.reset_index(drop=True), extra], axis=1)
+    return table
 
 
 def _kopt_rows(

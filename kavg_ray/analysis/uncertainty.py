@@ -22,7 +22,11 @@ Two questions a K sweep leaves open:
   every K trains the same model and K_opt(1) says nothing about K. :func:`kopt_curve`
   reports a, b, R^2 and the log2 residuals per P, and predictions at untried P (by
   default the powers of two missing between the smallest P fitted and four times the
-  largest).
+  largest). The fit trusts a P's K_opt only when it is **settled**: kopt_table's verdict
+  clear or narrow, and not at the edge of the K tried (the largest, or the smallest above
+  1: the best K may lie beyond). With two or more settled P it is fitted on those alone and
+  says which P it left out and why; with fewer it is fitted on every P and says that it
+  rests on unsettled K_opt (:func:`fit_selection`).
 
 Randomness is one ``numpy.random.default_rng(seed)`` per group, fresh for every group:
 paired, one draw ``rng.integers(0, n_seeds, size=(n_boot, n_seeds))`` (row b: the seeds,
@@ -72,9 +76,15 @@ __all__ = [
 #: Columns of :func:`bootstrap_kopt` after the group keys.
 BOOTSTRAP_COLUMNS: list[str] = ["K", "n_seeds", "mean", "freq_best"]
 #: Columns of the fit table of :func:`kopt_curve` after the workload keys.
-FIT_COLUMNS: list[str] = ["a", "b", "r2", "n_points", "P_fitted", "max_abs_residual_log2", "note"]
+FIT_COLUMNS: list[str] = [
+    "a", "b", "r2", "n_points", "P_fitted", "P_unsettled", "max_abs_residual_log2", "note",
+]  # fmt: skip
 #: Columns of the curve table of :func:`kopt_curve` after the workload keys.
-CURVE_COLUMNS: list[str] = ["P", "kind", "K_opt", "fitted", "K_pred", "residual_log2", "note"]
+CURVE_COLUMNS: list[str] = [
+    "P", "kind", "K_opt", "verdict", "fitted", "K_pred", "residual_log2", "note",
+]  # fmt: skip
+#: The verdicts (kopt_table's) whose K_opt the K_opt(P) fit trusts.
+SETTLED_VERDICTS = ("clear", "narrow")
 
 MAX_N_BOOT = 1_000_000
 #: Fits use K_opt at P >= MIN_FIT_P (at P = 1 every K trains the same model).
@@ -245,41 +255,90 @@ def _curve_note(k_opt: float, tried: str) -> str:
     return ""
 
 
+def unsettled_reason(verdict: object, k_opt: float, tried: str) -> str:
+    """Why a P's K_opt should not shape the K_opt(P) fit ("" when it is settled): its
+    verdict (inconclusive, single seed) and K_opt at the edge of the K tried."""
+    reasons = [] if str(verdict) in SETTLED_VERDICTS else [str(verdict or "no verdict")]
+    edge = _curve_note(k_opt, tried)
+    return "; ".join(reasons + ([edge] if edge else []))
+
+
+def fit_selection(g: pd.DataFrame) -> tuple[pd.DataFrame, dict[float, str], bool]:
+    """``(rows fitted, {P: why unsettled}, settled_only)`` of one workload's kopt_table rows
+    (P >= MIN_FIT_P with a K_opt): the settled P when two or more are, else all of them."""
+    rows = g[g["P"] >= MIN_FIT_P]
+    verdicts = rows["verdict"] if "verdict" in rows.columns else [""] * len(rows)
+    flags = {
+        float(p): unsettled_reason(v, float(k), tried)
+        for p, k, tried, v in zip(rows["P"], rows["K_opt"], rows["K_values_tried"], verdicts,
+                                  strict=True)
+    }  # fmt: skip
+    flags = {p: why for p, why in flags.items() if why}
+    settled = rows[[float(p) not in flags for p in rows["P"]]]
+    if settled["P"].nunique() >= 2:
+        return settled, flags, True
+    return rows, flags, False
+
+
+def _fit_note(fit: PowerLawFit | None, flags: dict[float, str], settled_only: bool) -> str:
+    """The fit row's note: why there is no fit, the P it left out or the unsettled P it
+    rests on, and a two-point fit's exactness."""
+    if fit is None:
+        return f"needs K_opt at two or more P >= {MIN_FIT_P}"
+    notes = ["two P: the fit is exact, its R^2 says nothing"] if fit.n_points == 2 else []
+    which = ", ".join(f"P={p:g} ({why})" for p, why in sorted(flags.items()))
+    if flags and settled_only:
+        notes.append(f"fitted on the settled P only; left out: {which}")
+    elif flags:
+        notes.append(f"rests on unsettled K_opt: {which}; a sketch, not a law")
+    return "; ".join(notes)
+
+
 def _workload_curve(g: pd.DataFrame, predict_p: Sequence[float] | None) -> tuple[dict, list[dict]]:
     """The fit row and the curve rows of one workload (rows of kopt_table, one per P)."""
     g = g.assign(P=pd.to_numeric(g["P"], errors="coerce").astype(float))
     g = g[g["K_opt"].notna() & g["P"].notna()].sort_values("P")
-    fit_rows = g[g["P"] >= MIN_FIT_P]
+    fit_rows, flags, settled_only = fit_selection(g)
     fit_row: dict = {c: float("nan") for c in ("a", "b", "r2", "max_abs_residual_log2")}
-    fit_row.update(n_points=len(fit_rows), P_fitted=",".join(f"{p:g}" for p in fit_rows["P"]))
+    fit_row.update(n_points=len(fit_rows), P_fitted=",".join(f"{p:g}" for p in fit_rows["P"]),
+                   P_unsettled=",".join(f"{p:g}" for p in sorted(flags)))  # fmt: skip
     fit = None
     if fit_rows["P"].nunique() >= 2:
         fit = fit_power_law(fit_rows["P"].tolist(), [float(k) for k in fit_rows["K_opt"]])
         resid = fit.residuals_log2()
         fit_row.update(a=fit.a, b=fit.b, r2=fit.r2, max_abs_residual_log2=float(abs(resid).max()))
-        exact = fit.n_points == 2
-        fit_row["note"] = "two P: the fit is exact, its R^2 says nothing" if exact else ""
-    else:
-        fit_row["note"] = f"needs K_opt at two or more P >= {MIN_FIT_P}"
-    curve: list[dict] = []
-    for p, k, tried in zip(g["P"], g["K_opt"], g["K_values_tried"], strict=True):
-        fitted = float(fit.predict(p)) if fit is not None else float("nan")
-        used = fit is not None and p >= MIN_FIT_P
-        curve.append({
-            "P": p, "kind": "measured", "K_opt": float(k), "fitted": fitted,
-            "K_pred": max(1, round(fitted)) if fit is not None else pd.NA,
-            "residual_log2": math.log2(float(k) / fitted) if used else float("nan"),
-            "note": _curve_note(float(k), tried) if p >= MIN_FIT_P else "not fitted (P = 1)",
-        })  # fmt: skip
+    fit_row["note"] = _fit_note(fit, flags, settled_only)
+    fitted_p = set(fit_rows["P"]) if fit is not None else set()
+    curve = [_measured_row(row, fit, p in fitted_p, flags.get(p, ""))
+             for p, row in zip(g["P"], g.to_dict("records"), strict=True)]  # fmt: skip
     if fit is not None:
         wanted = default_predict_p(fit.P) if predict_p is None else list(predict_p)
         for p in sorted({float(q) for q in wanted} - set(g["P"])):
             fitted = float(fit.predict(p))
             curve.append({
-                "P": p, "kind": "predicted", "K_opt": float("nan"), "fitted": fitted,
-                "K_pred": max(1, round(fitted)), "residual_log2": float("nan"), "note": "",
+                "P": p, "kind": "predicted", "K_opt": float("nan"), "verdict": "",
+                "fitted": fitted, "K_pred": max(1, round(fitted)),
+                "residual_log2": float("nan"), "note": "",
             })  # fmt: skip
     return fit_row, curve
+
+
+def _measured_row(row: dict, fit: PowerLawFit | None, used: bool, unsettled: str) -> dict:
+    """The curve row of one measured P (``used``: in the fit; ``unsettled``: why its K_opt
+    is not settled, or "")."""
+    p, k = float(row["P"]), float(row["K_opt"])
+    fitted = float(fit.predict(p)) if fit is not None else float("nan")
+    if p < MIN_FIT_P:
+        note = "not fitted (P = 1)"
+    elif unsettled:
+        note = f"{'flagged' if used else 'not fitted'}: {unsettled}"
+    else:
+        note = ""
+    return {
+        "P": p, "kind": "measured", "K_opt": k, "verdict": row.get("verdict", ""),
+        "fitted": fitted, "K_pred": max(1, round(fitted)) if fit is not None else pd.NA,
+        "residual_log2": math.log2(k / fitted) if used else float("nan"), "note": note,
+    }  # fmt: skip
 
 
 def kopt_curve(
@@ -289,9 +348,12 @@ def kopt_curve(
     """Fit ``K_opt(P) = a * P**b`` per workload; returns (fit table, curve table).
 
     K_opt per P is ``kopt_table(trials, by)``'s. Workloads are its groups without P. The
-    fit table has a, b, r2, n_points, P_fitted, max_abs_residual_log2 and a note (why a
-    workload has no fit). The curve table has one ``measured`` row per P with a K_opt
-    (fitted value, K_pred = the fit rounded to an integer >= 1, log2 residual) and one
+    fit table has a, b, r2, n_points, P_fitted, P_unsettled (the P whose K_opt is not
+    settled: :func:`fit_selection`), max_abs_residual_log2 and a note (why a workload has
+    no fit, the P it left out or the unsettled P it rests on). The curve table has one
+    ``measured`` row per P with a K_opt (its verdict, fitted value, K_pred = the fit
+    rounded to an integer >= 1, log2 residual of a fitted P, a note "not fitted: ..." or
+    "flagged: ..." for an unsettled one) and one
     ``predicted`` row per P of ``predict_p`` not measured (default
     :func:`default_predict_p`).
     """

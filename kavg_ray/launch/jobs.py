@@ -29,6 +29,7 @@ import math
 import os
 import re
 import shlex
+import time
 from pathlib import Path
 from typing import Any
 
@@ -292,7 +293,12 @@ def sweep_progress(sweep: str, storage: str, total: int | None = None) -> dict[s
             pass
     trials = store.read_trials(sweep)
     ended = trials[trials["status"].isin(("completed", "diverged"))]["trial_id"]
-    out["running"] = running_trials(store.read_progress(sweep), set(ended))
+    progress = store.read_progress(sweep)
+    out["running"] = running_trials(progress, set(ended))
+    if progress and isinstance(progress.get("work"), dict):  # epochs (steps) done / planned
+        out["work"] = {**progress["work"], "eta_s": progress.get("eta_s"),
+                       "age_s": round(max(0.0, time.time() - float(
+                           progress.get("updated_unix") or time.time())), 1)}  # fmt: skip
     if len(trials):
         out["finished"] = int(len(trials))
         out["counts"] = {str(k): int(v) for k, v in trials["status"].value_counts().items()}
@@ -372,6 +378,19 @@ def _running_line(run: dict[str, Any]) -> str:
     return f"running: {run['trial_id']}  {done}{restarts}  ({when})"
 
 
+def _work_line(work: dict[str, Any]) -> str:
+    """The work of the sweep's last run (progress.json): done / planned and its estimate
+    of the time left when it last wrote."""
+    from kavg_ray.launch.progress import format_eta
+
+    eta = work.get("eta_s")
+    return (
+        f"progress: {work['done']:g}/{work['planned']:g} {work['unit']} done, ETA "
+        f"{format_eta(eta if is_finite_number(eta) else None)} at the last report "
+        f"({work['age_s']:.0f} s ago)"
+    )
+
+
 def format_status(status: dict[str, Any]) -> str:
     lines = []
     if "job_id" in status:
@@ -387,6 +406,8 @@ def format_status(status: dict[str, Any]) -> str:
     )
     for run in status.get("running", []):
         lines.append(_running_line(run))
+    if status.get("work"):
+        lines.append(_work_line(status["work"]))
     best = status.get("best")
     if best:
         lines.append(

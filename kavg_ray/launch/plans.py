@@ -67,14 +67,29 @@ def search_metric(points: list[RunConfig]) -> tuple[str, str]:
     return "test_acc", "max"
 
 
+# A K_schedule and its parameters: a schedule's points join the group of the fixed K.
+_SCHEDULE_KEYS = {"K_schedule", "K_factor", "K_min", "K_max", "K_interval"}
+
+
 def group_key(cfg: RunConfig) -> str:
-    """A grid point's configuration but K and seed: its refinement group."""
-    return cfg.model_dump_json(exclude={"K", "seed"})
+    """A grid point's configuration but K, seed and K_schedule: its refinement group."""
+    return cfg.model_dump_json(exclude={"K", "seed", *_SCHEDULE_KEYS})
+
+
+def candidate_of(cfg: RunConfig) -> str | None:
+    """A K_schedule point's label (``adacomm(K0=4)``), a candidate the refining search
+    runs beside the fixed K and never refines; None for a fixed K."""
+    from kavg_ray.analysis.schedules import candidate_label
+
+    return candidate_label({"K": cfg.K, **{k: getattr(cfg, k) for k in _SCHEDULE_KEYS}})
 
 
 def coords_of(cfg: RunConfig) -> dict[str, Any]:
-    """The searcher's flat coordinates of a point (``config``: everything else)."""
-    return {"K": cfg.K, "seed": cfg.seed, "P": cfg.P, "config": group_key(cfg)}
+    """The searcher's flat coordinates of a point (``config``: everything else; a
+    schedule's point adds its ``candidate`` label)."""
+    out = {"K": cfg.K, "seed": cfg.seed, "P": cfg.P, "config": group_key(cfg)}
+    label = candidate_of(cfg)
+    return out if label is None else {**out, "candidate": label}
 
 
 def early_stop_group(cfg: RunConfig) -> str:
@@ -141,7 +156,7 @@ class RefinePlan:
         from kavg_ray.launch.search import RefineSearcher
 
         self.registry, self.sweep_root = registry, sweep_root
-        self.bases = {(group_key(p), p.seed): p for p in points}
+        self.bases = {(group_key(p), p.seed, candidate_of(p)): p for p in points}
         self.scheduler = _scheduler(search, points)
         metric, mode = search_metric(points)
         self.searcher = RefineSearcher(
@@ -151,7 +166,8 @@ class RefinePlan:
 
     def config_of(self, coords: Mapping[str, Any]) -> RunConfig:
         """The RunConfig of searcher coordinates (a grid point's, with the K asked for)."""
-        return with_k(self.bases[(coords["config"], coords["seed"])], coords["K"])
+        base = self.bases[(coords["config"], coords["seed"], coords.get("candidate"))]
+        return with_k(base, coords["K"])
 
     def to_config(self, coords: dict[str, Any]) -> dict[str, Any]:
         """The Tune config of a proposed point, registered under its trial name."""
@@ -164,8 +180,8 @@ class RefinePlan:
         metric = "final_test_loss" if self.searcher.metric == "test_loss" else "final_test_acc"
         ks = pd.to_numeric(trials.get("K", pd.Series(dtype=float)), errors="coerce").dropna()
         names = {}
-        for base in self.bases.values():
-            for k in sorted({int(k) for k in ks if k >= 1}):
+        for key, base in self.bases.items():
+            for k in [base.K] if key[2] else sorted({int(k) for k in ks if k >= 1}):
                 cfg = with_k(base, k)
                 names[cfg.trial_name()] = cfg
         n = 0
@@ -387,9 +403,10 @@ def make_callback(
     class ResultsCallback(Callback):
         def on_trial_start(self, iteration, trials, trial, **info):  # noqa: ANN001
             entry = trial.config["trial"]
-            pack = entry["trial_id"] if entry.get("points") else None
-            for p in points(trial):
-                tracker.start(p, pack=pack)
+            if entry.get("points"):  # a pack: its points, with one line for them all
+                tracker.start_pack(entry["trial_id"], points(trial))
+                return
+            tracker.start(entry["trial_id"])
 
         def on_trial_result(self, iteration, trials, trial, result, **info):  # noqa: ANN001
             point = result.get("point") or trial.config["trial"]["trial_id"]

@@ -7,6 +7,14 @@ the restarts of its worker group and what they cost, writes the trial's row when
 bar over the grid, the elapsed time and an estimate of the time left (``rich.progress``).
 Output that is no terminal (a log, CI, a pipe) gets plain lines: no colour, no redrawing.
 
+The bar and its estimate count **work**: epochs (a step budget's trials: steps) done against
+those planned across the sweep's trials, so that a pack, whose points all end together,
+moves the bar at each of its evaluations. A trial's work done is its last reported epoch
+(step), or all of its budget once it ended (whatever its status). The estimate of the time
+left is the pace so far: elapsed x (planned - done) / done (:func:`eta_seconds`). A pack
+prints one line per evaluation its points have all reported (:meth:`TrialTracker.pack_line`),
+before its last: the points still training and their range of test accuracy.
+
 A failed trial's reason is the innermost exception of the chain Ray hands back (Tune's
 pickled error: a ``RayTaskError`` around Ray Train's ``WorkerGroupError`` around what a
 worker raised), as ``TypeName: first line``; only a trial without an exception object gets
@@ -34,14 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from kavg_ray.analysis.results import ResultsStore
 from kavg_ray.config import RunConfig
@@ -112,36 +113,59 @@ def _exception_text(exc: BaseException) -> str:
     return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
 
 
-class _Display:
-    """Where the tracker's lines go, and the grid's bar, elapsed time and estimate of the
-    time left, kept by a ``rich.progress.Progress``.
+def eta_seconds(elapsed: float, done: float, total: float) -> float | None:
+    """Seconds left at the pace so far: ``elapsed * (total - done) / done``; 0 once all is
+    done, None (unknown) before any work is."""
+    if done >= total:
+        return 0.0
+    if done <= 0 or elapsed <= 0:
+        return None
+    return elapsed * (total - done) / done
 
-    ``console`` None: every line (the bar's too, after each trial's end) goes to ``echo``
-    as plain text. ``console`` on a terminal: lines print above a bar that redraws there.
+
+def format_eta(seconds: float | None) -> str:
+    """``H:MM:SS``, rounded up (rich's style); ``-:--:--`` when unknown."""
+    if seconds is None:
+        return "-:--:--"
+    minutes, secs = divmod(math.ceil(seconds), 60)
+    return f"{minutes // 60:d}:{minutes % 60:02d}:{secs:02d}"
+
+
+def _amount(x: float) -> str:
+    return f"{x:g}" if x != int(x) else str(int(x))
+
+
+class _Display:
+    """Where the tracker's lines go, and the grid's bar over the work planned (epochs or
+    steps), the trials ended, the elapsed time and the estimate of the time left, kept by
+    a ``rich.progress.Progress``.
+
+    ``console`` None: every line (the bar's too, after each trial's end and each pack's
+    evaluation) goes to ``echo`` as plain text. ``console`` on a terminal: lines print
+    above a bar that redraws there.
     """
 
-    def __init__(self, echo: Callable[[str], None], console: Console | None, total: int,
-                 now: Callable[[], float]) -> None:  # fmt: skip
-        self.echo, self.console = echo, console
+    def __init__(
+        self, echo: Callable[[str], None], console: Console | None, total: int,
+        now: Callable[[], float], work: float = 0.0, unit: str = "epochs",
+    ) -> None:  # fmt: skip
+        self.echo, self.console, self.now, self.unit = echo, console, now, unit
+        self.started = now()
         # Rich's own test for a terminal that can redraw (a dumb one cannot).
         self.live = console is not None and console.is_interactive
-        remaining = TimeRemainingColumn()
-        # Rich reuses a column's render for 0.5 s; two trials ending within that would show
-        # the first one's estimate.
-        remaining.max_refresh = None
         self.progress = Progress(
             TextColumn("[kavg]", markup=False), BarColumn(bar_width=20),
-            MofNCompleteColumn(), TextColumn("elapsed"), TimeElapsedColumn(),
-            TextColumn("ETA"), remaining,
+            TextColumn("{task.fields[trials]}", markup=False),
+            TextColumn("{task.fields[work]}", markup=False), TextColumn("elapsed"),
+            TimeElapsedColumn(), TextColumn("ETA {task.fields[eta]}", markup=False),
             console=console if self.live else _plain_console(), auto_refresh=False,
             # Ray's output goes to the log through fds 1 and 2: rich must not take it.
             redirect_stdout=False, redirect_stderr=False, get_time=now,
-            # The pace since the sweep started, not over rich's last 30 s.
-            speed_estimate_period=math.inf,
         )  # fmt: skip
-        self.task = self.progress.add_task("trials", total=total)
-        # A sample at the start, so that the first trial's end gives a pace.
-        self.progress.advance(self.task, 0)
+        self.task = self.progress.add_task(
+            "trials", total=work or 1, trials=f"0/{total} trials",
+            work=f"0/{_amount(work)} {unit}", eta=format_eta(None),
+        )  # fmt: skip
 
     def line(self, text: str) -> None:
         """One line above the bar (on a terminal) or to ``echo``."""
@@ -151,9 +175,16 @@ class _Display:
             # Whole lines as they are: no markup ("[kavg]"), no colouring, no wrapping.
             self.console.print(text, markup=False, highlight=False, soft_wrap=True)
 
-    def update(self, done: int, total: int, *, show: bool) -> None:
-        """The bar at ``done`` of ``total``; ``show``: a line of it too when not live."""
-        self.progress.update(self.task, total=total, completed=done)
+    def update(self, done: int, total: int, work_done: float, work: float, *,
+               show: bool) -> None:  # fmt: skip
+        """The bar at ``work_done`` of ``work`` (``done`` of ``total`` trials ended);
+        ``show``: a line of it too when not live."""
+        eta = eta_seconds(self.now() - self.started, work_done, work)
+        self.progress.update(
+            self.task, total=work or 1, completed=work_done if work else done >= total,
+            trials=f"{done}/{total} trials",
+            work=f"{_amount(work_done)}/{_amount(work)} {self.unit}", eta=format_eta(eta),
+        )  # fmt: skip
         if self.live:
             if done < total:
                 self.progress.start()
@@ -186,6 +217,7 @@ class _Trial:
     """The driver's view of one trial."""
 
     pack: str | None = None  # the pack trial it trains in (packed points)
+    pack_points: int = 1  # the points of that pack (its row's pack_points)
     started_s: float | None = None  # on the sweep's clock (seconds since it started)
     reported_s: float | None = None  # its last report, on the sweep's clock
 
@@ -223,7 +255,29 @@ class TrialTracker:
         self.statuses: dict[str, str] = {}
         self.started = now()
         self.done = 0
-        self.display = _Display(echo, console, len(self.trials), now)
+        self.pack_shown: dict[str, float] = {}  # a pack's last evaluation printed
+        self.display = self._new_display(echo, console)
+
+    def _new_display(self, echo: Callable[[str], None], console: Console | None) -> _Display:
+        units = {work_unit(self.configs[t]) for t in self.trials}
+        unit = units.pop() if len(units) == 1 else "epochs and steps"
+        return _Display(echo, console, len(self.trials), self.now, self.work()[1], unit)
+
+    def work(self) -> tuple[float, float]:
+        """(done, planned): epochs (steps of a step budget) over this run's trials; an
+        ended trial counts its whole budget."""
+        done = planned = 0.0
+        for tid, trial in self.trials.items():
+            cfg = self.configs[tid]
+            budget = float(work_budget(cfg))
+            planned += budget
+            done += budget if tid in self.statuses else min(budget, _work_of(trial, cfg))
+        return done, planned
+
+    def _show(self, *, show: bool) -> None:
+        """The bar at the work done so far (``show``: a line of it when not live)."""
+        done, planned = self.work()
+        self.display.update(self.done, len(self.trials), done, planned, show=show)
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its callbacks, and with them this tracker, into the experiment's
@@ -233,7 +287,7 @@ class TrialTracker:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self.display = _Display(_silent, None, len(self.trials), self.now)
+        self.display = self._new_display(_silent, None)
 
     def close(self) -> None:
         """Ends a live bar (kavg_ray.launch.sweep does when Tune returns, however it ends)."""
@@ -248,14 +302,35 @@ class TrialTracker:
         trial.pack, trial.started_s = pack, self.now() - self.started
         if self.trial_lines:
             cfg = self.configs[tid]
-            wl = cfg.workload
-            budget = f"{wl.steps} steps" if wl.step_budget else f"{wl.epochs} epochs"
             self.display.line(
                 f"[kavg] start {tid}  ({cfg.algorithm} P={cfg.P} K={cfg.period} "
-                f"seed={cfg.seed}, {budget})"
+                f"seed={cfg.seed}, {_budget_words(cfg)})"
             )
-            self.display.update(self.done, len(self.trials), show=False)
+            self._show(show=False)
         self.write_progress()
+
+    def start_pack(self, pack: str, tids: list[str]) -> None:
+        """The pack trial ``pack`` began, with its points ``tids``: one line for them all."""
+        lines, self.trial_lines = self.trial_lines, False
+        try:
+            for tid in tids:
+                self.start(tid, pack=pack)
+        finally:
+            self.trial_lines = lines
+        for tid in tids:
+            self.trials[tid].pack_points = len(tids)
+        if lines:
+            cfgs = [self.configs[t] for t in tids]
+
+            def values(f: Callable[[RunConfig], Any]) -> str:
+                return ",".join(str(v) for v in sorted({f(c) for c in cfgs}))
+
+            self.display.line(
+                f"[kavg] start {pack}  ({len(tids)} points: {values(lambda c: c.algorithm)} "
+                f"P={cfgs[0].P} K={values(lambda c: c.period)} "
+                f"seed={values(lambda c: c.seed)}, {_budget_words(cfgs[0])})"
+            )
+            self._show(show=False)
 
     def result(self, tid: str, result: dict) -> None:
         """One report of a trial: its history so far, and a restart if it is one."""
@@ -288,9 +363,35 @@ class TrialTracker:
 
             self.display.line(format_progress(self.configs[tid], result))
         if self.trial_lines:
-            # A live bar's elapsed time moves on with each report.
-            self.display.update(self.done, len(self.trials), show=False)
+            # A live bar moves on with each report; a pack's evaluation gets its line.
+            line = self.pack_line(trial.pack) if trial.pack is not None else None
+            if line:
+                self.display.line(line)
+            self._show(show=line is not None)
         self.write_progress()
+
+    def pack_line(self, pack: str) -> str | None:
+        """The line of the pack trial ``pack`` once every point of it still training has
+        reported an evaluation not yet printed, before its last (the points' end lines say
+        that one); None otherwise."""
+        tids = [t for t, tr in self.trials.items() if tr.pack == pack]
+        open_ = [t for t in tids if t not in self.statuses]
+        if not open_:
+            return None
+        cfg = self.configs[open_[0]]
+        reached = min(_work_of(self.trials[t], self.configs[t]) for t in open_)
+        if reached <= self.pack_shown.get(pack, 0.0) or reached >= work_budget(cfg):
+            return None
+        self.pack_shown[pack] = reached
+        lasts = {t: self.trials[t].history[-1] for t in open_}
+        where = f"{work_unit(cfg)[:-1]} {_amount(reached)}/{work_budget(cfg)}"
+        accs = {t: h["test_acc"] for t, h in lasts.items() if is_finite_number(h.get("test_acc"))}
+        line = f"[kavg] {pack}  {where}  {len(open_)} of {len(tids)} points training"
+        if accs:
+            best = max(accs, key=lambda t: (accs[t], -open_.index(t)))
+            line += (f"  test accuracy {min(accs.values()):.4f} to {accs[best]:.4f} "
+                     f"(best {best})")  # fmt: skip
+        return line
 
     def finish(
         self, tid: str, error_text: str | None, row_fn: Callable[..., dict],
@@ -306,6 +407,8 @@ class TrialTracker:
         row = row_fn(self.sweep, tid, cfg, trial.history, error=error, failed=failed)
         row.update(restarts=trial.restarts, restart_time_s=round(trial.restart_time_s, 3),
                    error_file=error_file)  # fmt: skip
+        if trial.pack is not None:  # its wall and compute times are the pack's
+            row["pack_points"] = trial.pack_points
         hist_rows = [
             {"sweep": self.sweep, "trial_id": tid, **{k: h.get(k) for k in HISTORY_KEYS}}
             for h in trial.history
@@ -315,7 +418,10 @@ class TrialTracker:
         self.done += 1
         if self.trial_lines:
             self.display.line(self._end_line(tid, row))
-            self.display.update(self.done, len(self.trials), show=True)
+            # A pack's points end together: its bar line once the last has.
+            pack = trial.pack
+            self._show(show=pack is None or all(
+                t in self.statuses for t, tr in self.trials.items() if tr.pack == pack))
         self.write_progress()
         return row
 
@@ -371,10 +477,39 @@ class TrialTracker:
             wl = self.configs[tid].workload
             if wl.step_budget:  # its last evaluated step, of how many
                 trials[tid].update(step=last.get("step"), steps=wl.steps)
+        done, planned = self.work()
+        elapsed = self.now() - self.started
+        eta = eta_seconds(elapsed, done, planned)
         self.store.write_progress(self.sweep, {
             "updated_unix": time.time(), "total": len(self.trials), "finished": self.done,
-            "elapsed_s": round(self.now() - self.started, 3), "trials": trials,
+            "elapsed_s": round(elapsed, 3), "trials": trials,
+            "work": {"done": done, "planned": planned, "unit": self.display.unit},
+            "eta_s": None if eta is None else round(eta, 3),
         })  # fmt: skip
+
+
+def _budget_words(cfg: RunConfig) -> str:
+    wl = cfg.workload
+    return f"{wl.steps} steps" if wl.step_budget else f"{wl.epochs} epochs"
+
+
+def work_unit(cfg: RunConfig) -> str:
+    """What a trial's work is counted in: ``steps`` for a step budget, else ``epochs``."""
+    return "steps" if cfg.workload.step_budget else "epochs"
+
+
+def work_budget(cfg: RunConfig) -> int:
+    """A trial's planned work: its steps (step budget) or epochs."""
+    wl = cfg.workload
+    return int(wl.steps) if wl.step_budget else int(wl.epochs)
+
+
+def _work_of(trial: _Trial, cfg: RunConfig) -> float:
+    """A running trial's work done: its last reported step (step budget) or epoch."""
+    if not trial.history:
+        return 0.0
+    value = trial.history[-1].get("step" if cfg.workload.step_budget else "epoch")
+    return float(value) if is_finite_number(value) else 0.0
 
 
 def _silent(line: str) -> None:

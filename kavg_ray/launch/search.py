@@ -13,6 +13,9 @@ midpoint ``round(sqrt(lo * b))`` (kept strictly inside). The search of a group s
 both neighbours are adjacent integers or b is the smallest or largest K tried (the grid's
 edges: K never leaves the coarse grid's range). A round starts only when every trial of
 the previous one finished, so the proposals depend only on the results, not on timing.
+A point with a ``candidate`` coordinate (a K_schedule's label, ``adacomm(K0=4)``) joins the
+group of the same point without it: it runs in the coarse round on every seed, as a
+candidate beside the K, and never takes part in the refinement.
 
 **Early stopping.** :class:`EarlyStopRule` stops a trial that diverged (a report with
 ``diverged`` true, or a non-finite metric or ``train_loss``), or whose metric at an epoch
@@ -158,24 +161,29 @@ class _Group:
     base: dict[str, Any]
     seeds: list[Any]
     coarse: list[int]
-    values: dict[int, dict[Any, Score]] = field(default_factory=dict)
-    queue: list[tuple[int, Any]] = field(default_factory=list)
-    running: set[tuple[int, Any]] = field(default_factory=set)
+    values: dict[int | str, dict[Any, Score]] = field(default_factory=dict)
+    queue: list[tuple[int | str, Any]] = field(default_factory=list)
+    running: set[tuple[int | str, Any]] = field(default_factory=set)
     done: bool = False
     proposed: list[int] = field(default_factory=list)
+    # Candidates beside the K (a K_schedule's points, by label): run with the coarse round
+    # on every seed, never refined; their coordinates (K0 included) by label.
+    extras: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-    def missing(self, ks: Iterable[int]) -> list[tuple[int, Any]]:
+    def missing(self, ks: Iterable[int | str]) -> list[tuple[int | str, Any]]:
         return [(k, s) for k in ks for s in self.seeds if s not in self.values.get(k, {})]
 
     def plan(self, mode: str) -> None:
         """Queue the next round, or mark the group done (only when nothing is running)."""
-        todo = self.missing(sorted(set(self.coarse) | set(self.values)))
+        fixed = {k: v for k, v in self.values.items() if not isinstance(k, str)}
+        todo = self.missing(sorted(set(self.coarse) | set(fixed))) + self.missing(self.extras)
         if not todo:
-            scores = k_scores({k: v.values() for k, v in self.values.items()})
+            scores = k_scores({k: v.values() for k, v in fixed.items()})
             new = refine_ks(scores, mode)
             todo = self.missing(new)
         self.queue = todo
-        self.proposed += sorted({k for k, _ in todo if k not in self.proposed})
+        self.proposed += sorted({k for k, _ in todo
+                                 if not isinstance(k, str) and k not in self.proposed})
         self.done = not todo
 
 
@@ -189,15 +197,22 @@ def _int_k(value: Any) -> int:
     return k
 
 
+#: The coordinate that names a candidate beside the K (a K_schedule's label): such points
+#: share the group of the fixed K and are run, not refined.
+CANDIDATE_KEY = "candidate"
+
+
 def _group_points(coords: Sequence[Mapping[str, Any]], k_key: str, seed_key: str) -> list[_Group]:
     groups: dict[tuple, _Group] = {}
     for c in coords:
         if k_key not in c:
             raise BadInputError(f"grid point {dict(c)!r} has no {k_key!r}")
-        key = point_group(c, (k_key, seed_key))
+        key = point_group(c, (k_key, seed_key, CANDIDATE_KEY))
         g = groups.setdefault(key, _Group(dict(key), [], []))
         k, seed = _int_k(c[k_key]), c.get(seed_key)
-        if k not in g.coarse:
+        if c.get(CANDIDATE_KEY) is not None:
+            g.extras[str(c[CANDIDATE_KEY])] = {k_key: k, CANDIDATE_KEY: c[CANDIDATE_KEY]}
+        elif k not in g.coarse:
             g.coarse.append(k)
         if seed not in g.seeds:
             g.seeds.append(seed)
@@ -243,9 +258,11 @@ class RefineSearcher(Searcher):
         """Accept Tune's metric and mode when they agree with the searcher's own."""
         return metric in (None, self._metric) and mode in (None, self._mode)
 
-    def coords_of(self, group: int, k: int, seed: Any) -> dict[str, Any]:
-        """The grid coordinates of one trial of group index ``group``."""
-        out = {**self._groups[group].base, self._k_key: k}
+    def coords_of(self, group: int, k: int | str, seed: Any) -> dict[str, Any]:
+        """The grid coordinates of one trial of group index ``group`` (``k``: a K, or a
+        candidate's label)."""
+        g = self._groups[group]
+        out = {**g.base, **g.extras[k]} if isinstance(k, str) else {**g.base, self._k_key: k}
         if seed is not None or self._seed_key in self._groups[group].base:
             out[self._seed_key] = seed
         return out
@@ -298,11 +315,12 @@ class RefineSearcher(Searcher):
         intermediate_values: list[float] | None = None,
     ) -> None:
         """Record a finished point (e.g. a results-store row on resume): not run again."""
-        key = point_group(parameters, (self._k_key, self._seed_key))
+        key = point_group(parameters, (self._k_key, self._seed_key, CANDIDATE_KEY))
         for g in self._groups:
             if point_group(g.base, ()) == key:
                 ok = not (error or pruned) and value is not None and math.isfinite(value)
-                k = _int_k(parameters[self._k_key])
+                label = parameters.get(CANDIDATE_KEY)
+                k = str(label) if label is not None else _int_k(parameters[self._k_key])
                 g.values.setdefault(k, {})[parameters.get(self._seed_key)] = (
                     float(value) if ok else None
                 )

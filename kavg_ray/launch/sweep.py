@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from kavg_ray.analysis.results import ResultsStore
+from kavg_ray.analysis.schedules import SCHEDULE_PARAMS
 from kavg_ray.config import ALGORITHMS, RunConfig, SearchConfig
 from kavg_ray.errors import KavgError, SweepError
 from kavg_ray.launch import console, nodes, plans, ray_private
@@ -97,6 +98,10 @@ def _setting_columns(cfg: RunConfig) -> dict[str, Any]:
         "grad_accum": wl.grad_accum, "precision": wl.precision,
         "tf32": "default" if wl.tf32 is None else str(wl.tf32).lower(),
         "steps": math.nan if wl.steps is None else wl.steps,
+        "fragments": cfg.fragments, "fragment_delay": cfg.fragment_delay,
+        "fragment_alpha": cfg.fragment_alpha, "payload": cfg.payload,
+        "payload_error_feedback": cfg.payload_error_feedback,
+        "K_schedule": cfg.K_schedule, **{k: getattr(cfg, k) for k in SCHEDULE_PARAMS},
     }  # fmt: skip
 
 
@@ -429,7 +434,7 @@ def run_sweep(
     sweep_dir = store.sweep_dir(sweep)
     # Logs stay on this machine: in the sweep's folder, or beside its lock when the store
     # is an object store (docs/design.md section 5).
-    log = _ray_log(store.local_dir(sweep), len(todo), verbose, progress, echo)
+    log = _ray_log(store.local_dir(sweep), _plan_words(len(todo), pack), verbose, progress, echo)
     # Ray's output while it connects goes to a temporary file: a cluster that cannot be
     # joined leaves nothing under the storage (the file moves into logs/ once joined).
     with console.quiet(log, staged=True) as quiet_echo:
@@ -477,16 +482,24 @@ def _check_joined(address: str | None, storage: str, todo_points: list[RunConfig
     check_hier_groups(todo_points)
 
 
+def _plan_words(points: int, pack: bool) -> str:
+    """How the sweep runs its grid points, for its first line."""
+    if pack:
+        return f"{points} grid points packed (stacked per workload and P; pack: false opts out)"
+    return f"{points} trials, one per grid point"
+
+
 def _ray_log(
-    sweep_dir: Path, trials: int, verbose: bool, progress: bool, echo: Any
+    sweep_dir: Path, plan: str, verbose: bool, progress: bool, echo: Any
 ) -> Path | None:
     """Where Ray's, Tune's and the workers' output goes (None with ``verbose``: the
-    terminal), said once for a sweep; nothing is created here."""
+    terminal), said once for a sweep with its ``plan`` (:func:`_plan_words`); nothing is
+    created here."""
     if verbose:
         return None
     log = console.log_path(sweep_dir, "train" if progress else "sweep")
     if not progress:
-        echo(f"[kavg] sweep {sweep_dir.name}: {trials} trials; Ray, Tune and worker logs: {log}")
+        echo(f"[kavg] sweep {sweep_dir.name}: {plan}; Ray, Tune and worker logs: {log}")
     return log
 
 

@@ -7,7 +7,8 @@ or out. Integer buffers (BatchNorm's ``num_batches_tracked``) are left alone; ev
 learner takes the same number of steps, so they stay equal without communication.
 An average through an outer optimizer (DiLoCo, SlowMo) sends the same buffer in a few
 asynchronous pieces instead, so that the outer step of each piece overlaps the transfer
-of the next.
+of the next. K-AVG can also average in fragments of the buffer, one at a time in rotation,
+each applied a few steps after its asynchronous launch (:class:`StreamingFragments`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch import Tensor, nn
 
 from kavg_ray.train import collectives
 from kavg_ray.train.groups import groups_on_node, hier_groups
+from kavg_ray.train.payload import Payload
 
 # CUDA-timed reductions whose events are still unread: past this many, the ones already
 # finished (``Event.query()``, which never blocks) are read, so a long epoch holds few events.
@@ -169,8 +171,12 @@ class AveragingSchedule:
     s is a multiple of ``global_period``; otherwise a local one (inside each group) when
     ``local_period`` is set and divides s; otherwise none. K-AVG is ``global_period=K``;
     Hier-AVG is ``global_period=K2, local_period=K1``; W = 0 gives K, 2K, 3K, ... The real
-    averagers and the stacked (simulated) engine both follow it.
+    averagers and the stacked (simulated) engine both follow it, through :meth:`advance`
+    once per step; a K that changes during training (``K_schedule``) is
+    :class:`kavg_ray.train.periods.AdaptiveSchedule`, which keeps state there.
     """
+
+    wants_loss = False  # whether the engine hands every step's loss to observe()
 
     def __init__(
         self, global_period: int, local_period: int | None = None, warmup_steps: int = 0
@@ -178,6 +184,15 @@ class AveragingSchedule:
         self.global_period = global_period
         self.local_period = local_period
         self.warmup_steps = warmup_steps
+
+    @property
+    def period_in_force(self) -> int:
+        """The global period K of the steps under way (reported as ``K_in_force``)."""
+        return self.global_period
+
+    def advance(self, step: int) -> str | None:
+        """:meth:`action` of ``step``, called once after each optimizer step, in order."""
+        return self.action(step)
 
     def action(self, step: int) -> str | None:
         """"global", "local" or None: what follows optimizer step ``step``."""
@@ -263,15 +278,46 @@ def outer_step_slice(
     for start in range(0, anchor.numel(), OUTER_BLOCK):
         a, c = anchor[start : start + OUTER_BLOCK], current[start : start + OUTER_BLOCK]
         step = torch.sub(a, c, alpha=scale, out=scratch[: a.numel()])  # delta = a - mean
-        if momentum is not None:
-            v = momentum[start : start + OUTER_BLOCK]
-            if first:
-                v.copy_(step)
-            else:
-                torch.add(step, v, alpha=outer.momentum, out=v)  # v = mu v + delta
-            step = step.add_(v, alpha=outer.momentum) if outer.nesterov else v
-        a.add_(step, alpha=-outer.lr)
+        v = None if momentum is None else momentum[start : start + OUTER_BLOCK]
+        outer_update(outer, a, step, v, first)
         c.copy_(a)
+
+
+def outer_update(
+    outer: OuterOptimizer, a: Tensor, step: Tensor, v: Tensor | None, first: bool
+) -> None:
+    """One block of an outer step whose delta is ``step`` (overwritten with Nesterov):
+    ``torch.optim.SGD``'s momentum arithmetic on ``v`` (None: no momentum; ``first``: not
+    yet initialised), then ``a -= lr * step``."""
+    if v is not None:
+        if first:
+            v.copy_(step)
+        else:
+            torch.add(step, v, alpha=outer.momentum, out=v)  # v = mu v + delta
+        step = step.add_(v, alpha=outer.momentum) if outer.nesterov else v
+    a.add_(step, alpha=-outer.lr)
+
+
+def compressed_update(
+    outer: OuterOptimizer, base: Tensor, n_params: int, mean: Tensor, momentum: Tensor | None
+) -> Tensor | None:
+    """After a compressed average (:mod:`kavg_ray.train.payload`): ``base`` (the flat model
+    after the last average) moves by the learners' mean change ``mean`` (of ``base - x``,
+    dequantized; overwritten): its first ``n_params`` elements through the outer step, the
+    floating buffers plainly (``base -= mean``); the plain outer optimizer is ``base -=
+    mean`` throughout. Returns the outer momentum."""
+    if outer.plain:
+        base.sub_(mean)
+        return momentum
+    first = momentum is None and outer.momentum != 0
+    if first:
+        momentum = torch.empty(n_params, dtype=base.dtype, device=base.device)
+    for start in range(0, n_params, OUTER_BLOCK):
+        stop = min(start + OUTER_BLOCK, n_params)
+        v = None if momentum is None else momentum[start:stop]
+        outer_update(outer, base[start:stop], mean[start:stop], v, first)
+    base[n_params:].sub_(mean[n_params:])
+    return momentum
 
 
 def pieces(n_params: int, total: int) -> list[tuple[int, int]]:
@@ -356,14 +402,49 @@ class _Averager:
         # beside the model's, so an outer step is a few whole-buffer operations.
         self.anchor: torch.Tensor | None = None
         self.outer_momentum: torch.Tensor | None = None
+        # A compressed payload (set_payload): what it sends, and the whole flat model after
+        # the last global average (its changes travel; the anchor is then a view into it).
+        self.payload: Payload | None = None
+        self.base: torch.Tensor | None = None
         if not outer.plain:
             self.reset_anchor()
 
     def reset_anchor(self) -> None:
         """Take the model's parameters as the anchor: call after changing them outside
         training (a broadcast of the initial model); loading a state restores it."""
-        if not self.outer.plain:
+        if self.payload is not None:
+            self.base = self.flat.buffer.clone()
+            self.anchor = None if self.outer.plain else self.base[: self.n_params]
+        elif not self.outer.plain:
             self.anchor = self.flat.buffer[: self.n_params].clone()
+
+    def set_payload(self, payload: str, error_feedback: bool = False) -> None:
+        """Send global averages as ``payload`` (:mod:`kavg_ray.train.payload`; fp32: the
+        plain all-reduce, as before), with error feedback or not. Call before training."""
+        if payload == "fp32":
+            if error_feedback:
+                raise ValueError("payload error feedback needs a payload other than fp32")
+            return
+        if self.flat.dtype != torch.float32:
+            raise ValueError(f"a compressed payload needs a float32 model, not {self.flat.dtype}")
+        self.payload = Payload(payload, error_feedback, self.flat.buffer.numel(),
+                               device=self.flat.device)  # fmt: skip
+        self.reset_anchor()
+
+    def _average_compressed(
+        self, group: dist.ProcessGroup | None, size: int, stats: CommStats
+    ) -> None:
+        """A global average of ``payload``: every learner sends its change since the last
+        average, ``base - x`` (with an outer optimizer the outer gradient), compressed; the
+        mean change moves ``base`` (:func:`compressed_update`) and every learner takes it."""
+        start = self._timer.start()
+        buf, base = self.flat.buffer, self.base
+        mean, nbytes = self.payload.average(torch.sub(base, buf), group, size, buf.device)
+        self.outer_momentum = compressed_update(
+            self.outer, base, self.n_params, mean, self.outer_momentum
+        )
+        buf.copy_(base)
+        self._timer.stop(start, stats, nbytes)
 
     def _apply_outer(self) -> None:
         """After a global average: the outer step on the anchor, then every learner = anchor."""
@@ -378,10 +459,16 @@ class _Averager:
         """A global average through the outer optimizer, the transfer and the outer step
         overlapped: every piece (:func:`pieces`) is all-reduced asynchronously, and each
         piece's outer step runs as soon as it has arrived, while later pieces travel. Its
-        time, outer step included, counts as communication."""
+        time, outer step included, counts as communication. A compressed payload goes
+        through :meth:`_average_compressed` (P = 1: nothing travels, nothing is quantized)."""
+        if self.payload is not None and size > 1:
+            self._average_compressed(group, size, stats)
+            return
         if size == 1 or self.anchor is None:
             self._reduce(group, size, stats)
             self._apply_outer()
+            if self.base is not None:
+                self.base.copy_(self.flat.buffer)
             return
         start = self._timer.start()
         buf, n, outer = self.flat.buffer, self.n_params, self.outer
@@ -455,6 +542,8 @@ class _Averager:
             state["anchor"] = self.anchor.clone()
             mom = self.outer_momentum
             state["outer_momentum"] = None if mom is None else mom.clone()
+        if self.payload is not None:
+            state["payload"] = {"base": self.base.clone(), **self.payload.state_dict()}
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -465,6 +554,11 @@ class _Averager:
             self.anchor.copy_(state["anchor"])
             mom = state["outer_momentum"]
             self.outer_momentum = None if mom is None else mom.to(self.anchor.device).clone()
+        if self.payload is not None:
+            if "payload" not in state:
+                raise ValueError("the checkpoint has no compressed-payload state")
+            self.base.copy_(state["payload"]["base"])  # the anchor is a view into it
+            self.payload.load_state_dict(state["payload"])
 
 
 def _check_count(name: str, value: object, least: int) -> None:
@@ -498,6 +592,15 @@ class KAvgAverager(_Averager):
         process_group: the group to average over (default: the world).
         outer_lr, outer_momentum, nesterov: the outer optimizer (see above).
         warmup_steps: W, steps that each end with an average before the period starts.
+        fragments, fragment_delay, fragment_alpha: streaming (F, tau, alpha; see
+            :class:`StreamingFragments`): F fragments average in rotation, one every K/F
+            steps, each launched tau steps before it is applied. The defaults (1, 0, 0.0)
+            average the whole model as above; anything else cannot take a warm-up.
+        payload, payload_error_feedback: what a global average sends
+            (:mod:`kavg_ray.train.payload`): fp32 (the default) is the all-reduce above;
+            bf16, fp16, fp8, int8 or int4 send every learner's change since the last
+            average (with an outer optimizer, the outer gradient ``x0 - x_i``) compressed,
+            optionally with error feedback. Not with fragments.
     """
 
     def __init__(
@@ -510,6 +613,11 @@ class KAvgAverager(_Averager):
         outer_momentum: float = 0.0,
         nesterov: bool = False,
         warmup_steps: int = 0,
+        fragments: int = 1,
+        fragment_delay: int = 0,
+        fragment_alpha: float = 0.0,
+        payload: str = "fp32",
+        payload_error_feedback: bool = False,
     ) -> None:
         _check_count("period (K)", period, 1)
         _check_count("warmup_steps", warmup_steps, 0)
@@ -519,14 +627,46 @@ class KAvgAverager(_Averager):
         self.world_size = _group_size(process_group)
         self.stats = CommStats()
         self.schedule = AveragingSchedule(period, warmup_steps=warmup_steps)
+        self.streaming: StreamingFragments | None = None
+        if (fragments, fragment_delay, fragment_alpha) != (1, 0, 0.0):
+            self.stream(fragments, fragment_delay, fragment_alpha)
+        if self.streaming is not None and payload != "fp32":
+            raise ValueError(f"payload {payload} is not built for fragments: use payload fp32")
+        self.set_payload(payload, payload_error_feedback)
+
+    def stream(self, fragments: int, delay: int = 0, alpha: float = 0.0) -> None:
+        """Average in F = ``fragments`` fragments (:class:`StreamingFragments`), on the
+        schedule counted from step 1: call it before the first step. The constructor calls
+        it for non-default fragment settings."""
+        if self.step_count:
+            raise ValueError("stream() is called before the first step")
+        if self.schedule.warmup_steps:
+            raise ValueError("fragments, fragment_delay and fragment_alpha take no warmup_steps")
+        schedule = FragmentSchedule(self.period, fragments, delay)
+        self.streaming = StreamingFragments(
+            self, schedule, alpha, self.process_group, self.world_size, self.stats
+        )
 
     def step(self) -> bool:
-        """Count one optimizer step; average if it is a multiple of K. Returns whether it did."""
+        """Count one optimizer step; average if it is a multiple of K. Returns whether it did.
+
+        Streaming (:meth:`stream`): with H = K/F, after step s the fragment
+        ``(s/H - 1) mod F`` is applied when H divides s, its average launched after step
+        ``s - tau``; returns whether a fragment average was applied."""
         self.step_count += 1
-        if self.schedule.action(self.step_count) == "global":
+        if self.streaming is not None:
+            return self.streaming.after_step(self.step_count)
+        if self.schedule.advance(self.step_count) == "global":
             self.average()
             return True
         return False
+
+    def use_schedule(self, schedule: AveragingSchedule) -> None:
+        """Average on ``schedule`` from now on: a K that changes during training
+        (:class:`kavg_ray.train.periods.AdaptiveSchedule`); not with fragments."""
+        if self.streaming is not None:
+            raise ValueError("a K_schedule other than constant takes no fragments")
+        self.schedule = schedule
 
     def average(self) -> None:
         """Replace every model in the group by the group's average (through the outer
@@ -536,7 +676,28 @@ class KAvgAverager(_Averager):
     @property
     def in_sync(self) -> bool:
         """True when the last step was an averaging step (all models equal)."""
+        if self.streaming is not None:
+            return self.streaming.in_sync(self.step_count)
         return self.schedule.in_sync(self.step_count)
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        if self.streaming is not None:
+            state["fragments"] = self.streaming.state_dict()
+        if hasattr(self.schedule, "state_dict"):  # an adaptive K (K_schedule)
+            state["K_schedule"] = self.schedule.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        if self.streaming is not None:
+            if "fragments" not in state:
+                raise ValueError("the checkpoint has no fragment state (fragments: 1 run?)")
+            self.streaming.load_state_dict(state["fragments"], self.step_count)
+        if hasattr(self.schedule, "load_state_dict"):
+            if "K_schedule" not in state:
+                raise ValueError("the checkpoint has no K_schedule state (a fixed-K run?)")
+            self.schedule.load_state_dict(state["K_schedule"], self.flat.device)
 
     def settle_waits(self) -> None:
         """Split the averages since the last call into transfer and wait (``stats``):
@@ -663,3 +824,238 @@ class HierAvgAverager(_Averager):
             self.local_stats.bytes + self.global_stats.bytes,
             self.local_stats.wait_seconds + self.global_stats.wait_seconds,
         )
+
+
+# --------------------------------------------------------------------------------------------
+# Streaming fragments (Streaming DiLoCo; torchft's DiLoCo with model_fragments)
+
+
+def fragment_bounds(sizes: Sequence[int], fragments: int, total: int) -> list[tuple[int, int]]:
+    """The (start, stop) ranges of the flat buffer that make ``fragments`` fragments.
+
+    ``sizes`` are the parameters' element counts in the buffer's order (the model's
+    ``parameters()``); ``total`` is the buffer's length, parameters and floating buffers.
+    Fragment i ends at the parameter boundary nearest to ``i * n / F`` (n the parameters'
+    elements; the lower on a tie), later than the previous one and leaving a parameter for
+    each fragment after it. The floating buffers ``[n, total)`` join the last fragment.
+    """
+    _check_count("fragments", fragments, 1)
+    if fragments > len(sizes):
+        raise ValueError(
+            f"fragments={fragments} but the model has only {len(sizes)} parameter tensors: "
+            "a fragment is at least one parameter"
+        )
+    cuts = [0]
+    for size in sizes:
+        cuts.append(cuts[-1] + size)
+    n = cuts[-1]
+    ends, last = [], 0
+    for i in range(1, fragments):
+        allowed = range(last + 1, len(sizes) - (fragments - i) + 1)
+        last = min(allowed, key=lambda j: (abs(cuts[j] * fragments - i * n), j))
+        ends.append(cuts[last])
+    starts = [0, *ends]
+    return list(zip(starts, [*ends, total], strict=True))
+
+
+class FragmentSchedule:
+    """When each fragment's average is launched and when it is applied.
+
+    Steps are counted from 1. With H = K / F (``period / fragments``), the n-th fragment
+    average (n = 1, 2, ...) is applied after step ``n H`` and belongs to fragment
+    ``(n - 1) mod F``: fragments 0, 1, ..., F - 1 in rotation, one every H steps, so each
+    averages every K steps. It is launched ``delay`` (tau) steps earlier, after step
+    ``n H - tau`` (tau = 0: launched and applied after the same step). This is the order
+    of torchft's ``DiLoCo`` with ``sync_every=K``, ``model_fragments`` of F and
+    ``fragment_sync_delay=tau``. F = 1, tau = 0 is K-AVG's K, 2K, 3K, ...
+    """
+
+    def __init__(self, period: int, fragments: int = 1, delay: int = 0) -> None:
+        _check_count("period (K)", period, 1)
+        _check_count("fragments", fragments, 1)
+        _check_count("fragment_delay", delay, 0)
+        if period % fragments:
+            raise ValueError(f"fragments F={fragments} must divide K={period}")
+        if delay >= period // fragments:
+            raise ValueError(
+                f"fragment_delay={delay} must be below K/F={period // fragments}: a fragment's "
+                "average is applied before the next one is launched"
+            )
+        self.period, self.fragments, self.delay = period, fragments, delay
+        self.interval = period // fragments  # H
+
+    def applies(self, step: int) -> int | None:
+        """The fragment whose average is applied after step ``step``, or None."""
+        if step < 1 or step % self.interval:
+            return None
+        return (step // self.interval - 1) % self.fragments
+
+    def launches(self, step: int) -> int | None:
+        """The fragment whose average is launched after step ``step``, or None."""
+        return self.applies(step + self.delay) if step >= 1 else None
+
+    def in_flight(self, step: int) -> int | None:
+        """The fragment whose average was launched after a step <= ``step`` and is applied
+        after a later one (what a checkpoint after ``step`` must keep), or None."""
+        due = (step // self.interval + 1) * self.interval  # the next apply after `step`
+        if self.delay and due - self.delay <= step:
+            return self.applies(due)
+        return None
+
+
+@dataclass
+class _Pending:
+    """A fragment average launched and not yet applied."""
+
+    fragment: int
+    reduced: Tensor  # the learners' fragment as launched: the group's sum, or its mean
+    divisor: int  # divide ``reduced`` by this for the mean (1 where the collective averaged)
+    work: Any = None  # the asynchronous all-reduce, None once waited for
+    launch_seconds: float = 0.0  # host-timed share of the launch
+
+
+class StreamingFragments:
+    """The fragment averages of a :class:`KAvgAverager` (``fragments``, ``fragment_delay``,
+    ``fragment_alpha``; docs/design.md section 9).
+
+    Launch (after step ``n H - tau``): fragment f's slice of the flat buffer is copied and
+    the copy all-reduced asynchronously (tau > 0) while training goes on. Apply (after step
+    ``n H``): wait for it; the mean m of the launched slices is the new global fragment,
+    or, with an outer optimizer, one outer step of fragment f's own anchor slice and
+    momentum along ``anchor - m`` gives it (floating buffers, in the last fragment, take m
+    plainly). The learner's fragment becomes ``lerp(global, local, alpha)``: alpha = 0
+    takes the global fragment, discarding the tau local steps made on it since the launch;
+    alpha > 0 keeps that share of the learner's own fragment (torchft's
+    ``fragment_update_alpha``). The arithmetic of F = 1, tau = 0, alpha = 0 is that of
+    ``_Averager._average_with_outer`` (plain: ``_reduce``), element for element.
+    """
+
+    def __init__(
+        self, averager: _Averager, schedule: FragmentSchedule, alpha: float,
+        group: dist.ProcessGroup | None, size: int, stats: CommStats,
+    ) -> None:  # fmt: skip
+        if not 0 <= alpha <= 1:
+            raise ValueError(f"fragment_alpha must be in [0, 1], got {alpha}")
+        self.avg, self.schedule, self.alpha = averager, schedule, alpha
+        self.group, self.size, self.stats = group, size, stats
+        flat = averager.flat
+        sizes = [p.numel() for p in flat.model.parameters()]
+        self.bounds = fragment_bounds(sizes, schedule.fragments, flat.buffer.numel())
+        self.started = [False] * schedule.fragments  # outer momentum initialised, per fragment
+        self.pending: _Pending | None = None
+
+    def after_step(self, step: int) -> bool:
+        """Launch and apply what the schedule says follows step ``step``; returns whether a
+        fragment average was applied."""
+        launch, apply = self.schedule.launches(step), self.schedule.applies(step)
+        if launch is not None:
+            self.launch(launch)
+        if apply is not None:
+            self.apply(apply)
+        return apply is not None
+
+    def fragment_bytes(self, fragment: int) -> int:
+        a, b = self.bounds[fragment]
+        return (b - a) * self.avg.flat.buffer.element_size()
+
+    def launch(self, fragment: int) -> None:
+        """Copy fragment ``fragment``'s slice and start its all-reduce (asynchronous)."""
+        if self.pending is not None:
+            raise RuntimeError("a fragment average is still in flight")
+        start = time.perf_counter()
+        a, b = self.bounds[fragment]
+        dev = self.avg.flat.device
+        reduced = self.avg.flat.buffer[a:b].clone()
+        if self.size == 1:
+            self.pending = _Pending(fragment, reduced, 1)
+            return
+        nccl = collectives.has_average(self.group, dev)
+        op = dist.ReduceOp.AVG if nccl else dist.ReduceOp.SUM
+        work = collectives.all_reduce(reduced, dev, op, self.group, async_op=True)
+        self.pending = _Pending(fragment, reduced, 1 if nccl else self.size, work,
+                                time.perf_counter() - start)  # fmt: skip
+
+    def apply(self, fragment: int) -> None:
+        """Wait for fragment ``fragment``'s launched average and apply it (see the class)."""
+        pending = self.pending
+        if pending is None or pending.fragment != fragment:
+            raise RuntimeError(f"fragment {fragment}'s average was not launched")
+        timer = self.avg._timer
+        start = timer.start()
+        if pending.work is not None:
+            pending.work.wait()
+        self._merge(fragment, pending.reduced, pending.divisor)
+        self.pending = None
+        if self.size == 1:
+            self.stats.count += 1
+        elif isinstance(timer, _HostTimer):
+            self.stats.add(pending.launch_seconds + time.perf_counter() - start,
+                           self.fragment_bytes(fragment))  # fmt: skip
+        else:
+            timer.stop(start, self.stats, self.fragment_bytes(fragment))
+
+    def _merge(self, fragment: int, reduced: Tensor, divisor: int) -> None:
+        """The global fragment from ``reduced`` (the outer step where there is one), mixed
+        into the learner's by alpha."""
+        avg, (a, b) = self.avg, self.bounds[fragment]
+        cut = min(b, avg.n_params) - a  # reduced[:cut]: parameters; reduced[cut:]: buffers
+        if avg.anchor is not None and cut > 0:
+            first = not self.started[fragment] and avg.outer.momentum != 0
+            if avg.outer.momentum != 0 and avg.outer_momentum is None:
+                avg.outer_momentum = torch.zeros_like(avg.anchor)
+            mom = avg.outer_momentum
+            outer_step_slice(avg.outer, avg.anchor[a : a + cut], reduced[:cut],
+                             None if mom is None else mom[a : a + cut], first,
+                             1.0 / divisor)  # fmt: skip
+            self.started[fragment] = True
+            if divisor != 1 and b - a > cut:
+                reduced[cut:].div_(divisor)
+        elif divisor != 1:
+            reduced.div_(divisor)
+        local = avg.flat.buffer[a:b]
+        if self.alpha:
+            reduced.lerp_(local, self.alpha)
+        local.copy_(reduced)
+
+    def in_sync(self, step: int) -> bool:
+        """Every learner holds the same model after step ``step``: only with one fragment,
+        alpha 0, right after it was applied."""
+        return (
+            self.schedule.fragments == 1 and self.alpha == 0
+            and self.schedule.applies(step) is not None
+        )  # fmt: skip
+
+    def state_dict(self) -> dict:
+        """Which fragments' outer momentum has started, and the average in flight (waited
+        for: its reduced slice is kept, so a resume applies it when due)."""
+        pending = self.pending
+        out: dict = {"started": list(self.started), "pending": None}
+        if pending is not None:
+            if pending.work is not None:
+                pending.work.wait()
+                pending.work = None
+            out["pending"] = {
+                "fragment": pending.fragment, "reduced": pending.reduced.clone(),
+                "divisor": pending.divisor, "launch_seconds": pending.launch_seconds,
+            }  # fmt: skip
+        return out
+
+    def load_state_dict(self, state: dict, step: int) -> None:
+        """Restore :meth:`state_dict`'s state at step ``step`` (the averager's count)."""
+        started = list(state["started"])
+        if len(started) != self.schedule.fragments:
+            raise ValueError(
+                f"the checkpoint has {len(started)} fragments, this run {self.schedule.fragments}"
+            )
+        self.started = [bool(s) for s in started]
+        raw, due = state["pending"], self.schedule.in_flight(step)
+        if (raw is None) != (due is None) or (raw is not None and raw["fragment"] != due):
+            raise ValueError(
+                f"the checkpoint's fragment average in flight ({raw and raw['fragment']}) is "
+                f"not the one the schedule has in flight after step {step} ({due})"
+            )
+        self.pending = None
+        if raw is not None:
+            reduced = raw["reduced"].to(self.avg.flat.device).clone()
+            self.pending = _Pending(raw["fragment"], reduced, int(raw["divisor"]), None,
+                                    float(raw["launch_seconds"]))  # fmt: skip

@@ -47,6 +47,25 @@ def all_reduce(
     return dist.all_reduce(tensor, op=op, group=group, async_op=async_op)
 
 
+def all_to_all_single(
+    output: torch.Tensor,
+    tensor: torch.Tensor,
+    output_split_sizes: list[int],
+    input_split_sizes: list[int],
+    device: torch.device,
+    group: dist.ProcessGroup | None = None,
+) -> None:
+    """``dist.all_to_all_single`` of tensors on the run's collective ``device``: piece j of
+    ``tensor`` (``input_split_sizes[j]`` elements) goes to rank j, and ``output`` receives
+    rank r's piece in its r-th part (``output_split_sizes[r]``); used by compressed
+    averages (:mod:`kavg_ray.train.payload`)."""
+    check_device(tensor, device)
+    check_device(output, device)
+    dist.all_to_all_single(
+        output, tensor, output_split_sizes, input_split_sizes, group=group
+    )
+
+
 def broadcast(tensor: torch.Tensor, device: torch.device, src: int) -> None:
     """``dist.broadcast`` over the default group of a tensor on ``device``."""
     check_device(tensor, device)

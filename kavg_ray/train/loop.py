@@ -100,7 +100,7 @@ def empty_comm_metrics() -> dict:
         "wait_time_s": 0.0, "local_reductions": 0, "global_reductions": 0,
         "local_comm_time_s": 0.0, "global_comm_time_s": 0.0, "local_bytes": 0, "global_bytes": 0,
         "local_on_node": math.nan, "staleness_mean": math.nan, "staleness_max": math.nan,
-        "pushes": 0, "applied": 0,
+        "pushes": 0, "applied": 0, "K_in_force": math.nan,
     }  # fmt: skip
 
 
@@ -248,6 +248,8 @@ class Recorder:
             "diverged": bool(totals[5].item() > 0) or not math.isfinite(train_loss),
             **self.engine.comm_metrics(c["compute_time_s"]),
         }
+        before = self.history[-1]["rounds"] if self.history else 0
+        metrics["averages_taken"] = metrics["rounds"] - before
         # Per learner: its share of the samples over its training time (no evaluation).
         seconds = metrics["compute_time_s"] + metrics["comm_time_s"]
         share = 1.0 / self.engine.learners / seconds if seconds > 0 else math.nan

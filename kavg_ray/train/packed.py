@@ -3,8 +3,8 @@
 A *pack* is a list of K-AVG / Hier-AVG run configs with ``backend: simulated`` that share
 everything that shapes a step's tensors: the data set, the model, the loss, P, the batch
 size and the epochs (:func:`pack_key`). They may differ in K (S, K1, K2), seed, learning
-rate and its schedule, momentum, weight decay, inner optimizer, sampling, outer optimizer
-and warm-up.
+rate and its schedule, momentum, weight decay, inner optimizer, sampling, outer optimizer,
+warm-up and streaming fragments (``fragments``, ``fragment_delay``, ``fragment_alpha``).
 
 Each point is a :class:`~kavg_ray.train.stacked.StackedEngine` whose learners are P rows of
 one ``(points x P, N)`` stack. Every local step draws each point's mini-batches with the
@@ -46,7 +46,9 @@ from kavg_ray.train.workload import Data, ModelBuilder, load_data
 # What may differ between the points of one pack (everything else must be equal).
 PER_POINT = {
     "name", "K", "S", "K1", "K2", "seed", "outer", "warmup_steps", "target_accuracy", "theory",
-    "failure", "algorithm",
+    "failure", "algorithm", "fragments", "fragment_delay", "fragment_alpha",
+    "K_schedule", "K_factor", "K_min", "K_max", "K_interval", "payload",
+    "payload_error_feedback",
 }  # fmt: skip
 PER_POINT_WORKLOAD = {"lr", "momentum", "weight_decay", "optimizer", "betas", "eps", "sampling"}
 # report(point index, metrics, done): done when the point has its last row.
@@ -155,7 +157,7 @@ class PackedEngine:
             grads, losses = self.points[0].gradients(stack, x, y)
             for n, (point, rates) in enumerate(zip(self.points, lrs, strict=True)):
                 rows = slice(n * P, (n + 1) * P)
-                point.apply_step({k: g[rows] for k, g in grads.items()}, rates[i])
+                point.apply_step({k: g[rows] for k, g in grads.items()}, rates[i], losses[rows])
             loss_sum += losses
         steps = float((end - first) * P)
         return [(loss_sum[n * P : (n + 1) * P].double().sum().item(), steps)

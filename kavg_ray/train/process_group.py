@@ -18,6 +18,7 @@ from kavg_ray.train.averaging import HierAvgAverager, KAvgAverager
 from kavg_ray.train.data import LearnerEpochs, steps_per_epoch
 from kavg_ray.train.groups import gather_nodes
 from kavg_ray.train.loop import EngineBase, empty_comm_metrics
+from kavg_ray.train.periods import schedule_for
 from kavg_ray.train.workload import (
     EvalSums,
     Recipe,
@@ -51,7 +52,11 @@ class ProcessGroupEngine(EngineBase):
                 across_nodes=cfg.hier_groups == "any",
             )  # fmt: skip
         else:
-            self.averager = KAvgAverager(model, cfg.K, **outer)
+            self.averager = KAvgAverager(
+                model, cfg.K, **outer, fragments=cfg.fragments,
+                fragment_delay=cfg.fragment_delay, fragment_alpha=cfg.fragment_alpha,
+                payload=cfg.payload, payload_error_feedback=cfg.payload_error_feedback,
+            )  # fmt: skip
         if world_size > 1:
             # Seeded init gives every learner the same start; the broadcast makes that hold
             # even where initialization is not bit-reproducible across processes.
@@ -66,6 +71,9 @@ class ProcessGroupEngine(EngineBase):
             self.workload.data.n_train, self.recipe.step_batch, world_size
         )
         self.tokens_per_sample = tokens_per_sample(self.workload.data)
+        if cfg.K_schedule != "constant":  # K that changes (kavg only: config refuses others)
+            schedule = schedule_for(cfg, self.steps_per_epoch, self._reduce_loss)
+            self.averager.use_schedule(schedule)  # type: ignore[union-attr]
         self.epochs = LearnerEpochs(
             self.workload.data, self.recipe.step_batch, rank, world_size, cfg.seed,
             cfg.workload.sampling, device,
@@ -89,9 +97,18 @@ class ProcessGroupEngine(EngineBase):
                 opt.step()
             else:
                 loss = recipe.step(model, criterion, opt, x, y, self.scaler)
+            if avg.schedule.wants_loss:
+                avg.schedule.observe(loss, 1)
             avg.step()
             losses.append(loss.detach())
         return torch.stack(losses).sum().item(), float(end - first)
+
+    def _reduce_loss(self, total: torch.Tensor, count: float) -> tuple[float, float]:
+        """An adacomm interval's (loss sum, steps) of this learner summed over the run."""
+        sums = torch.stack([total.to(self.device, torch.float64).reshape(()),
+                            torch.tensor(float(count), dtype=torch.float64, device=self.device)])
+        sums = self.all_reduce(sums)
+        return sums[0].item(), sums[1].item()
 
     def evaluate(self) -> EvalSums:
         avg, data, model = self.averager, self.workload.data, self.workload.model
@@ -119,6 +136,7 @@ class ProcessGroupEngine(EngineBase):
             "comm_time_s": avg.stats.seconds,
             "wait_time_s": avg.stats.wait_seconds,
             "bytes_communicated": avg.stats.bytes,
+            "K_in_force": avg.schedule.period_in_force,
         }
         for level, stats in levels.items():
             out[f"{level}_reductions"] = stats.count

@@ -35,9 +35,19 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from kavg_ray.config import RunConfig
-from kavg_ray.train.averaging import AveragingSchedule, OuterOptimizer, outer_step
+from kavg_ray.train.averaging import (
+    AveragingSchedule,
+    FragmentSchedule,
+    OuterOptimizer,
+    compressed_update,
+    fragment_bounds,
+    outer_step,
+    outer_step_slice,
+)
 from kavg_ray.train.data import Dataset, augment_generator, epoch_indices, steps_per_epoch
 from kavg_ray.train.loop import EngineBase, empty_comm_metrics
+from kavg_ray.train.payload import Payload
+from kavg_ray.train.periods import schedule_for
 from kavg_ray.train.workload import (
     EVAL_BATCH,
     Data,
@@ -186,6 +196,10 @@ def memory_parts(
     per_learner += wl.batch_size * math.prod(input_shape) * elem
     evaluation = (n_param + n_fbuf) * elem + acts * min(EVAL_BATCH, 10_000) * elem
     outer = 0 if cfg.outer.plain else 2 * n_param * elem  # anchor and momentum
+    if cfg.payload != "fp32":  # the base, the learners' changes and their mean (and residuals)
+        outer += (3 + cfg.P * (1 + cfg.payload_error_feedback)) * (n_param + n_fbuf) * elem
+    if cfg.streaming:  # a fragment's sum in flight (bounded by the whole model)
+        outer += (n_param + n_fbuf) * elem
     return per_learner, evaluation, outer
 
 
@@ -483,12 +497,27 @@ class StackedEngine(EngineBase):
         n = self.stacked.n_params
         self.anchor = None if self.outer.plain else self.stacked.flat[0, :n].clone()
         self.outer_momentum: Tensor | None = None
+        # A compressed payload (kavg_ray.train.payload): every learner's error-feedback
+        # residual, and the model after the last global average, one copy for all learners
+        # (the anchor is then a view into it), as in the real averager.
+        self.payload: Payload | None = None
+        self.base: Tensor | None = None
+        if cfg.payload != "fp32":
+            flat = self.stacked.flat
+            self.payload = Payload(cfg.payload, cfg.payload_error_feedback, flat.shape[1],
+                                   rows=cfg.P, device=device)  # fmt: skip
+            self.base = flat[0].clone()
+            self.anchor = None if self.outer.plain else self.base[:n]
+        # Streaming fragments (kavg): the fragment averages replace the schedule's.
+        self.streaming = StackedFragments(self, cfg) if cfg.streaming else None
         self.step_count = self.local_count = self.global_count = 0
         self.recipe = recipe = Recipe(cfg, device)
         self.steps_per_epoch = steps_per_epoch(
             self.workload.data.n_train, recipe.step_batch, cfg.P
         )
         self.tokens_per_sample = tokens_per_sample(self.workload.data)
+        if cfg.K_schedule != "constant":  # K that changes: the loss is summed here
+            self.schedule = schedule_for(cfg, self.steps_per_epoch)
         self._plan: tuple[int, Tensor, list[torch.Generator] | None] | None = None
         model, criterion = self.model, self.workload.loss
 
@@ -531,7 +560,7 @@ class StackedEngine(EngineBase):
         for lr, idx in zip(lrs, batches[first:end], strict=True):
             x = _train_batch(data, idx, gens)
             grads, losses = self.gradients(learners, x, data.train_y[idx])
-            self.apply_step(grads, lr)
+            self.apply_step(grads, lr, losses)
             loss_sum += losses
         return loss_sum.double().sum().item(), float((end - first) * self.cfg.P)
 
@@ -560,18 +589,27 @@ class StackedEngine(EngineBase):
             clip_rows(list(grads.values()), recipe.clip)
         return grads, losses
 
-    def apply_step(self, grads: dict[str, Tensor], lr: float) -> None:
-        """After the learners' gradients: the optimizer step, then averaging if it is due."""
+    def apply_step(
+        self, grads: dict[str, Tensor], lr: float, losses: Tensor | None = None
+    ) -> None:
+        """After the learners' gradients: the optimizer step, then averaging if it is due
+        (``losses``: the learners' losses of the step, which an adacomm K_schedule needs)."""
         wl, learners = self.cfg.workload, self.stacked
         if wl.optimizer == "adamw":
             learners.adamw_step(grads, lr, wl.betas, wl.eps, wl.weight_decay)
         else:
             learners.sgd_step(grads, lr, wl.momentum, wl.weight_decay)
         self.step_count += 1
-        action = self.schedule.action(self.step_count)
+        if self.streaming is not None:  # each applied fragment average is a round
+            self.global_count += self.streaming.after_step(self.step_count)
+            return
+        if self.schedule.wants_loss:
+            if losses is None:
+                raise ValueError("K_schedule adacomm needs the step's losses")
+            self.schedule.observe(losses.double().sum(), self.cfg.P)
+        action = self.schedule.advance(self.step_count)
         if action == "global":
-            learners.average()
-            self._apply_outer()
+            self._average_global()
             self.global_count += 1
         elif action == "local":
             learners.average(self.group_size)
@@ -579,7 +617,10 @@ class StackedEngine(EngineBase):
 
     def evaluate(self) -> EvalSums:
         data = self.workload.data
-        in_sync = self.schedule.in_sync(self.step_count)
+        if self.streaming is not None:
+            in_sync = self.streaming.in_sync(self.step_count)
+        else:
+            in_sync = self.schedule.in_sync(self.step_count)
         params, buffers, row = self.stacked.averaged(in_sync)
         finite = bool(torch.isfinite(row).all().item())
         idx = torch.arange(data.n_test, device=self.device)
@@ -589,6 +630,23 @@ class StackedEngine(EngineBase):
         )  # fmt: skip
         sums.finite = finite
         return sums
+
+    def _average_global(self) -> None:
+        """A global average: the mean over the learner axis, then the outer step; with a
+        compressed payload, the process-group averager's scheme on the P rows
+        (:meth:`~kavg_ray.train.payload.Payload.simulated_average`, bit for bit)."""
+        flat = self.stacked.flat
+        if self.payload is None or self.cfg.P == 1:
+            self.stacked.average()
+            self._apply_outer()
+            if self.base is not None:
+                self.base.copy_(flat[0])
+            return
+        mean = self.payload.simulated_average(self.base.unsqueeze(0) - flat)
+        self.outer_momentum = compressed_update(
+            self.outer, self.base, self.stacked.n_params, mean, self.outer_momentum
+        )
+        flat.copy_(self.base.expand_as(flat))
 
     def _apply_outer(self) -> None:
         """After a global average: one outer step on the anchor; every learner = anchor."""
@@ -610,6 +668,7 @@ class StackedEngine(EngineBase):
             "comm_time_s": 0.0,
             "bytes_communicated": 0,
             "global_reductions": self.global_count,
+            "K_in_force": self.schedule.period_in_force,
         }
         if self.group_size is not None:  # stacked groups: all on this one device
             out["local_reductions"] = self.local_count
@@ -623,6 +682,11 @@ class StackedEngine(EngineBase):
             "counts": [self.step_count, self.local_count, self.global_count],
             "anchor": None if self.anchor is None else self.anchor.clone(),
             "outer_momentum": None if self.outer_momentum is None else self.outer_momentum.clone(),
+            **({} if self.payload is None else
+               {"payload": {"base": self.base.clone(), **self.payload.state_dict()}}),  # fmt: skip
+            **({"K_schedule": self.schedule.state_dict()}
+               if hasattr(self.schedule, "state_dict") else {}),  # fmt: skip
+            **({} if self.streaming is None else {"fragments": self.streaming.state_dict()}),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -630,7 +694,104 @@ class StackedEngine(EngineBase):
             raise ValueError("resume state is not a simulated-backend checkpoint")
         self.stacked.load_state_dict(state)
         self.step_count, self.local_count, self.global_count = map(int, state["counts"])
+        if hasattr(self.schedule, "load_state_dict"):
+            if "K_schedule" not in state:
+                raise ValueError("the checkpoint has no K_schedule state (a fixed-K run?)")
+            self.schedule.load_state_dict(state["K_schedule"], self.device)
         if self.anchor is not None:
             self.anchor.copy_(state["anchor"])
             mom = state["outer_momentum"]
             self.outer_momentum = None if mom is None else mom.to(self.device).clone()
+        if self.payload is not None:
+            if "payload" not in state:
+                raise ValueError("the checkpoint has no compressed-payload state")
+            self.base.copy_(state["payload"]["base"])  # the anchor is a view into it
+            self.payload.load_state_dict(state["payload"])
+        if self.streaming is not None:
+            if "fragments" not in state:
+                raise ValueError("the checkpoint has no fragment state (fragments: 1 run?)")
+            self.streaming.load_state_dict(state["fragments"], self.step_count)
+
+
+class StackedFragments:
+    """Streaming fragments on the stacked learners: the schedule of
+    :class:`~kavg_ray.train.averaging.StreamingFragments` and its arithmetic, with the sum
+    over the learner axis for the all-reduce (docs/design.md section 9).
+
+    A launch keeps the sum of the learners' fragment slices as they are; the apply, tau
+    steps later, divides it by P, takes the fragment's outer step (anchor slice and
+    momentum of its own) where there is an outer optimizer, and sets every learner's slice
+    to ``lerp(global, own, alpha)``. F = 1, tau = 0, alpha = 0 is the engine's global
+    average, element for element.
+    """
+
+    def __init__(self, engine: StackedEngine, cfg: RunConfig) -> None:
+        self.engine = engine  # its stacked rows are read at each use (a pack rebinds them)
+        self.schedule = FragmentSchedule(cfg.K, cfg.fragments, cfg.fragment_delay)
+        self.alpha = cfg.fragment_alpha
+        st = engine.stacked
+        sizes = [v[0].numel() for v in st.params.values()]
+        self.bounds = fragment_bounds(sizes, cfg.fragments, st.flat.shape[1])
+        self.started = [False] * cfg.fragments
+        self.pending: tuple[int, Tensor] | None = None  # (fragment, the learners' sum)
+
+    def after_step(self, step: int) -> bool:
+        """Launch and apply what follows step ``step``; whether an average was applied."""
+        launch, apply = self.schedule.launches(step), self.schedule.applies(step)
+        if launch is not None:
+            a, b = self.bounds[launch]
+            self.pending = (launch, self.engine.stacked.flat[:, a:b].sum(0))
+        if apply is not None:
+            if self.pending is None or self.pending[0] != apply:
+                raise RuntimeError(f"fragment {apply}'s average was not launched")
+            self._apply(apply, self.pending[1])
+            self.pending = None
+        return apply is not None
+
+    def _apply(self, fragment: int, total: Tensor) -> None:
+        eng, (a, b) = self.engine, self.bounds[fragment]
+        mean = total.div_(eng.cfg.P)
+        cut = min(b, eng.stacked.n_params) - a
+        if eng.anchor is not None and cut > 0:
+            mu = eng.outer.momentum
+            if mu != 0 and eng.outer_momentum is None:
+                eng.outer_momentum = torch.zeros_like(eng.anchor)
+            mom = None if mu == 0 else eng.outer_momentum[a : a + cut]
+            first = mu != 0 and not self.started[fragment]
+            outer_step_slice(eng.outer, eng.anchor[a : a + cut], mean[:cut], mom, first)
+            self.started[fragment] = True
+        rows = eng.stacked.flat[:, a:b]
+        if self.alpha:
+            rows.copy_(torch.lerp(mean.expand_as(rows), rows, self.alpha))
+        else:
+            rows.copy_(mean.expand_as(rows))
+
+    def in_sync(self, step: int) -> bool:
+        """All learners equal after step ``step``: one fragment, alpha 0, just applied."""
+        return (
+            self.schedule.fragments == 1 and self.alpha == 0
+            and self.schedule.applies(step) is not None
+        )  # fmt: skip
+
+    def state_dict(self) -> dict:
+        pending = None
+        if self.pending is not None:
+            pending = {"fragment": self.pending[0], "sum": self.pending[1].clone()}
+        return {"started": list(self.started), "pending": pending}
+
+    def load_state_dict(self, state: dict, step: int) -> None:
+        if len(state["started"]) != self.schedule.fragments:
+            raise ValueError(
+                f"the checkpoint has {len(state['started'])} fragments, this run "
+                f"{self.schedule.fragments}"
+            )
+        self.started = [bool(s) for s in state["started"]]
+        raw, due = state["pending"], self.schedule.in_flight(step)
+        if (raw is None) != (due is None) or (raw is not None and raw["fragment"] != due):
+            raise ValueError(
+                f"the checkpoint's fragment average in flight does not match the schedule "
+                f"after step {step}"
+            )
+        self.pending = None
+        if raw is not None:
+            self.pending = (raw["fragment"], raw["sum"].to(self.engine.device).clone())

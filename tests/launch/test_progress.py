@@ -210,7 +210,7 @@ def test_console_lines_and_eta(tmp_path: Path) -> None:
     tr.result(TID, _epoch(4, 60.0))
     tr.finish(TID, None, _row)
     assert lines[1] == f"[kavg] end   {TID}  completed  acc 0.9000  60.0s"
-    assert lines[2] == "[kavg] " + "━" * 20 + " 1/1 elapsed 0:01:05 ETA 0:00:00"
+    assert lines[2] == "[kavg] " + "━" * 20 + " 1/1 trials 4/4 epochs elapsed 0:01:05 ETA 0:00:00"
     assert len(lines) == 3
 
 
@@ -250,14 +250,14 @@ def test_a_stream_that_is_no_terminal_gets_plain_lines(
         "[kavg] start K8-P2-s0  (kavg P=2 K=8 seed=0, 1 epochs)",
         "[kavg] end   K1-P2-s0  completed  acc 0.5000  30.0s",
         # 1 of 4 in 30 s: 90 s for the other 3.
-        "[kavg] " + "━" * 5 + " " * 15 + " 1/4 elapsed 0:00:30 ETA 0:01:30",
+        "[kavg] " + "━" * 5 + " " * 15 + " 1/4 trials 1/4 epochs elapsed 0:00:30 ETA 0:01:30",
         "[kavg] end   K2-P2-s0  completed  acc 0.5000  50.0s",
-        "[kavg] " + "━" * 10 + " " * 10 + " 2/4 elapsed 0:00:50 ETA 0:00:50",
+        "[kavg] " + "━" * 10 + " " * 10 + " 2/4 trials 2/4 epochs elapsed 0:00:50 ETA 0:00:50",
         "[kavg] end   K4-P2-s0  completed  acc 0.5000  80.0s",
         # 3 in 80 s: 26.7 s for the last, rounded up.
-        "[kavg] " + "━" * 15 + " " * 5 + " 3/4 elapsed 0:01:20 ETA 0:00:27",
+        "[kavg] " + "━" * 15 + " " * 5 + " 3/4 trials 3/4 epochs elapsed 0:01:20 ETA 0:00:27",
         "[kavg] end   K8-P2-s0  completed  acc 0.5000  100.0s",
-        "[kavg] " + "━" * 20 + " 4/4 elapsed 0:01:40 ETA 0:00:00",
+        "[kavg] " + "━" * 20 + " 4/4 trials 4/4 epochs elapsed 0:01:40 ETA 0:00:00",
     ]
     assert {k1, k2, k4, k8} == set(tr.statuses)
 
@@ -289,7 +289,7 @@ def test_a_piped_sweep_gets_plain_lines_on_stdout_and_nothing_in_the_log(
     assert out.stdout.splitlines() == [
         "[kavg] start K2-P2-s0  (kavg P=2 K=2 seed=0, 1 epochs)",
         "[kavg] end   K2-P2-s0  failed  acc nan  nans  error: ValueError: bad K",
-        "[kavg] " + "━" * 20 + " 1/1 elapsed 0:00:00 ETA 0:00:00",
+        "[kavg] " + "━" * 20 + " 1/1 trials 1/1 epochs elapsed 0:00:00 ETA 0:00:00",
     ]
     assert (tmp_path / "x.log").read_text() == ""
 
@@ -306,7 +306,9 @@ def test_on_a_terminal_the_bar_redraws_below_the_lines(tmp_path: Path) -> None:
     # Redrawn in place (carriage return, erase the line), the cursor hidden meanwhile and
     # shown again at the end, below the bar's last state.
     assert shown.startswith("[kavg] start K1-P2-s0  (kavg P=2 K=1 seed=0, 1 epochs)\n\x1b[?25l")
-    assert shown.endswith("[kavg] " + "━" * 20 + " 4/4 elapsed 0:01:40 ETA 0:00:00\n\x1b[?25h")
+    assert shown.endswith(
+        "[kavg] " + "━" * 20 + " 4/4 trials 4/4 epochs elapsed 0:01:40 ETA 0:00:00\n\x1b[?25h"
+    )
     # What stays on the screen: each redraw starts on a line it erased first.
     kept = [ln for part in shown.split("\r\x1b[2K") for ln in part.splitlines()[:-1]]
     assert [ln for ln in kept if not ln.startswith("[kavg] ━")] == [

@@ -118,7 +118,8 @@ def test_sweep_tables_kopt_and_resume(tmp_path: Path, kavg) -> None:  # noqa: AN
     # kavg's own lines only: where the logs are, a start, an end and a bar per trial,
     # the table and the commands that plot and report it (Tune's tables: in the log).
     lines = out.stdout.splitlines()
-    assert lines[0].startswith("[kavg] sweep grid2x2: 4 trials; Ray, Tune and worker logs: ")
+    assert lines[0].startswith("[kavg] sweep grid2x2: 4 trials, one per grid point; Ray, Tune "
+                             "and worker logs: ")
     assert sum(ln.startswith("[kavg] start ") for ln in lines) == 4
     assert sum(ln.startswith("[kavg] end ") for ln in lines) == 4
     assert lines[-1].startswith("report:  kavg results report grid2x2") and len(lines) < 30
@@ -202,3 +203,45 @@ def test_simulated_and_real_backends_in_one_sweep(tmp_path: Path, kavg) -> None:
     kopt = kavg("results", "kopt", "mixed", "--storage", "store", "--format", "json", cwd=tmp_path)
     rows = json.loads(kopt.stdout)
     assert sorted(r["backend"] for r in rows) == ["ray", "simulated"]
+
+
+def test_a_simulated_sweep_packs_by_default_and_reports_each_epoch(
+    tmp_path: Path, kavg  # noqa: ANN001
+) -> None:
+    """No `pack:` and every point simulated kavg: one pack trial, a line per evaluation
+    its points have all reported, a bar over epochs; K_opt by time from the cost model."""
+    spec = {
+        "name": "packed",
+        "workload": {**WORKLOAD, "epochs": 3},
+        "backend": "simulated",
+        "target_accuracy": 0.5,
+        "grid": {"K": [1, 4], "P": [2], "seed": [0]},
+        "resources": {"cpus_per_worker": 0.5},
+    }
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    out = kavg("sweep", "run", "spec.yaml", "--storage", "store", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("[kavg] sweep packed: 2 grid points packed (stacked per "
+                               "workload and P; pack: false opts out); Ray, Tune")  # fmt: skip
+    assert "[kavg] start pack0-P2-2pts  (2 points: kavg P=2 K=1,4 seed=0, 3 epochs)" in lines
+    evals = [ln for ln in lines if ln.startswith("[kavg] pack0-P2-2pts  epoch ")]
+    assert [ln.split("  ")[1] for ln in evals] == ["epoch 1/3", "epoch 2/3"]
+    assert all("  2 of 2 points training  test accuracy " in ln for ln in evals)
+    bars = [ln for ln in lines if " trials " in ln and " elapsed " in ln]
+    assert bars[-1].split(" ", 2)[2].startswith("2/2 trials 6/6 epochs elapsed ")
+    assert bars[-1].endswith(" ETA 0:00:00")
+    assert ("K_opt by time of simulated trials: kavg results kopt packed --by time --network "
+            "NETWORK (the cost model)") in lines  # fmt: skip
+    assert "K_opt by accuracy for sweep 'packed' (2 trials):" in lines
+    store = ResultsStore(tmp_path / "store")
+    assert store.read_progress("packed")["work"] == {"done": 6.0, "planned": 6.0,
+                                                     "unit": "epochs"}  # fmt: skip
+    assert list(store.read_trials("packed")["pack_points"]) == [2, 2]
+    by_time = kavg("results", "kopt", "packed", "--storage", "store", "--by", "time",
+                   cwd=tmp_path)  # fmt: skip
+    assert by_time.returncode == 2 and "add --network" in by_time.stderr
+    priced = kavg("results", "kopt", "packed", "--storage", "store", "--by", "time",
+                  "--network", "eth10g", cwd=tmp_path)  # fmt: skip
+    assert priced.returncode == 0, priced.stderr[-3000:]
+    assert "verdict" in priced.stdout.splitlines()[1]

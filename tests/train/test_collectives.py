@@ -23,6 +23,9 @@ def test_a_host_tensor_is_refused_when_the_run_is_on_a_gpu() -> None:
     with pytest.raises(collectives.CollectiveDeviceError):
         collectives.broadcast(torch.zeros(3), torch.device("cuda"), src=0)
     collectives.check_device(torch.zeros(3), torch.device("cpu"))  # the CPU run's own
+    with pytest.raises(collectives.CollectiveDeviceError, match="tensor on cpu"):
+        byte = torch.zeros(2, dtype=torch.uint8)
+        collectives.all_to_all_single(byte, byte.clone(), [1, 1], [1, 1], CUDA0)
 
 
 def test_the_epoch_sums_travel_on_the_engines_device(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -67,6 +70,7 @@ def test_every_collective_of_training_goes_through_one_place() -> None:
                 if node.value.id == "dist" and node.attr in (
                     "all_reduce", "broadcast", "all_gather", "reduce_scatter", "reduce",
                     "all_to_all", "all_reduce_coalesced", "scatter", "gather",
+                    "all_to_all_single",
                 ):  # fmt: skip
                     calls.append(f"{path.name}:{node.lineno} dist.{node.attr}")
     assert calls == []
