@@ -21,8 +21,15 @@ $(TEST_STAMP): $(STAMP)
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
+# K_opt by accuracy for P = 16 (sweeps/quickstart.yaml; --resume: a rerun finishes or
+# reprints it), then each K's time to 58% test accuracy priced by the cost model on two
+# networks of equal bandwidth, 5 us and 100 us latency, at 0.5 ms a local step.
+DEMO_PRICE := $(VENV)/bin/kavg results kopt quickstart --by time --target 0.58 --step-time 0.0005
+
 demo: $(STAMP)
-	$(VENV)/bin/kavg sweep run sweeps/quickstart.yaml --resume
+	@$(VENV)/bin/kavg sweep run sweeps/quickstart.yaml --resume
+	@$(DEMO_PRICE) --network ib400
+	@$(DEMO_PRICE) --network wan400g
 
 test: $(TEST_STAMP)
 	$(VENV)/bin/ruff check kavg_ray tests benchmarks
