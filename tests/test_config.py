@@ -60,18 +60,17 @@ def test_example_config_parses_as_written():
 def test_quickstart_sweep_expands_in_grid_order():
     spec = load_sweep(ROOT / "sweeps" / "quickstart.yaml")
     points = spec.points()
-    assert len(points) == 9
+    assert len(points) == 12
     # itertools.product order: the last grid key (seed) varies fastest.
     assert [p.trial_name() for p in points] == [
-        "K1-P2-s0", "K1-P2-s1", "K1-P2-s2", "K4-P2-s0", "K4-P2-s1", "K4-P2-s2",
-        "K32-P2-s0", "K32-P2-s1", "K32-P2-s2",
+        f"K{k}-P16-s{s}-sim" for k in (1, 4, 16) for s in range(4)
     ]  # fmt: skip
-    assert [(p.K, p.seed) for p in points][:4] == [(1, 0), (1, 1), (1, 2), (4, 0)]
+    assert [(p.K, p.seed) for p in points][:5] == [(1, 0), (1, 1), (1, 2), (1, 3), (4, 0)]
     for p in points:
         assert p.name == "quickstart"
-        assert (p.workload.epochs, p.workload.batch_size, p.workload.lr.initial) == (3, 16, 0.1)
-        assert p.resources.cpus_per_worker == 0.5
-        assert p.target_accuracy == 0.85  # the demo ranks K by time to this accuracy
+        assert (p.workload.steps, p.workload.batch_size, p.workload.lr.initial) == (930, 16, 0.3)
+        assert p.resources.cpus_per_worker == 1.0
+        assert p.target_accuracy is None  # the demo ranks K by accuracy
     # Expanding twice gives the same points; the spec's base is not modified by expansion.
     assert _names(spec) == [p.trial_name() for p in points]
     assert "K" not in spec.base and "P" not in spec.base

@@ -104,3 +104,11 @@ def test_trial_rows_carry_the_schedule_and_label_it() -> None:
     assert candidate_label(fixed) is None
     assert candidate_label({"K": 2.0, "K_schedule": "stagewise", "K_factor": 3.0,
                             "K_max": math.nan}) == "stagewise(K0=2,K_factor=3)"  # fmt: skip
+
+
+def test_plots_leave_a_schedule_out_of_its_K0s_mean() -> None:
+    from kavg_ray.analysis import plots
+
+    trials = _rows([("adacomm", 4, {}, [0.1] * 5)])
+    ok = plots._completed(trials, "final_test_acc")
+    assert int(ok.sum()) == 15 and not ok[trials["K_schedule"] == "adacomm"].any()

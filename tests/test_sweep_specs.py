@@ -192,3 +192,74 @@ def test_mnist1d_claim_spec_says_what_it_tests_and_fits_two_cpu_cores(path: Path
             assert p.P <= 4  # real processes only for the spot checks and claim (c)
     if _values(points, "backend") == {"simulated"}:
         assert spec.pack and len(_values(points, "seed")) >= 5
+
+
+# ------------------------------------------------------------------ make demo's quickstart
+QUICKSTART = SWEEPS / "quickstart.yaml"
+
+
+def _readme_quickstart() -> str:
+    text = (ROOT / "README.md").read_text()
+    return text.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
+
+
+def test_quickstart_spec_is_what_the_readme_says() -> None:
+    points = _sweep(QUICKSTART).points()
+    assert _values(points, "P") == {16}
+    assert _values(points, "K") == {1, 4, 16}
+    assert _values(points, "seed") == {0, 1, 2, 3}
+    assert (_values(points, "backend"), _values(points, "algorithm")) == ({"simulated"}, {"kavg"})
+    assert _sweep(QUICKSTART).pack and len(points) == 12
+    for p in points:
+        wl = p.workload
+        assert (wl.dataset, wl.model) == ("mnist1d", "mlp1d")
+        assert wl.dataset_args == {"num_samples": 10000}
+        assert (wl.steps, wl.eval_every_steps, wl.batch_size, wl.lr.initial) == (930, 310, 16, 0.3)
+        assert p.target_accuracy is None  # ranked by accuracy; time comes from --network
+    readme = _readme_quickstart()
+    said = ("P = 16 learners", "K in {1, 4, 16}, 4 seeds", "12 runs", "MNIST-1D", "10,000",
+            "930 local steps", "lr 0.3, batch 16", "40-100-100-10 MLP")  # fmt: skip
+    for words in said:
+        assert words in " ".join(readme.split()), words
+    # The demo prices the sweep on the two networks, target and step time the README names.
+    demo = (ROOT / "Makefile").read_text().split("\ndemo:", 1)[1].split("\n\n", 1)[0]
+    price = (ROOT / "Makefile").read_text().split("DEMO_PRICE :=", 1)[1].split("\n", 1)[0]
+    assert "kavg sweep run sweeps/quickstart.yaml --resume" in demo
+    assert "--by time --target 0.58 --step-time 0.0005" in price
+    assert [line.split("--network ")[1] for line in demo.splitlines() if "--network" in line] == [
+        "ib400", "wan400g"]  # fmt: skip
+    assert "58% test accuracy" in " ".join(readme.split()) and "0.5 ms" in readme
+
+
+def test_quickstart_readme_table_follows_from_its_runs() -> None:
+    """The K_opt row pasted in the README is what kopt_table makes of the runs' final
+    accuracies pasted above it (the packed runs end with these; rerunning all 12 in
+    process takes about 20 s here, too slow for this file)."""
+    import re
+
+    import pandas as pd
+
+    from kavg_ray.analysis.results import kopt_table
+
+    readme = _readme_quickstart()
+    ends = re.findall(r"\[kavg\] end   K(\d+)-P16-s(\d)-sim  completed  acc ([0-9.]+)", readme)
+    assert len(ends) == 12
+    trials = pd.DataFrame(
+        [{"algorithm": "kavg", "dataset": "mnist1d", "model": "mlp1d", "P": 16, "K": int(k),
+          "seed": int(s), "status": "completed", "final_test_acc": float(a)}
+         for k, s, a in ends]
+    )  # fmt: skip
+    row = kopt_table(trials, by="accuracy").iloc[0]
+    shown = re.search(
+        r"\n +kavg mnist1d mlp1d 16 +(\d+) +(\w+) +([0-9.]+) +(\d+ \([0-9.]+\)) +([0-9.]+) "
+        r"+([0-9.]+) +([0-9.]+) +([0-9.]+) +([0-9.]+) +([0-9.]+)",
+        readme,
+    )  # the first such row: K_opt by accuracy
+    assert shown is not None
+    assert (int(row["K_opt"]), row["verdict"], row["credible_set"]) == (4, "clear", "4 (1.00)")
+    assert shown.groups()[:4] == ("4", "clear", f"{row['freq_best']:g}", row["credible_set"])
+    assert float(shown.group(5)) == pytest.approx(row["freq_k1"])  # 0.002
+    for i, key in zip(range(6, 11), ("diff_vs_k1", "diff_vs_k1_lo", "diff_vs_k1_hi", "mean",
+                                     "std"), strict=True):  # fmt: skip
+        assert float(shown.group(i)) == pytest.approx(row[key], abs=5e-5), key
+    assert set(row["K_values_tried"].split(",")) == {"1", "4", "16"}

@@ -46,6 +46,7 @@ from kavg_ray.analysis.results import (
     kopt_table,
     ranked_by,
 )
+from kavg_ray.analysis.schedules import candidate_labels
 from kavg_ray.errors import PlotDataError
 
 __all__ = [
@@ -113,13 +114,15 @@ def _require(df: pd.DataFrame, cols: Iterable[str], what: str) -> None:
 
 
 def _completed(df: pd.DataFrame, metric: str) -> pd.Series:
-    """Rows usable for averaging: completed, with K, P and a finite metric value."""
+    """Rows usable for averaging: completed, with K, P and a finite metric value; a
+    K_schedule's trials are not their K0's (the K_opt table sets them against it)."""
     status = df["status"] if "status" in df.columns else pd.Series("", index=df.index)
     return (
         (status == "completed")
         & df["K"].notna()
         & df["P"].notna()
         & np.isfinite(df[metric].to_numpy(dtype=float))
+        & candidate_labels(df).isna().to_numpy()
     )
 
 

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from kavg_ray.train import collectives
 from kavg_ray.train.groups import groups_on_node, hier_groups
-from kavg_ray.train.payload import Payload
+from kavg_ray.train.payload import Exchange, Payload
 
 # CUDA-timed reductions whose events are still unread: past this many, the ones already
 # finished (``Event.query()``, which never blocks) are read, so a long epoch holds few events.
@@ -306,18 +306,29 @@ def compressed_update(
     dequantized; overwritten): its first ``n_params`` elements through the outer step, the
     floating buffers plainly (``base -= mean``); the plain outer optimizer is ``base -=
     mean`` throughout. Returns the outer momentum."""
-    if outer.plain:
-        base.sub_(mean)
-        return momentum
-    first = momentum is None and outer.momentum != 0
+    first = not outer.plain and momentum is None and outer.momentum != 0
     if first:
         momentum = torch.empty(n_params, dtype=base.dtype, device=base.device)
-    for start in range(0, n_params, OUTER_BLOCK):
-        stop = min(start + OUTER_BLOCK, n_params)
+    compressed_step(outer, base, n_params, mean, momentum, first)
+    return momentum
+
+
+def compressed_step(
+    outer: OuterOptimizer, base: Tensor, cut: int, mean: Tensor, momentum: Tensor | None,
+    first: bool,
+) -> None:  # fmt: skip
+    """:func:`compressed_update` on matching slices (a fragment's): ``base[:cut]`` are
+    parameters, stepped with ``momentum`` (allocated, or None without momentum; ``first``:
+    not yet initialised), ``base[cut:]`` floating buffers, ``base -= mean``; the plain
+    outer optimizer is ``base -= mean`` throughout."""
+    if outer.plain:
+        base.sub_(mean)
+        return
+    for start in range(0, cut, OUTER_BLOCK):
+        stop = min(start + OUTER_BLOCK, cut)
         v = None if momentum is None else momentum[start:stop]
         outer_update(outer, base[start:stop], mean[start:stop], v, first)
-    base[n_params:].sub_(mean[n_params:])
-    return momentum
+    base[cut:].sub_(mean[cut:])
 
 
 def pieces(n_params: int, total: int) -> list[tuple[int, int]]:
@@ -600,7 +611,8 @@ class KAvgAverager(_Averager):
             (:mod:`kavg_ray.train.payload`): fp32 (the default) is the all-reduce above;
             bf16, fp16, fp8, int8 or int4 send every learner's change since the last
             average (with an outer optimizer, the outer gradient ``x0 - x_i``) compressed,
-            optionally with error feedback. Not with fragments.
+            optionally with error feedback; with fragments, each fragment's change
+            travels so (:class:`StreamingFragments`).
     """
 
     def __init__(
@@ -630,8 +642,6 @@ class KAvgAverager(_Averager):
         self.streaming: StreamingFragments | None = None
         if (fragments, fragment_delay, fragment_alpha) != (1, 0, 0.0):
             self.stream(fragments, fragment_delay, fragment_alpha)
-        if self.streaming is not None and payload != "fp32":
-            raise ValueError(f"payload {payload} is not built for fragments: use payload fp32")
         self.set_payload(payload, payload_error_feedback)
 
     def stream(self, fragments: int, delay: int = 0, alpha: float = 0.0) -> None:
@@ -908,10 +918,12 @@ class _Pending:
     """A fragment average launched and not yet applied."""
 
     fragment: int
-    reduced: Tensor  # the learners' fragment as launched: the group's sum, or its mean
+    reduced: Tensor | None  # the learners' fragment as launched: the group's sum, or mean
     divisor: int  # divide ``reduced`` by this for the mean (1 where the collective averaged)
     work: Any = None  # the asynchronous all-reduce, None once waited for
     launch_seconds: float = 0.0  # host-timed share of the launch
+    nbytes: int = 0  # what this learner handed in (a compressed fragment's payload bytes)
+    exchange: Exchange | None = None  # a compressed payload's average (``reduced`` None)
 
 
 class StreamingFragments:
@@ -928,6 +940,16 @@ class StreamingFragments:
     alpha > 0 keeps that share of the learner's own fragment (torchft's
     ``fragment_update_alpha``). The arithmetic of F = 1, tau = 0, alpha = 0 is that of
     ``_Averager._average_with_outer`` (plain: ``_reduce``), element for element.
+
+    With a compressed payload (P > 1) what a launch sends is the fragment's change since
+    its last apply, ``base_f - x_f`` (with an outer optimizer its outer gradient), through
+    the shard scheme of :class:`Payload` on the fragment's slice (blocks, shards and
+    error-feedback residual of that slice): the launch quantizes and starts the first
+    all-to-all asynchronously (:meth:`Payload.launch`); the apply waits for it, sums,
+    requantizes and runs the second all-to-all (:meth:`Payload.finish`: it needs the
+    first's result, so it is not overlapped), then moves ``base_f`` by the mean change
+    (:func:`compressed_step`). F = 1, tau = 0, alpha = 0 is
+    ``_Averager._average_compressed``, bit for bit.
     """
 
     def __init__(
@@ -965,6 +987,12 @@ class StreamingFragments:
         start = time.perf_counter()
         a, b = self.bounds[fragment]
         dev = self.avg.flat.device
+        if self.avg.payload is not None and self.size > 1:
+            change = torch.sub(self.avg.base[a:b], self.avg.flat.buffer[a:b])
+            ex = self.avg.payload.launch(change, self.group, self.size, dev, a)
+            self.pending = _Pending(fragment, None, 1, None, time.perf_counter() - start,
+                                    sum(ex.sizes), ex)  # fmt: skip
+            return
         reduced = self.avg.flat.buffer[a:b].clone()
         if self.size == 1:
             self.pending = _Pending(fragment, reduced, 1)
@@ -984,15 +1012,42 @@ class StreamingFragments:
         start = timer.start()
         if pending.work is not None:
             pending.work.wait()
-        self._merge(fragment, pending.reduced, pending.divisor)
+        if pending.exchange is not None:
+            mean, _ = self.avg.payload.finish(pending.exchange, self.group, self.size,
+                                              self.avg.flat.device)  # fmt: skip
+            self._merge_compressed(fragment, mean)
+        else:
+            self._merge(fragment, pending.reduced, pending.divisor)
         self.pending = None
+        nbytes = pending.nbytes if pending.exchange is not None else self.fragment_bytes(fragment)
         if self.size == 1:
             self.stats.count += 1
         elif isinstance(timer, _HostTimer):
-            self.stats.add(pending.launch_seconds + time.perf_counter() - start,
-                           self.fragment_bytes(fragment))  # fmt: skip
+            self.stats.add(pending.launch_seconds + time.perf_counter() - start, nbytes)
         else:
-            timer.stop(start, self.stats, self.fragment_bytes(fragment))
+            timer.stop(start, self.stats, nbytes)
+
+    def _momentum_slice(self, fragment: int, a: int, cut: int) -> tuple[Tensor | None, bool]:
+        """Fragment ``fragment``'s outer momentum (elements ``[a, a + cut)``; None without
+        momentum) and whether its first step is still to come (then it starts now)."""
+        avg = self.avg
+        if avg.outer.momentum == 0:
+            return None, False
+        if avg.outer_momentum is None:
+            avg.outer_momentum = torch.zeros_like(avg.anchor)
+        first = not self.started[fragment]
+        self.started[fragment] = True
+        return avg.outer_momentum[a : a + cut], first
+
+    def _merge_compressed(self, fragment: int, mean: Tensor) -> None:
+        """The global fragment ``base_f`` moved by the compressed mean change ``mean``
+        (:func:`compressed_step`), mixed into the learner's by alpha."""
+        avg, (a, b) = self.avg, self.bounds[fragment]
+        cut = max(0, min(b, avg.n_params) - a)
+        mom, first = (None, False) if avg.outer.plain else self._momentum_slice(fragment, a, cut)
+        base, local = avg.base[a:b], avg.flat.buffer[a:b]
+        compressed_step(avg.outer, base, cut, mean, mom, first)
+        local.copy_(torch.lerp(base, local, self.alpha) if self.alpha else base)
 
     def _merge(self, fragment: int, reduced: Tensor, divisor: int) -> None:
         """The global fragment from ``reduced`` (the outer step where there is one), mixed
@@ -1012,6 +1067,8 @@ class StreamingFragments:
                 reduced[cut:].div_(divisor)
         elif divisor != 1:
             reduced.div_(divisor)
+        if avg.base is not None:  # a compressed payload at P = 1: nothing travelled
+            avg.base[a:b].copy_(reduced)
         local = avg.flat.buffer[a:b]
         if self.alpha:
             reduced.lerp_(local, self.alpha)
@@ -1034,9 +1091,12 @@ class StreamingFragments:
             if pending.work is not None:
                 pending.work.wait()
                 pending.work = None
+            ex = pending.exchange
             out["pending"] = {
-                "fragment": pending.fragment, "reduced": pending.reduced.clone(),
-                "divisor": pending.divisor, "launch_seconds": pending.launch_seconds,
+                "fragment": pending.fragment, "divisor": pending.divisor,
+                "reduced": None if ex is not None else pending.reduced.clone(),
+                "launch_seconds": pending.launch_seconds, "nbytes": pending.nbytes,
+                "exchange": None if ex is None else ex.state_dict(),
             }  # fmt: skip
         return out
 
@@ -1056,6 +1116,9 @@ class StreamingFragments:
             )
         self.pending = None
         if raw is not None:
-            reduced = raw["reduced"].to(self.avg.flat.device).clone()
+            dev, ex = self.avg.flat.device, raw.get("exchange")
+            reduced = None if ex is not None else raw["reduced"].to(dev).clone()
+            exchange = None if ex is None else Exchange.from_state(ex, dev)
             self.pending = _Pending(raw["fragment"], reduced, int(raw["divisor"]), None,
-                                    float(raw["launch_seconds"]))  # fmt: skip
+                                    float(raw["launch_seconds"]), int(raw.get("nbytes", 0)),
+                                    exchange)  # fmt: skip

@@ -54,15 +54,16 @@ def all_to_all_single(
     input_split_sizes: list[int],
     device: torch.device,
     group: dist.ProcessGroup | None = None,
-) -> None:
+    async_op: bool = False,
+) -> dist.Work | None:
     """``dist.all_to_all_single`` of tensors on the run's collective ``device``: piece j of
     ``tensor`` (``input_split_sizes[j]`` elements) goes to rank j, and ``output`` receives
     rank r's piece in its r-th part (``output_split_sizes[r]``); used by compressed
-    averages (:mod:`kavg_ray.train.payload`)."""
+    averages (:mod:`kavg_ray.train.payload`). ``async_op``: returns the work to wait for."""
     check_device(tensor, device)
     check_device(output, device)
-    dist.all_to_all_single(
-        output, tensor, output_split_sizes, input_split_sizes, group=group
+    return dist.all_to_all_single(
+        output, tensor, output_split_sizes, input_split_sizes, group=group, async_op=async_op
     )
 
 

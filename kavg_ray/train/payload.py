@@ -35,6 +35,9 @@ for the stacked engine, reproduces the collective scheme bit for bit.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -145,6 +148,33 @@ def roundtrip(x: Tensor, payload: str) -> Tensor:
     return dequantize(quantize(x, payload), x.numel(), payload)
 
 
+@dataclass
+class Exchange:
+    """A compressed average between its two all-to-alls (:meth:`Payload.launch`)."""
+
+    elements: int  # the averaged vector's length
+    sizes: list[int]  # the bytes of this learner's P quantized shards
+    got: Tensor  # the P learners' quantized copies of this learner's shard, once arrived
+    work: Any = None  # the first all-to-all while it may be in flight
+    sent: Tensor | None = None  # what it sends, kept alive until it is done
+
+    def wait(self) -> None:
+        """Wait for the first all-to-all (at once when it is done or was never pending)."""
+        if self.work is not None:
+            self.work.wait()
+            self.work = self.sent = None
+
+    def state_dict(self) -> dict:
+        """Waited for: what arrived, so a resume finishes the average."""
+        self.wait()
+        return {"elements": self.elements, "sizes": list(self.sizes), "got": self.got.clone()}
+
+    @classmethod
+    def from_state(cls, state: dict, device: torch.device) -> Exchange:
+        return cls(int(state["elements"]), [int(n) for n in state["sizes"]],
+                   state["got"].to(device).clone())  # fmt: skip
+
+
 class Payload:
     """The compressed average of one learner's (or, simulated, every learner's) flat
     float32 vector, and its error-feedback residual."""
@@ -166,30 +196,57 @@ class Payload:
         return self.residual is not None
 
     def average(
-        self, g: Tensor, group: dist.ProcessGroup | None, size: int, device: torch.device
-    ) -> tuple[Tensor, int]:
+        self, g: Tensor, group: dist.ProcessGroup | None, size: int, device: torch.device,
+        start: int = 0,
+    ) -> tuple[Tensor, int]:  # fmt: skip
         """The mean over ``group`` of every learner's ``g`` (flat float32; overwritten with
         the residual added, under error feedback), through the shard scheme of the module
         docstring; returns it (dequantized, the same bits on every learner) and the bytes
-        this learner handed in. Collective: every member calls it."""
-        if self.residual is not None:
-            g.add_(self.residual[0])
+        this learner handed in. ``g`` is elements ``[start, start + len(g))`` of the buffer
+        (a fragment's slice: its blocks and shards start at ``start``, and so does its
+        share of the residual). Collective: every member calls it. It is :meth:`launch`
+        then :meth:`finish`."""
+        return self.finish(self.launch(g, group, size, device, start), group, size, device)
+
+    def launch(
+        self, g: Tensor, group: dist.ProcessGroup | None, size: int, device: torch.device,
+        start: int = 0,
+    ) -> Exchange:  # fmt: skip
+        """The first half of :meth:`average`: quantize this learner's P shards (error
+        feedback's residual updated) and start the all-to-all that sends shard j to
+        learner j, asynchronously. Collective."""
+        residual = None if self.residual is None else self.residual[0, start : start + g.numel()]
+        if residual is not None:
+            g.add_(residual)
         bounds = shard_bounds(g.numel(), size)
         send = [quantize(g[a:b], self.payload) for a, b in bounds]
         sizes = [w.numel() for w in send]
-        if self.residual is not None:
+        if residual is not None:
             sent = torch.cat([dequantize(w, b - a, self.payload)
                               for w, (a, b) in zip(send, bounds, strict=True)])  # fmt: skip
-            torch.sub(g, sent, out=self.residual[0])
+            torch.sub(g, sent, out=residual)
+        mine, sent = sizes[dist.get_rank(group)], torch.cat(send)
+        got = torch.empty(mine * size, dtype=torch.uint8, device=g.device)
+        work = collectives.all_to_all_single(got, sent, [mine] * size, sizes, device, group,
+                                             async_op=True)  # fmt: skip
+        return Exchange(g.numel(), sizes, got, work, sent)
+
+    def finish(
+        self, ex: Exchange, group: dist.ProcessGroup | None, size: int, device: torch.device
+    ) -> tuple[Tensor, int]:
+        """The second half of :meth:`average`: wait for ``ex``'s all-to-all, sum the P
+        copies of this learner's shard in float32 in rank order, divide by P, requantize
+        and send the mean shard to every learner (a second all-to-all); returns the mean
+        and the bytes this learner handed in. Collective."""
+        ex.wait()
+        bounds, sizes, got = shard_bounds(ex.elements, size), ex.sizes, ex.got
         rank = dist.get_rank(group)
         (a, b), mine = bounds[rank], sizes[rank]
-        got = torch.empty(mine * size, dtype=torch.uint8, device=g.device)
-        collectives.all_to_all_single(got, torch.cat(send), [mine] * size, sizes, device, group)
         acc = dequantize(got[:mine], b - a, self.payload)
         for r in range(1, size):  # float32, in rank order
             acc.add_(dequantize(got[r * mine : (r + 1) * mine], b - a, self.payload))
         shard = quantize(acc.div_(size), self.payload)
-        back = torch.empty(sum(sizes), dtype=torch.uint8, device=g.device)
+        back = torch.empty(sum(sizes), dtype=torch.uint8, device=got.device)
         collectives.all_to_all_single(back, shard.repeat(size), sizes, [mine] * size, device,
                                       group)  # fmt: skip
         offsets = [sum(sizes[:j]) for j in range(size)]
@@ -198,18 +255,19 @@ class Payload:
                           for o, s, (lo, hi) in parts])  # fmt: skip
         return mean, sum(sizes)
 
-    def simulated_average(self, g: Tensor) -> Tensor:
+    def simulated_average(self, g: Tensor, start: int = 0) -> Tensor:
         """:meth:`average` of the P rows of ``g`` (``(P, E)`` float32, overwritten with the
-        residuals added) in one process, bit for bit: each row quantized and dequantized,
-        the rows summed in order in float32, divided by P, and the mean quantized and
-        dequantized."""
-        if self.residual is not None:
-            g.add_(self.residual)
+        residuals added; columns ``[start, start + E)`` of the buffer) in one process, bit
+        for bit: each row quantized and dequantized, the rows summed in order in float32,
+        divided by P, and the mean quantized and dequantized."""
+        residual = None if self.residual is None else self.residual[:, start : start + g.shape[1]]
+        if residual is not None:
+            g.add_(residual)
         acc: Tensor | None = None
         for r in range(g.shape[0]):
             sent = roundtrip(g[r], self.payload)
-            if self.residual is not None:
-                torch.sub(g[r], sent, out=self.residual[r])
+            if residual is not None:
+                torch.sub(g[r], sent, out=residual[r])
             acc = sent if acc is None else acc.add_(sent)
         return roundtrip(acc.div_(g.shape[0]), self.payload)
 

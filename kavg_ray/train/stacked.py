@@ -39,6 +39,7 @@ from kavg_ray.train.averaging import (
     AveragingSchedule,
     FragmentSchedule,
     OuterOptimizer,
+    compressed_step,
     compressed_update,
     fragment_bounds,
     outer_step,
@@ -723,6 +724,11 @@ class StackedFragments:
     momentum of its own) where there is an outer optimizer, and sets every learner's slice
     to ``lerp(global, own, alpha)``. F = 1, tau = 0, alpha = 0 is the engine's global
     average, element for element.
+
+    With a compressed payload (P > 1) the launch takes the learners' compressed mean
+    change of the fragment, :meth:`Payload.simulated_average` of ``base_f - x_f`` on the
+    fragment's columns (its residuals' columns too); the apply moves ``base_f`` by it
+    (:func:`~kavg_ray.train.averaging.compressed_step`), as the real learners do.
     """
 
     def __init__(self, engine: StackedEngine, cfg: RunConfig) -> None:
@@ -733,20 +739,47 @@ class StackedFragments:
         sizes = [v[0].numel() for v in st.params.values()]
         self.bounds = fragment_bounds(sizes, cfg.fragments, st.flat.shape[1])
         self.started = [False] * cfg.fragments
-        self.pending: tuple[int, Tensor] | None = None  # (fragment, the learners' sum)
+        # (fragment, the learners' sum; or, compressed, their mean change)
+        self.pending: tuple[int, Tensor] | None = None
+        self.compressed = engine.payload is not None and cfg.P > 1
 
     def after_step(self, step: int) -> bool:
         """Launch and apply what follows step ``step``; whether an average was applied."""
         launch, apply = self.schedule.launches(step), self.schedule.applies(step)
         if launch is not None:
             a, b = self.bounds[launch]
-            self.pending = (launch, self.engine.stacked.flat[:, a:b].sum(0))
+            eng, rows = self.engine, self.engine.stacked.flat[:, a:b]
+            if self.compressed:
+                change = eng.base[a:b].unsqueeze(0) - rows
+                self.pending = (launch, eng.payload.simulated_average(change, a))
+            else:
+                self.pending = (launch, rows.sum(0))
         if apply is not None:
             if self.pending is None or self.pending[0] != apply:
                 raise RuntimeError(f"fragment {apply}'s average was not launched")
-            self._apply(apply, self.pending[1])
+            if self.compressed:
+                self._apply_compressed(apply, self.pending[1])
+            else:
+                self._apply(apply, self.pending[1])
             self.pending = None
         return apply is not None
+
+    def _apply_compressed(self, fragment: int, mean: Tensor) -> None:
+        """``base_f`` moved by the compressed mean change, every row lerped onto it."""
+        eng, (a, b) = self.engine, self.bounds[fragment]
+        cut, mu = min(b, eng.stacked.n_params) - a, eng.outer.momentum
+        mom, first = None, False
+        if not eng.outer.plain and mu != 0:
+            if eng.outer_momentum is None:
+                eng.outer_momentum = torch.zeros_like(eng.anchor)
+            mom, first = eng.outer_momentum[a : a + cut], not self.started[fragment]
+            self.started[fragment] = True
+        base, rows = eng.base[a:b], eng.stacked.flat[:, a:b]
+        compressed_step(eng.outer, base, cut, mean, mom, first)
+        if self.alpha:
+            rows.copy_(torch.lerp(base.expand_as(rows), rows, self.alpha))
+        else:
+            rows.copy_(base.expand_as(rows))
 
     def _apply(self, fragment: int, total: Tensor) -> None:
         eng, (a, b) = self.engine, self.bounds[fragment]
@@ -760,6 +793,8 @@ class StackedFragments:
             first = mu != 0 and not self.started[fragment]
             outer_step_slice(eng.outer, eng.anchor[a : a + cut], mean[:cut], mom, first)
             self.started[fragment] = True
+        if eng.base is not None:  # a compressed payload at P = 1: nothing travelled
+            eng.base[a:b].copy_(mean)
         rows = eng.stacked.flat[:, a:b]
         if self.alpha:
             rows.copy_(torch.lerp(mean.expand_as(rows), rows, self.alpha))

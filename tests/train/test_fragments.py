@@ -414,9 +414,9 @@ def test_config_refuses_what_fragments_are_not_built_with() -> None:
     if "K_schedule" in fields:
         with pytest.raises(ConfigError, match="need K_schedule constant"):
             parse_run({"K": 4, "fragments": 2, "K_schedule": "stagewise"})
-    if "payload" in fields:
-        with pytest.raises(ConfigError, match="payload int8 with fragments is not built"):
-            parse_run({"K": 4, "fragments": 2, "payload": "int8"})
+    # Compressed fragments are built (tests/train/test_fragment_payload.py).
+    cfg = parse_run({"K": 4, "fragments": 2, "fragment_delay": 1, "payload": "int8"})
+    assert (cfg.fragments, cfg.payload) == (2, "int8")
 
 
 def test_defaults_and_grid(tmp_path, monkeypatch) -> None:

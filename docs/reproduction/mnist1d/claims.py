@@ -11,13 +11,14 @@ paired bootstrap resamples of the seeds (seed s gives every point of a sweep the
 initial model and data order), from kavg_ray.analysis.confidence, with rng seed 0.
 
 Prints, for each sweep that is present:
-- (a) the mean score per K and P of kopt_mlp_p2 and kopt_mlp;
-- (b) at each P, the accuracy K = 128 loses to the best K (K_opt), with its interval;
+- (a) the mean score per K and P of kopt_mlp_p2, kopt_mlp and kopt_mlp_lr (per lr);
+- (b) at each P (kopt_mlp_p2 and kopt_mlp), the accuracy K = 128 loses to the best K
+  (K_opt), with its interval;
 - (d) at each P, the gap of K-AVG (at K = 1 and at K_opt) to sequential SGD (sgd_seq);
 - (e) Hier-AVG minus K-AVG at the same global period (K2 = K), test accuracy and
   final training loss;
 - (c) K-AVG, Downpour and EAMSGD on real processes: accuracy and wall time per P, and
-  K-AVG minus each;
+  K-AVG minus each; EAMSGD at lr 0.03 (asgd_real_eamsgd) against that K-AVG;
 - (g) K_opt per P with lr tuned per K among 0.1, 0.3 and 1.0 (kopt_mlp and kopt_mlp_lr);
 - the real-process spot check: kopt_mlp_real's histories against the simulated points of
   the same name (kopt_mlp, kopt_mlp_p2).
@@ -108,6 +109,18 @@ def claim_d(kopt: pd.DataFrame, seq: pd.DataFrame) -> None:
         print(f"  P={P:<3} K=1: {_diff(m[:, 0], s)}   K_opt={ks[best]:g}: {_diff(m[:, best], s)}")
 
 
+def claim_c_eamsgd(asgd: pd.DataFrame, eam: pd.DataFrame) -> None:
+    print("(c) EAMSGD at lr 0.03, momentum 0.9 (asgd_real_eamsgd) against asgd_real's K-AVG")
+    for P, g in eam.groupby("P"):
+        e = g.sort_values("seed")
+        k = asgd[(asgd["algorithm"] == "kavg") & (asgd["P"] == P)].sort_values("seed")
+        print(
+            f"  P={P}  eamsgd {e['score'].mean():.4f} ({e['score'].std():.4f}) "
+            f"{e['wall_time_s'].mean():.1f}s  kavg {k['score'].mean():.4f}  "
+            f"kavg-eamsgd {_diff(k['score'].to_numpy(), e['score'].to_numpy())}"
+        )
+
+
 def claim_e(hier: pd.DataFrame) -> None:
     print("(e) Hier-AVG (S=4, K1=2) minus K-AVG at the same global period, points / loss")
     for P, g in hier.groupby("P"):
@@ -146,10 +159,8 @@ def claim_c(asgd: pd.DataFrame) -> None:
 
 def claim_g(kopt: pd.DataFrame, lr: pd.DataFrame) -> None:
     both = pd.concat([kopt, lr], ignore_index=True)
-    print(
-        "(g) K_opt with lr fixed (per lr) and with lr tuned per K among",
-        sorted(both["lr"].unique()),
-    )
+    rates = ", ".join(f"{r:g}" for r in sorted(both["lr"].unique()))
+    print(f"(g) K_opt with lr fixed (per lr) and with lr tuned per K among {rates}")
     for P, g in both.groupby("P"):
         mats, ks = {}, None
         for r, x in g.groupby("lr"):
@@ -174,6 +185,9 @@ def claim_g(kopt: pd.DataFrame, lr: pd.DataFrame) -> None:
             f"(lr {best_lr[0]:g}); best lr per K: "
             + ", ".join(f"{k:g}:{r:g}" for k, r in zip(ks, best_lr, strict=True))
         )
+        at_best = mats[best_lr[kbest]][:, kbest]
+        at_k1 = mats[best_lr[0]][:, 0]
+        print(f"        tuned K_opt minus tuned K=1 (each at its best lr): {_diff(at_best, at_k1)}")
 
 
 def spot_check(storage: Path) -> None:
@@ -214,12 +228,20 @@ def main(storage: Path) -> None:
     for name, df in (("kopt_mlp_p2", scores(storage, "kopt_mlp_p2")), ("kopt_mlp", kopt)):
         if df is not None:
             table(df, name)
+    if lr is not None:
+        for rate, df in lr.groupby("lr"):
+            table(df, f"kopt_mlp_lr, lr {rate:g}")
     if kopt is not None:
-        claim_b(kopt)
-    if kopt is not None and seq is not None:
-        claim_d(kopt, seq)
+        p2 = scores(storage, "kopt_mlp_p2")
+        all_p = kopt if p2 is None else pd.concat([p2, kopt], ignore_index=True)
+        claim_b(all_p)
+        if seq is not None:
+            claim_d(all_p, seq)
     if asgd is not None:
         claim_c(asgd)
+        eam = scores(storage, "asgd_real_eamsgd")
+        if eam is not None:
+            claim_c_eamsgd(asgd, eam)
     if hier is not None:
         claim_e(hier)
     if kopt is not None and lr is not None:
