@@ -110,6 +110,8 @@ def front(df: pd.DataFrame, cost: str, lower: bool) -> pd.DataFrame:
 
 
 def fmt_bytes(b: float) -> str:
+    if b >= 1e9:
+        return f"{b / 1e9:.2f} GB"
     return f"{b / 1e6:.2f} MB" if b >= 1e6 else f"{b / 1e3:.0f} kB"
 
 
@@ -159,12 +161,26 @@ def plot(df: pd.DataFrame, lower: bool, title: str, path: Path) -> None:
     plt.close(fig)
 
 
+def per_average(P: int = 4) -> None:
+    """One average's predicted time per payload on the three networks: the cost model's
+    arithmetic only (no run), for this study's language model and for 10^9 parameters."""
+    print(f"\n### One average over P = {P} (cost model only)\n")
+    print("| model | payload | bytes handed in | " + " | ".join(NETWORKS) + " |")
+    print("| --- " * (3 + len(NETWORKS)) + "|")
+    for name, elements in (("gpt, 16,992 parameters", 16992), ("10^9 parameters", 10**9)):
+        for pay in ("fp32", "bf16", "fp8", "int8", "int4"):
+            q = cm.payload_bytes(elements, pay)
+            ts = [cm.average_time(P, q, cm.parse_network(n).inter, pay) for n in NETWORKS]
+            print(f"| {name} | {pay} | {fmt_bytes(q)} | " + " | ".join(f"{t * 1e3:.3f} ms" for t in ts) + " |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--storage", default="/tmp/comm")
     ap.add_argument("--out", default="docs/communication")
     args = ap.parse_args()
     out = Path(args.out)
+    per_average()
     for workload, sweeps in SWEEPS.items():
         frames = []
         for s in sweeps:

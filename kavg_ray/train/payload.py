@@ -21,7 +21,10 @@ copies of its shard and sums them in float32, in rank order, divides by P, quant
 mean shard again and sends it to everyone (an all-gather, done as a second all-to-all
 because the last shard may be shorter); every learner dequantizes the P mean shards. All
 learners end with the same bits. Each learner hands in ``wire_bytes(E)`` bytes an average,
-which is what ``bytes_communicated`` counts.
+which is what ``bytes_communicated`` counts. The two halves (:meth:`Payload.launch`, the
+quantization and the first all-to-all issued asynchronously; :meth:`Payload.finish`, the
+rest) can run steps apart: a streamed fragment's launch and apply. A fragment's slice is
+averaged as a vector of its own (blocks and shards counted from its first element).
 
 Error feedback (optional): what quantizing a learner's payload dropped, ``payload -
 dequantize(quantize(payload))``, is kept (float32, one element per element of the buffer)

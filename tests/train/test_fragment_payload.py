@@ -293,3 +293,23 @@ def test_a_simulated_run_resumes_with_a_compressed_fragment_in_flight() -> None:
     assert torch.equal(a["payload"]["residual"], b["payload"]["residual"])
     assert torch.equal(a["payload"]["base"], b["payload"]["base"])
     assert res_m[-1]["rounds"] == full_m[-1]["rounds"] == 15
+
+
+def test_one_learner_quantizes_nothing() -> None:
+    """P = 1: nothing travels, so nothing is quantized: a compressed fragment run is the
+    fp32 one, bit for bit, simulated and real (no process group), and the base follows."""
+    for name in ("int4-F3-tau1-ef-nesterov-alpha", "int8-F2-tau1"):
+        case = CASES[name]
+        sim, engine = simulated(case, 1)
+        fp32, _ = simulated({**case, "payload": "fp32", "ef": False}, 1)
+        avg = _averager(case)
+        for t in range(1, STEPS + 1):
+            avg.flat.buffer.add_(_change(t, 0))
+            avg.step()
+            assert torch.equal(sim[t - 1], fp32[t - 1]), (name, t)
+            assert torch.equal(avg.flat.buffer, sim[t - 1][0]), (name, t)
+        assert engine.payload.residual is None or not engine.payload.residual.any()
+        # the base is the model after the last apply of each fragment: here the last one's
+        a, b = avg.streaming.bounds[-1]
+        assert torch.equal(avg.base[a:b], engine.base[a:b])
+        assert avg.stats.bytes == 0
