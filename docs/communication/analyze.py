@@ -6,8 +6,8 @@ For each sweep present: every point's mean final score over seeds (test loss for
 language model, test accuracy for MNIST-1D), the bytes one learner sent (the averages it
 took times the bytes of one average: the cost model's size of the model as its payload, in
 its fragments; the simulated engine moves no bytes itself) and its predicted time on the
-DiLoCo scaling-law study's three networks (kavg_ray.analysis.costmodel.predict_sweep with
-the measured step time). Writes <sweep>_points.csv, prints Markdown tables of the fronts,
+DiLoCo scaling-law study's three networks (kavg_ray.analysis.costmodel.predict_sweep at
+one step time per workload: the median the cost model measures on its fragments sweep). Writes <sweep>_points.csv, prints Markdown tables of the fronts,
 and draws front_<workload>.png.
 
 The CLI cannot size the character-level GPT (kavg_ray.train.models.model_bytes knows no
@@ -64,14 +64,26 @@ def label(row: pd.Series) -> str:
     return " ".join(parts) or "fp32 F1 tau0"
 
 
-def points(sweep: str, storage: str) -> pd.DataFrame:
+def measured_step_time(sweep: str, storage: str) -> float:
+    """The median step time the cost model measures for ``sweep`` (its packs' compute time
+    per learner and point)."""
+    spec = ResultsStore(storage).read_spec(sweep)
+    p = cm.predict_sweep(
+        sweep, storage, cm.parse_network(NETWORKS[0]), require_target=False,
+        model_bytes=sizer_for(spec),
+    )
+    return float(p["step_time_s"].median())
+
+
+def points(sweep: str, storage: str, step_time: float | None = None) -> pd.DataFrame:
     store = ResultsStore(storage)
     spec = store.read_spec(sweep)
     sizer = sizer_for(spec)
     rows = None
     for net in NETWORKS:
         p = cm.predict_sweep(
-            sweep, storage, cm.parse_network(net), require_target=False, model_bytes=sizer
+            sweep, storage, cm.parse_network(net), require_target=False, model_bytes=sizer,
+            step_time=step_time,
         )
         if rows is None:
             rows = p.copy()
@@ -127,6 +139,20 @@ def markdown(df: pd.DataFrame, cost: str, lower: bool) -> str:
     return "\n".join(out)
 
 
+def compact(df: pd.DataFrame, lower: bool, what: str) -> str:
+    """One row per cost: the front, cheapest first, as `variant K (score; cost)`."""
+    out = [f"| cost | front, cheapest first: variant K ({what}; cost) |", "| --- | --- |"]
+    for cost in ["bytes_sent"] + [f"time_{n}_s" for n in NETWORKS]:
+        f = front(df, cost, lower)
+        cells = []
+        for _, r in f.iterrows():
+            c = fmt_bytes(r[cost]) if cost == "bytes_sent" else f"{r[cost]:.3f} s"
+            cells.append(f"{r['variant']} K{int(r['K'])} ({r['score']:.3f}; {c})")
+        name = "bytes" if cost == "bytes_sent" else cost[5:-2]
+        out.append(f"| {name} | " + ", ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def plot(df: pd.DataFrame, lower: bool, title: str, path: Path) -> None:
     import matplotlib
 
@@ -150,12 +176,17 @@ def plot(df: pd.DataFrame, lower: bool, title: str, path: Path) -> None:
                 ax.plot(e[cost], e["score"], "o-", ms=3, lw=0.8, color=cmap(k % 20), label=v)
             f = front(d, cost, lower)
             ax.plot(f[cost], f["score"], "k--", lw=1.2, label="front")
-            ax.set_xscale("log")
+            if cost == "bytes_sent":
+                ax.set_xscale("log")
+            lo, hi = d["score"].min(), d["score"].max()
+            span = hi - lo
+            # the worst points (K far from K_opt) are cut off, so that the front shows
+            ax.set_ylim((lo - 0.05 * span, lo + 0.45 * span) if lower else (hi - 0.45 * span, hi + 0.05 * span))
             ax.set_xlabel(name)
             ax.set_ylabel(("test loss" if lower else "test accuracy") + f" (P = {P})")
             ax.grid(alpha=0.3)
         axes[i][0].legend(fontsize=6, ncol=2)
-    fig.suptitle(title)
+    fig.suptitle(title + "; the y axis is cut to the better half of the range")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -183,19 +214,24 @@ def main() -> None:
     per_average()
     for workload, sweeps in SWEEPS.items():
         frames = []
+        # one step time per workload (the fragments sweep's median, measured here), so
+        # that the points of its sweeps differ in time by their communication only: a
+        # pack's step time depends on how many points it stacks
+        step_time = None
+        if (Path(args.storage) / sweeps[0] / "trials.parquet").exists():
+            step_time = measured_step_time(sweeps[0], args.storage)
+            print(f"\n{workload}: step time {step_time * 1e3:.4f} ms (median of {sweeps[0]})")
         for s in sweeps:
             if not (Path(args.storage) / s / "trials.parquet").exists():
                 print(f"## {s}: not run")
                 continue
-            agg = points(s, args.storage)
+            agg = points(s, args.storage, step_time)
             lower = agg.attrs["lower_is_better"]
             agg.to_csv(out / f"{s}_points.csv", index=False, float_format="%.6g")
             frames.append(agg)
             for P in sorted(agg["P"].unique()):
-                d = agg[agg["P"] == P]
-                for cost in ["bytes_sent"] + [f"time_{n}_s" for n in NETWORKS]:
-                    print(f"\n### {s} P={P}: front on {cost}\n")
-                    print(markdown(d, cost, lower))
+                print(f"\n### {s} P={P}: fronts\n")
+                print(compact(agg[agg["P"] == P], lower, "loss" if lower else "accuracy"))
         # fragments and payloads share the workload (schedules halve the lr: apart)
         same = [f for f in frames if not f["sweep"].iloc[0].endswith("schedule")]
         if same:
@@ -203,6 +239,11 @@ def main() -> None:
             # F1 tau0 and fp32 are the same configuration, run in both sweeps: keep one
             df = df[~((df["sweep"].str.endswith("payload")) & (df["variant"] == "fp32 F1 tau0"))]
             lower = bool(frames[0].attrs["lower_is_better"])
+            df.to_csv(out / f"front_{workload}_points.csv", index=False, float_format="%.6g")
+            what = "loss" if lower else "accuracy"
+            for P in sorted(df["P"].unique()):
+                print(f"\n### {workload} P={P}: fronts over fragments and payloads\n")
+                print(compact(df[df["P"] == P], lower, what))
             plot(df, lower, f"{workload}: final score against bytes and predicted time "
                  "(fragments and payloads; mean of 3 seeds)", out / f"front_{workload}.png")
 

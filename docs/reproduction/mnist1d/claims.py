@@ -18,7 +18,8 @@ Prints, for each sweep that is present:
 - (e) Hier-AVG minus K-AVG at the same global period (K2 = K), test accuracy and
   final training loss;
 - (c) K-AVG, Downpour and EAMSGD on real processes: accuracy and wall time per P, and
-  K-AVG minus each; EAMSGD at lr 0.03 (asgd_real_eamsgd) against that K-AVG;
+  K-AVG minus each; EAMSGD at lr 0.03 (asgd_real_eamsgd) against that K-AVG; K-AVG
+  against Downpour at lr 1.0 (asgd_real_lr1);
 - (g) K_opt per P with lr tuned per K among 0.1, 0.3 and 1.0 (kopt_mlp and kopt_mlp_lr);
 - the real-process spot check: kopt_mlp_real's histories against the simulated points of
   the same name (kopt_mlp, kopt_mlp_p2).
@@ -118,6 +119,20 @@ def claim_c_eamsgd(asgd: pd.DataFrame, eam: pd.DataFrame) -> None:
             f"  P={P}  eamsgd {e['score'].mean():.4f} ({e['score'].std():.4f}) "
             f"{e['wall_time_s'].mean():.1f}s  kavg {k['score'].mean():.4f}  "
             f"kavg-eamsgd {_diff(k['score'].to_numpy(), e['score'].to_numpy())}"
+        )
+
+
+def claim_c_lr1(lr1: pd.DataFrame) -> None:
+    print("(c) K-AVG (K = 16) and Downpour at lr 1.0 (asgd_real_lr1)")
+    for P, g in lr1.groupby("P"):
+        by = {a: x.sort_values("seed") for a, x in g.groupby("algorithm")}
+        k, d = by["kavg"], by["downpour"]
+        bad = {a: int((x["status"] != "completed").sum()) for a, x in by.items()}
+        print(
+            f"  P={P}  kavg {k['score'].mean():.4f} ({k['score'].std():.4f}) "
+            f"{k['wall_time_s'].mean():.1f}s  downpour {d['score'].mean():.4f} "
+            f"({d['score'].std():.4f}) {d['wall_time_s'].mean():.1f}s  not completed {bad}  "
+            f"kavg-downpour {_diff(k['score'].to_numpy(), d['score'].to_numpy())}"
         )
 
 
@@ -242,6 +257,9 @@ def main(storage: Path) -> None:
         eam = scores(storage, "asgd_real_eamsgd")
         if eam is not None:
             claim_c_eamsgd(asgd, eam)
+    lr1 = scores(storage, "asgd_real_lr1")
+    if lr1 is not None:
+        claim_c_lr1(lr1)
     if hier is not None:
         claim_e(hier)
     if kopt is not None and lr is not None:
