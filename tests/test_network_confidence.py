@@ -113,3 +113,16 @@ def test_a_packed_points_step_time_is_its_share_of_the_pack() -> None:
     assert list(pred["step_time_source"]) == ["measured/(P x 3 packed points)"] * 2 + [
         "measured/P (simulated)"
     ]
+
+
+def test_simulated_trials_get_no_measured_time_columns() -> None:
+    """Stacked learners communicate nothing and share their pack's clock: the table by
+    predicted time leaves out the measured columns when every trial is simulated, and
+    keeps them when one is not."""
+    simulated = _predicted().assign(backend="simulated")
+    out = kopt_by_predicted_time(simulated)
+    assert "measured_time_s" not in out.columns and "measured_K_opt" not in out.columns
+    assert list(out["K_opt"]) == list(kopt_by_predicted_time(_predicted())["K_opt"])
+    mixed = simulated.copy()
+    mixed.loc[0, "backend"] = "ray"
+    assert {"measured_time_s", "measured_K_opt"} <= set(kopt_by_predicted_time(mixed).columns)

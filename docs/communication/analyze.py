@@ -7,8 +7,9 @@ language model, test accuracy for MNIST-1D), the bytes one learner sent (the ave
 took times the bytes of one average: the cost model's size of the model as its payload, in
 its fragments; the simulated engine moves no bytes itself) and its predicted time on the
 DiLoCo scaling-law study's three networks (kavg_ray.analysis.costmodel.predict_sweep at
-one step time per workload: the median the cost model measures on its fragments sweep). Writes <sweep>_points.csv, prints Markdown tables of the fronts,
-and draws front_<workload>.png.
+one step time per workload: the median the cost model measures on its fragments sweep).
+Writes <sweep>_points.csv, prints Markdown tables of the fronts, and draws
+front_<workload>.png.
 
 The CLI cannot size the character-level GPT (kavg_ray.train.models.model_bytes knows no
 `text` dataset and no model_args), so this script passes its own sizer: the GPT of the
@@ -91,6 +92,8 @@ def points(sweep: str, storage: str, step_time: float | None = None) -> pd.DataF
         rows[f"time_{net}_s"] = p["predicted_time_s"].to_numpy()
     rows = rows[rows["status"] == "completed"].copy()
     rows["variant"] = rows.apply(label, axis=1)
+    if sweep.endswith("schedule"):
+        rows["variant"] = rows["variant"].replace("fp32 F1 tau0", "fixed K")
     score = "final_test_loss" if spec["workload"]["dataset"] == "text" else "final_test_acc"
     rows["score"] = rows[score]
     keys = ["P", "variant", "K"]
@@ -167,7 +170,7 @@ def plot(df: pd.DataFrame, lower: bool, title: str, path: Path) -> None:
     cmap = plt.get_cmap("tab20")
     for i, P in enumerate(Ps):
         d = df[df["P"] == P]
-        for j, (cost, name) in enumerate(zip(costs, names)):
+        for j, (cost, name) in enumerate(zip(costs, names, strict=True)):
             ax = axes[i][j]
             for k, v in enumerate(variants):
                 e = d[d["variant"] == v].sort_values("K")
@@ -181,14 +184,17 @@ def plot(df: pd.DataFrame, lower: bool, title: str, path: Path) -> None:
             lo, hi = d["score"].min(), d["score"].max()
             span = hi - lo
             # the worst points (K far from K_opt) are cut off, so that the front shows
-            ax.set_ylim((lo - 0.05 * span, lo + 0.45 * span) if lower else (hi - 0.45 * span, hi + 0.05 * span))
+            if lower:
+                ax.set_ylim(lo - 0.05 * span, lo + 0.45 * span)
+            else:
+                ax.set_ylim(hi - 0.45 * span, hi + 0.05 * span)
             ax.set_xlabel(name)
             ax.set_ylabel(("test loss" if lower else "test accuracy") + f" (P = {P})")
             ax.grid(alpha=0.3)
         axes[i][0].legend(fontsize=6, ncol=2)
     fig.suptitle(title + "; the y axis is cut to the better half of the range")
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=70)
     plt.close(fig)
 
 
@@ -202,7 +208,8 @@ def per_average(P: int = 4) -> None:
         for pay in ("fp32", "bf16", "fp8", "int8", "int4"):
             q = cm.payload_bytes(elements, pay)
             ts = [cm.average_time(P, q, cm.parse_network(n).inter, pay) for n in NETWORKS]
-            print(f"| {name} | {pay} | {fmt_bytes(q)} | " + " | ".join(f"{t * 1e3:.3f} ms" for t in ts) + " |")
+            cells = " | ".join(f"{t * 1e3:.3f} ms" for t in ts)
+            print(f"| {name} | {pay} | {fmt_bytes(q)} | {cells} |")
 
 
 def main() -> None:
@@ -239,7 +246,6 @@ def main() -> None:
             # F1 tau0 and fp32 are the same configuration, run in both sweeps: keep one
             df = df[~((df["sweep"].str.endswith("payload")) & (df["variant"] == "fp32 F1 tau0"))]
             lower = bool(frames[0].attrs["lower_is_better"])
-            df.to_csv(out / f"front_{workload}_points.csv", index=False, float_format="%.6g")
             what = "loss" if lower else "accuracy"
             for P in sorted(df["P"].unique()):
                 print(f"\n### {workload} P={P}: fronts over fragments and payloads\n")

@@ -739,7 +739,8 @@ def kopt_by_predicted_time(predicted: pd.DataFrame) -> pd.DataFrame:
     """K_opt per group by predicted time to target (the columns of results.kopt_table),
     plus ``predicted_time_s`` and ``measured_time_s`` (mean time to target of K_opt's
     trials: predicted on the network, and measured on the machine that ran the sweep),
-    ``measured_K_opt`` (K_opt by the measured time) and ``network``. Trials that differ
+    ``measured_K_opt`` (K_opt by the measured time; both left out when every trial is
+    simulated: stacked learners communicate nothing) and ``network``. Trials that differ
     in ``fragments``, ``fragment_delay``, ``payload`` (and the other
     :data:`STREAMING_DEFAULTS` columns) are ranked in groups of their own; a K_schedule's
     trials share their group and are set against its best fixed K (analysis/schedules.py)."""
@@ -774,6 +775,10 @@ def kopt_by_predicted_time(predicted: pd.DataFrame) -> pd.DataFrame:
     out["measured_time_s"] = measured_means
     out["measured_K_opt"] = by_meas["K_opt"].to_numpy() if len(by_meas) == len(out) else pd.NA
     out["network"] = predicted["network"].iloc[0] if len(predicted) else ""
+    if "backend" in predicted.columns and len(predicted) and (
+        predicted["backend"] == "simulated"
+    ).all():  # stacked learners' wall clock is the pack's and holds no communication
+        out = out.drop(columns=["measured_time_s", "measured_K_opt"])
     return out
 
 
