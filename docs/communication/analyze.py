@@ -179,7 +179,7 @@ def plot(df: pd.DataFrame, lower: bool, title: str, path: Path) -> None:
                 ax.plot(e[cost], e["score"], "o-", ms=3, lw=0.8, color=cmap(k % 20), label=v)
             f = front(d, cost, lower)
             ax.plot(f[cost], f["score"], "k--", lw=1.2, label="front")
-            if cost == "bytes_sent":
+            if cost == "bytes_sent" or d[cost].max() > 10 * d[cost].min():
                 ax.set_xscale("log")
             lo, hi = d["score"].min(), d["score"].max()
             span = hi - lo
