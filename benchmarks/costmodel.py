@@ -51,6 +51,12 @@ from kavg_ray.analysis import costmodel  # noqa: E402
 from kavg_ray.train.models import model_bytes  # noqa: E402
 
 MODELS = {"mlp": ((1, 8, 8), 10), "resnet18": ((3, 32, 32), 10)}
+
+
+def _sizer(model: str, dataset: str, workload: Any) -> int:
+    """predict_sweep's sizer: the built-in models at their default sizes."""
+    return model_bytes(model, dataset, (workload or {}).get("synthetic"))
+
 PLAN = [  # (model, P, K values, local steps, batch size)
     ("mlp", 2, (1, 4, 16), 256, 16),
     ("mlp", 4, (1, 4, 16), 256, 16),
@@ -227,14 +233,14 @@ def compare_sweep(sweep: str, storage: str, profile: str, out: str | None) -> li
     prediction, from the joint fit and from the fits of the trial's own P (and S)."""
     net = costmodel.parse_network(profile)
     per_p = _per_p_links(net)
-    joint = costmodel.predict_sweep(sweep, storage, net, target=1.0, model_bytes=model_bytes)
+    joint = costmodel.predict_sweep(sweep, storage, net, target=1.0, model_bytes=_sizer)
     own = {}  # (P, S): predictions with the links fitted to P (global) and S (local) alone
     for P, S in {(int(t["P"]), int(costmodel._num(t.get("S"), 1))) for _, t in joint.iterrows()}:
         if P in per_p:
             local = per_p.get(S) if S > 1 else None
             n = costmodel.Network(f"P={P} fit", per_p[P], local, "", {})
             own[P, S] = costmodel.predict_sweep(
-                sweep, storage, n, target=1.0, model_bytes=model_bytes
+                sweep, storage, n, target=1.0, model_bytes=_sizer
             )
     rows = []
     for i, trial in joint.iterrows():

@@ -430,10 +430,20 @@ def _predict_on(sweep_name: str, storage: str, net: tuple, trials: Any, **kw: An
 
 
 def _model_bytes() -> Callable:
-    """The cost model's sizer for trials that moved no bytes (it builds the model: torch)."""
-    from kavg_ray.train.models import model_bytes
+    """The cost model's sizer for trials that moved no bytes: ``(model, dataset, the spec's
+    workload) -> bytes``, the model built as the run built it (torch, on the meta device)."""
+    from kavg_ray.config import RunConfig
+    from kavg_ray.train.stacked import config_model_bytes
 
-    return model_bytes
+    def size(model: str, dataset: str, workload: Any) -> int:
+        doc = {**dict(workload or {}), "model": model, "dataset": dataset}
+        try:
+            cfg = RunConfig.model_validate({"workload": doc, "backend": "simulated", "K": 1})
+            return config_model_bytes(cfg)
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise BadInput(f"cannot size model {model!r} on {dataset}: {exc}") from None
+
+    return size
 
 
 _NETWORK_HELP = (

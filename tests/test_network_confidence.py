@@ -126,3 +126,25 @@ def test_simulated_trials_get_no_measured_time_columns() -> None:
     mixed = simulated.copy()
     mixed.loc[0, "backend"] = "ray"
     assert {"measured_time_s", "measured_K_opt"} <= set(kopt_by_predicted_time(mixed).columns)
+
+
+def test_the_cli_sizes_a_model_as_the_run_built_it() -> None:
+    """Simulated trials move no bytes, so `--network` sizes their model: the text data set
+    and `model_args` (a gpt of the spec's width) are sized as the run builds them, not
+    refused and not at the default width."""
+    import torch
+
+    from kavg_ray.cli import _model_bytes
+    from kavg_ray.config import RunConfig
+    from kavg_ray.train.workload import build_workload
+
+    workload = {"dataset": "text", "dataset_args": {"chars": 20000, "seq_len": 16},
+                "model": "gpt", "model_args": {"dim": 16, "heads": 2, "layers": 1}}  # fmt: skip
+    cfg = RunConfig.model_validate({"workload": workload, "backend": "simulated", "K": 1})
+    model = build_workload(cfg, torch.device("cpu")).model
+    built = sum(p.numel() * p.element_size() for p in model.parameters())
+    size = _model_bytes()
+    assert size("gpt", "text", workload) == built
+    wider = {**workload, "model_args": {"dim": 32, "heads": 2, "layers": 1}}
+    assert size("gpt", "text", wider) > built
+    assert size("mlp1d", "mnist1d", {}) == 15_210 * 4  # the published 40-100-100-10 MLP

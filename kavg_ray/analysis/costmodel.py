@@ -806,14 +806,15 @@ def predict_sweep(
     step_time: float | None = None,
     target: float | None = None,
     require_target: bool = True,
-    model_bytes: Callable[[str, str, Mapping[str, Any] | None], float] | None = None,
+    model_bytes: Callable[[str, str, Mapping[str, Any]], float] | None = None,
 ) -> pd.DataFrame:
     """:func:`predict_trials` for a stored sweep; ``target`` defaults to the spec's
     ``target_accuracy`` (BadInputError when neither is set, unless ``require_target`` is
     False: then only the end-of-budget columns are predicted). ``trials`` (default: the
     stored ones) lets a caller pass rows with predictions already attached.
-    ``model_bytes(model, dataset, synthetic)`` sizes the trials that moved no bytes
-    (kavg_ray.train.models.model_bytes)."""
+    ``model_bytes(model, dataset, workload)`` sizes the trials that moved no bytes, given
+    the spec's ``workload`` mapping (its ``model_args``, ``dataset_args``, ``synthetic``:
+    the CLI's sizer builds the model as the run did)."""
     from kavg_ray.analysis.results import ResultsError, ResultsStore
 
     store = ResultsStore(storage)
@@ -829,12 +830,12 @@ def predict_sweep(
         raise BadInputError(
             f"sweep {sweep!r} has no target_accuracy: give --target ACC for the time to target"
         )
-    synthetic = (spec.get("workload") or {}).get("synthetic")
+    workload = spec.get("workload") or {}
 
     def sizer(model: str, dataset: str) -> float:
         if model_bytes is None:
             return _no_sizer(model, dataset)
-        return model_bytes(model, dataset, synthetic)
+        return model_bytes(model, dataset, workload)
 
     history = store.read_history(sweep)
     target = None if target is None else float(target)

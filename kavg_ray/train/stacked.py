@@ -89,6 +89,17 @@ def input_spec(cfg: RunConfig) -> tuple[tuple[int, ...], int, int]:
     return _input_spec(cfg)[:3]
 
 
+def config_model_bytes(cfg: RunConfig) -> int:
+    """Bytes one average moves for ``cfg``'s model (parameters and floating buffers, as
+    built): the model built on torch's meta device for the data set's input shape (text
+    and factory sets are loaded on the CPU to find it), ``model_args`` honoured."""
+    shape, classes, _, _ = _input_spec(cfg)
+    with torch.device("meta"):
+        model = model_builder(cfg)(shape, classes)
+    tensors = list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]
+    return int(sum(t.numel() * t.element_size() for t in tensors))
+
+
 def _input_spec(cfg: RunConfig) -> tuple[tuple[int, ...], int, int, torch.dtype]:
     """input_spec and the dtype of an input. Text and factory data sets are loaded (on the
     CPU) to find them; one too large to hold in memory is refused here."""
