@@ -112,3 +112,20 @@ def test_plots_leave_a_schedule_out_of_its_K0s_mean() -> None:
     trials = _rows([("adacomm", 4, {}, [0.1] * 5)])
     ok = plots._completed(trials, "final_test_acc")
     assert int(ok.sum()) == 15 and not ok[trials["K_schedule"] == "adacomm"].any()
+
+
+def test_the_report_gives_the_schedule_line_beside_the_verdict() -> None:
+    """`kavg results report`'s verdict bullets say where (P) without the schedule columns,
+    and end with the schedule line; a table without schedules has no such sentence."""
+    from kavg_ray.analysis.report import verdict_lines
+
+    ada = [0.93, 0.94, 0.95, 0.96, 0.97]
+    table = kopt_table(_rows([("adacomm", 4, {}, ada)]))
+    text = verdict_lines(table)
+    assert text.startswith("- P=4: K_opt = 4, **clear**")
+    assert "best_schedule" not in text and "schedule_vs_fixed" not in text
+    assert text.rstrip().endswith(
+        "Schedules: adacomm(K0=4) beats K=4 by 0.03 (difference +0.03, 90%: +0.03 to +0.03; "
+        "clear)"
+    )
+    assert "Schedules:" not in verdict_lines(kopt_table(_rows([])))

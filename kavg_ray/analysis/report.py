@@ -26,6 +26,7 @@ from kavg_ray.analysis.results import (
     kopt_table,
     ranked_by,
 )
+from kavg_ray.analysis.schedules import SCHEDULE_COLUMNS
 
 __all__ = ["REPORT_FILE", "TRIAL_REPORT_COLUMNS", "markdown_table", "write_report"]
 
@@ -254,8 +255,10 @@ def _kopt_sections(trials: pd.DataFrame, history: pd.DataFrame | None = None) ->
 
 
 def verdict_lines(table: pd.DataFrame) -> str:
-    """One Markdown bullet per row of a kopt_table: its K_opt, verdict and evidence."""
-    keys = [c for c in table.columns if c not in KOPT_COLUMNS and c != "predicted_kopt"]
+    """One Markdown bullet per row of a kopt_table: its K_opt, verdict and evidence, and
+    the line that sets its best K_schedule against its best fixed K, when it has one."""
+    own = {*KOPT_COLUMNS, "predicted_kopt", *SCHEDULE_COLUMNS}
+    keys = [c for c in table.columns if c not in own]
     lines = []
     for row in table.to_dict("records"):
         where = ", ".join(f"{k}={_cell(row[k])}" for k in keys if k not in
@@ -269,7 +272,9 @@ def verdict_lines(table: pd.DataFrame) -> str:
         )
         if not pd.isna(row["freq_k1"]):
             text += f"; K = 1 best in {row['freq_k1']:.0%}"
-        lines.append(text + (f". {row['note']}" if row["note"] else ""))
+        text += f". {row['note']}" if row["note"] else ""
+        line = row.get("schedule_line")  # a K_schedule set against the best fixed K
+        lines.append(text + (f". Schedules: {line}" if isinstance(line, str) and line else ""))
     return "\n".join(lines) + "\n"
 
 
