@@ -77,10 +77,11 @@ sys.path.insert(0, str(ROOT))
 
 from kavg_ray.config import RunConfig  # noqa: E402
 from kavg_ray.train import collectives  # noqa: E402
-from kavg_ray.train.averaging import CommStats, KAvgAverager  # noqa: E402
+from kavg_ray.train.averaging import KAvgAverager  # noqa: E402
 from kavg_ray.train.loop import run_epochs  # noqa: E402
 from kavg_ray.train.models import build_model  # noqa: E402
 from kavg_ray.train.run import build_engine  # noqa: E402
+from kavg_ray.train.timing import CommStats  # noqa: E402
 
 DILOCO = {"lr": 0.7, "momentum": 0.9, "nesterov": True}
 P1_RUNS = {

@@ -52,7 +52,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kavg_ray.train.averaging import KAvgAverager, StreamingFragments  # noqa: E402
+from kavg_ray.train.averaging import KAvgAverager  # noqa: E402
+from kavg_ray.train.fragments import StreamingFragments  # noqa: E402
 from kavg_ray.train.payload import PAYLOADS  # noqa: E402
 
 WORLD = 2

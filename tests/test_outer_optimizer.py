@@ -17,9 +17,11 @@ import torch.distributed as dist
 from torch import nn
 
 from kavg_ray.config import ConfigError, RunConfig, parse_run
-from kavg_ray.train import averaging, train
-from kavg_ray.train.averaging import AveragingSchedule, HierAvgAverager, KAvgAverager, pieces
+from kavg_ray.train import outer as outer_module
+from kavg_ray.train import train
+from kavg_ray.train.averaging import AveragingSchedule, HierAvgAverager, KAvgAverager
 from kavg_ray.train.loop import run_epochs
+from kavg_ray.train.outer import pieces
 from kavg_ray.train.stacked import StackedEngine
 
 from .distributed import run_distributed
@@ -60,7 +62,7 @@ def _outer_matches_reference(
     rank: int, world: int, outer: dict, warmup: int, block: int | None = None
 ) -> None:
     if block is not None:  # small blocks: the 83 parameters travel in several pieces
-        averaging.OUTER_BLOCK = block
+        outer_module.OUTER_BLOCK = block
     K, steps = 3, 22
     model = _model()
     reference = copy.deepcopy(model)  # the anchor, stepped by torch's own SGD
@@ -112,7 +114,7 @@ def test_outer_average_in_pieces_equals_torch_sgd_on_the_anchor(world: int) -> N
 
 
 def test_pieces_cover_the_buffer_exactly() -> None:
-    B = averaging.OUTER_BLOCK
+    B = outer_module.OUTER_BLOCK
     assert pieces(83, 83) == [(0, 83)]  # a small model: one piece
     assert pieces(83, 90) == [(0, 83), (83, 90)]  # the floating buffers: a piece of their own
     assert pieces(3 * B, 3 * B) == [(0, B), (B, 2 * B), (2 * B, 3 * B)]
@@ -121,7 +123,7 @@ def test_pieces_cover_the_buffer_exactly() -> None:
 
 
 def _buffers_stay_plain_under_the_outer_step(rank: int, world: int) -> None:
-    averaging.OUTER_BLOCK = 4  # several pieces, then BatchNorm's running stats as the last
+    outer_module.OUTER_BLOCK = 4  # several pieces, then BatchNorm's running stats as the last
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
     avg = KAvgAverager(model, 2, outer_lr=0.7, outer_momentum=0.9, nesterov=True)

@@ -12,7 +12,7 @@ learners average after their local steps.
 A repeat's time is the shortest worker's: every worker leaves the all-reduce at about the
 same moment, so the shortest time runs from the moment the last one arrived: the
 transfer alone, estimated as a trial's transfer is (its ``comm_time_s`` less
-``wait_time_s``, see kavg_ray.train.averaging.CommStats). A size's time is the mean repeat: a
+``wait_time_s``, see kavg_ray.train.timing.CommStats). A size's time is the mean repeat: a
 run's communication time is the sum of its averages, and small all-reduces have a long
 tail that a median hides (2-core machine, 38 kB: median 1.0 ms, mean 1.9 ms,
 benchmarks/latency_gap.py). The driver fits alpha and beta of the ring all-reduce cost

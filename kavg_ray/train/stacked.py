@@ -35,18 +35,17 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from kavg_ray.config import RunConfig
-from kavg_ray.train.averaging import (
-    AveragingSchedule,
-    FragmentSchedule,
+from kavg_ray.train.averaging import AveragingSchedule
+from kavg_ray.train.data import Dataset, augment_generator, epoch_indices, steps_per_epoch
+from kavg_ray.train.fragments import FragmentSchedule, fragment_bounds
+from kavg_ray.train.loop import EngineBase, empty_comm_metrics
+from kavg_ray.train.outer import (
     OuterOptimizer,
     compressed_step,
     compressed_update,
-    fragment_bounds,
     outer_step,
     outer_step_slice,
 )
-from kavg_ray.train.data import Dataset, augment_generator, epoch_indices, steps_per_epoch
-from kavg_ray.train.loop import EngineBase, empty_comm_metrics
 from kavg_ray.train.payload import Payload
 from kavg_ray.train.periods import schedule_for
 from kavg_ray.train.workload import (
@@ -727,7 +726,7 @@ class StackedEngine(EngineBase):
 
 class StackedFragments:
     """Streaming fragments on the stacked learners: the schedule of
-    :class:`~kavg_ray.train.averaging.StreamingFragments` and its arithmetic, with the sum
+    :class:`~kavg_ray.train.fragments.StreamingFragments` and its arithmetic, with the sum
     over the learner axis for the all-reduce (docs/design.md section 9).
 
     A launch keeps the sum of the learners' fragment slices as they are; the apply, tau
@@ -739,7 +738,7 @@ class StackedFragments:
     With a compressed payload (P > 1) the launch takes the learners' compressed mean
     change of the fragment, :meth:`Payload.simulated_average` of ``base_f - x_f`` on the
     fragment's columns (its residuals' columns too); the apply moves ``base_f`` by it
-    (:func:`~kavg_ray.train.averaging.compressed_step`), as the real learners do.
+    (:func:`~kavg_ray.train.outer.compressed_step`), as the real learners do.
     """
 
     def __init__(self, engine: StackedEngine, cfg: RunConfig) -> None:

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from kavg_ray.analysis.costmodel import payload_bytes
-from kavg_ray.train.averaging import KAvgAverager, fragment_bounds
+from kavg_ray.train.averaging import KAvgAverager
+from kavg_ray.train.fragments import fragment_bounds
 from kavg_ray.train.stacked import StackedEngine, StackedFragments
 
 from ..distributed import run_distributed

@@ -21,12 +21,8 @@ from kavg_ray import cli
 from kavg_ray.analysis import costmodel
 from kavg_ray.config import ConfigError, RunConfig, parse_run
 from kavg_ray.launch.sweep import trial_row
-from kavg_ray.train.averaging import (
-    AveragingSchedule,
-    FragmentSchedule,
-    KAvgAverager,
-    fragment_bounds,
-)
+from kavg_ray.train.averaging import AveragingSchedule, KAvgAverager
+from kavg_ray.train.fragments import FragmentSchedule, fragment_bounds
 from kavg_ray.train.loop import run_epochs
 from kavg_ray.train.stacked import StackedEngine, StackedFragments
 

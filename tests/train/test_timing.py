@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from kavg_ray.config import RunConfig
-from kavg_ray.train import averaging
-from kavg_ray.train.averaging import CommStats, HierAvgAverager, KAvgAverager
+from kavg_ray.train import timing
+from kavg_ray.train.averaging import HierAvgAverager, KAvgAverager
+from kavg_ray.train.timing import CommStats
 
 from ..distributed import run_distributed
 
@@ -69,9 +70,9 @@ class FakeCuda:
         torch.cuda.synchronize = synchronize
 
 
-def _on_fake_cuda(avg: averaging._Averager) -> None:
+def _on_fake_cuda(avg: KAvgAverager | HierAvgAverager) -> None:
     """Time ``avg``'s averages as on a GPU (its tensors stay on the CPU)."""
-    avg._timer = averaging.collective_timer(torch.device("cuda", 0))
+    avg._timer = timing.collective_timer(torch.device("cuda", 0))
 
 
 def _vector_model(values: list[float]) -> nn.Module:
@@ -81,15 +82,15 @@ def _vector_model(values: list[float]) -> nn.Module:
 
 
 def test_the_timer_follows_the_device() -> None:
-    assert isinstance(averaging.collective_timer(torch.device("cpu")), averaging._HostTimer)
-    timer = averaging.collective_timer(torch.device("cuda", 1))
-    assert isinstance(timer, averaging._CudaEventTimer) and timer.device.index == 1
+    assert isinstance(timing.collective_timer(torch.device("cpu")), timing.HostTimer)
+    timer = timing.collective_timer(torch.device("cuda", 1))
+    assert isinstance(timer, timing.CudaEventTimer) and timer.device.index == 1
 
 
 def test_a_cpu_average_is_timed_on_the_host_clock_at_once() -> None:
     """CPU figures as before: perf_counter around the collective, added at once."""
     stats = CommStats()
-    timer = averaging._HostTimer()
+    timer = timing.HostTimer()
     start = timer.start()
     timer.stop(start, stats, 8)
     assert (stats.count, stats.bytes, len(stats.unsettled), len(stats.pending)) == (1, 8, 1, 0)
@@ -116,7 +117,7 @@ def test_pending_events_are_read_in_order_and_finished_only_never_waits() -> Non
 
 def test_unread_events_stay_few_in_a_long_epoch(monkeypatch: pytest.MonkeyPatch) -> None:
     fake = FakeCuda(ms=1.0)
-    monkeypatch.setattr(averaging, "PENDING_EVENTS", 4)
+    monkeypatch.setattr(timing, "PENDING_EVENTS", 4)
     stats = CommStats()
     for i in range(10):
         fake.finished = i % 2 == 0  # query() is asked; only finished events are read
