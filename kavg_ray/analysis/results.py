@@ -661,16 +661,8 @@ def kopt_table(
     row what would settle it); plus ``predicted_kopt`` (first non-null per group) when
     the input has it. ``flag_wait=False`` leaves out the wait check (predicted times).
     """
-    if by not in RANK_METRICS:
-        raise ValueError(f"unknown by={by!r}; expected 'accuracy', 'time' or 'loss'")
-    if not 1 <= int(n_boot) <= 1_000_000:
-        raise ValueError(f"n_boot must be between 1 and 1000000, got {n_boot}")
-    metric = RANK_METRICS[by]
+    _check_kopt_input(trials_df, by, score, n_boot)
     keys = _kopt_group_keys(trials_df, group_by)
-    needs = [metric] if parse_score(score, by) == ("last", 1) else []
-    required = [c for c in ("K", "status", *needs) if c not in trials_df.columns]
-    if required:
-        raise ValueError(f"trials frame lacks column(s) {required} needed for by={by!r}")
     has_pred = "predicted_kopt" in trials_df.columns
     out_cols = keys + KOPT_COLUMNS + (["predicted_kopt"] if has_pred else [])
     if trials_df.empty:
@@ -685,14 +677,36 @@ def kopt_table(
     fixed = trials_df[labels.isna()]
     rows = _kopt_rows(fixed, keys, ctx, has_pred)
     table = _typed_kopt_frame(pd.DataFrame(rows, columns=out_cols)[out_cols])
-    if labels.notna().any():
-        extra = schedules.comparison_columns(
-            trials_df, keys, labels,
-            lambda g: group_values(g, ctx.values.loc[g.index], ctx.by)[:2], ctx.sign,
-            ctx.n_boot, ctx.seed,
-        )  # fmt: skip
-        table = pd.concat([table.reset_index(drop=True), extra], axis=1)
-    return table
+    return _with_schedules(table, trials_df, keys, labels, ctx)
+
+
+def _with_schedules(
+    table: pd.DataFrame, trials_df: pd.DataFrame, keys: list[str], labels: pd.Series,
+    ctx: _KoptContext,
+) -> pd.DataFrame:  # fmt: skip
+    """``table`` with the columns that set each group's best K_schedule against its best
+    fixed K (:func:`kavg_ray.analysis.schedules.comparison_columns`), when there are any."""
+    if not labels.notna().any():
+        return table
+    extra = schedules.comparison_columns(
+        trials_df, keys, labels,
+        lambda g: group_values(g, ctx.values.loc[g.index], ctx.by)[:2], ctx.sign,
+        ctx.n_boot, ctx.seed,
+    )  # fmt: skip
+    return pd.concat([table.reset_index(drop=True), extra], axis=1)
+
+
+def _check_kopt_input(trials_df: pd.DataFrame, by: str, score: str, n_boot: int) -> None:
+    """ValueError for a ranking kopt_table cannot make: an unknown ``by``, ``n_boot`` out of
+    range, or a column the ranking needs missing."""
+    if by not in RANK_METRICS:
+        raise ValueError(f"unknown by={by!r}; expected 'accuracy', 'time' or 'loss'")
+    if not 1 <= int(n_boot) <= 1_000_000:
+        raise ValueError(f"n_boot must be between 1 and 1000000, got {n_boot}")
+    needs = [RANK_METRICS[by]] if parse_score(score, by) == ("last", 1) else []
+    required = [c for c in ("K", "status", *needs) if c not in trials_df.columns]
+    if required:
+        raise ValueError(f"trials frame lacks column(s) {required} needed for by={by!r}")
 
 
 def _kopt_rows(

@@ -12,6 +12,8 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -437,26 +439,36 @@ def run_sweep(
     log = _ray_log(store.local_dir(sweep), _plan_words(len(todo), pack), verbose, progress, echo)
     # Ray's output while it connects goes to a temporary file: a cluster that cannot be
     # joined leaves nothing under the storage (the file moves into logs/ once joined).
-    with console.quiet(log, staged=True) as quiet_echo:
+    with console.quiet(log, staged=True) as quiet_echo, _joined(
+        address, quiet_echo, todo_points or points
+    ):
         say = echo if log is None else quiet_echo
-        # A cluster's other nodes import the user's factories from the shipped copy.
-        shipped = nodes.user_code(todo_points or points) if address else None
-        connected_here = connect(address, quiet_echo.log, shipped)
-        quiet_echo.settle()
-        try:
-            _check_joined(address, storage, todo_points)
-            _prepare(store, sweep, spec_doc, points, todo, resume, say)
-            tracker = _tracker(store, sweep, by_id, todo, say, progress, log is not None)
-            root = sweep_dir.resolve()
-            layout = _layout(todo_points, root, plan, search, pack, local=address is None)
-            _tune(tracker, todo_points or points, root, verbose, layout)
-        finally:
-            if connected_here:
-                import ray
-
-                # Ends Ray's forwarding of worker logs, so the caller's table prints last.
-                ray.shutdown()
+        _check_joined(address, storage, todo_points)
+        _prepare(store, sweep, spec_doc, points, todo, resume, say)
+        tracker = _tracker(store, sweep, by_id, todo, say, progress, log is not None)
+        root = sweep_dir.resolve()
+        layout = _layout(todo_points, root, plan, search, pack, local=address is None)
+        _tune(tracker, todo_points or points, root, verbose, layout)
     return tracker.statuses
+
+
+@contextmanager
+def _joined(address: str | None, quiet_echo: Any, points: list[RunConfig]) -> Iterator[None]:
+    """Connect to Ray (``address``, else a private local Ray) for the body, then shut down
+    a connection this call made. Ray's output while it connects goes to ``quiet_echo``'s
+    staged file."""
+    # A cluster's other nodes import the user's factories from the shipped copy.
+    shipped = nodes.user_code(points) if address else None
+    connected_here = connect(address, quiet_echo.log, shipped)
+    quiet_echo.settle()
+    try:
+        yield
+    finally:
+        if connected_here:
+            import ray
+
+            # Ends Ray's forwarding of worker logs, so the caller's table prints last.
+            ray.shutdown()
 
 
 def _tracker(

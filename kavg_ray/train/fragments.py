@@ -103,6 +103,22 @@ class FragmentSchedule:
             return self.applies(due)
         return None
 
+    def check_checkpoint(self, started: list, pending: int | None, step: int) -> list[bool]:
+        """Refuse (ValueError) a checkpoint taken at ``step`` whose fragment count or
+        fragment in flight (``pending``) is not this schedule's; returns ``started`` (which
+        fragments' outer momentum has begun) as booleans."""
+        if len(started) != self.fragments:
+            raise ValueError(
+                f"the checkpoint has {len(started)} fragments, this run {self.fragments}"
+            )
+        due = self.in_flight(step)
+        if pending != due:
+            raise ValueError(
+                f"the checkpoint's fragment average in flight ({pending}) is not the one the "
+                f"schedule has in flight after step {step} ({due})"
+            )
+        return [bool(s) for s in started]
+
 
 @dataclass
 class _Pending:
@@ -293,18 +309,10 @@ class StreamingFragments:
 
     def load_state_dict(self, state: dict, step: int) -> None:
         """Restore :meth:`state_dict`'s state at step ``step`` (the averager's count)."""
-        started = list(state["started"])
-        if len(started) != self.schedule.fragments:
-            raise ValueError(
-                f"the checkpoint has {len(started)} fragments, this run {self.schedule.fragments}"
-            )
-        self.started = [bool(s) for s in started]
-        raw, due = state["pending"], self.schedule.in_flight(step)
-        if (raw is None) != (due is None) or (raw is not None and raw["fragment"] != due):
-            raise ValueError(
-                f"the checkpoint's fragment average in flight ({raw and raw['fragment']}) is "
-                f"not the one the schedule has in flight after step {step} ({due})"
-            )
+        raw = state["pending"]
+        self.started = self.schedule.check_checkpoint(
+            list(state["started"]), None if raw is None else raw["fragment"], step
+        )
         self.pending = None
         if raw is not None:
             dev, ex = self.avg.flat.device, raw.get("exchange")

@@ -825,18 +825,10 @@ class StackedFragments:
         return {"started": list(self.started), "pending": pending}
 
     def load_state_dict(self, state: dict, step: int) -> None:
-        if len(state["started"]) != self.schedule.fragments:
-            raise ValueError(
-                f"the checkpoint has {len(state['started'])} fragments, this run "
-                f"{self.schedule.fragments}"
-            )
-        self.started = [bool(s) for s in state["started"]]
-        raw, due = state["pending"], self.schedule.in_flight(step)
-        if (raw is None) != (due is None) or (raw is not None and raw["fragment"] != due):
-            raise ValueError(
-                f"the checkpoint's fragment average in flight does not match the schedule "
-                f"after step {step}"
-            )
+        raw = state["pending"]
+        self.started = self.schedule.check_checkpoint(
+            list(state["started"]), None if raw is None else raw["fragment"], step
+        )
         self.pending = None
         if raw is not None:
             self.pending = (raw["fragment"], raw["sum"].to(self.engine.device).clone())

@@ -278,19 +278,9 @@ def test_a_real_run_counts_each_fragments_payload_and_follows_the_simulated_one(
 
 
 def test_a_simulated_run_resumes_with_a_compressed_fragment_in_flight() -> None:
-    from .test_fragments import _simulate
+    from .test_fragments import resumed_after_step_15, steps_workload
 
-    workload = {**_config().workload.model_dump(), "momentum": 0.9}
-    workload.pop("epochs")
-    workload.update(steps=30, eval_every_steps=15)
-    cfg = _loop_config(workload=workload)
-    full_m, full_s = _simulate(cfg)
-    mid = full_s[0]
-    assert mid["engine"]["fragments"]["pending"]["fragment"] == 1  # 8th average, after step 15
-    res_m, res_s = _simulate(cfg, resume=mid)
-    a, b = full_s[-1]["engine"], res_s[-1]["engine"]
-    for name, t in a["params"].items():
-        assert torch.equal(t, b["params"][name]), name
+    a, b, full_m, res_m, _ = resumed_after_step_15(_loop_config(workload=steps_workload()))
     assert torch.equal(a["payload"]["residual"], b["payload"]["residual"])
     assert torch.equal(a["payload"]["base"], b["payload"]["base"])
     assert res_m[-1]["rounds"] == full_m[-1]["rounds"] == 15

@@ -33,12 +33,7 @@ from .test_stacked import _max_diff, _real_runs
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/train/conftest.py
 
 
 # ------------------------------------------------------------------------------- schedule
@@ -365,12 +360,19 @@ def test_simulated_equals_real_p2(tmp_path) -> None:
         ), name
 
 
-def test_simulated_resume_with_an_average_in_flight() -> None:
+def steps_workload() -> dict:
+    """_config's workload with momentum, as 30 steps evaluated after steps 15 and 30."""
     workload = {**_config().workload.model_dump(), "momentum": 0.9}
     workload.pop("epochs")
     workload.update(steps=30, eval_every_steps=15)
-    cfg = _config(P=2, K=6, fragments=3, fragment_delay=1, outer={"lr": 0.7, "momentum": 0.5},
-                  workload=workload)  # fmt: skip
+    return workload
+
+
+def resumed_after_step_15(cfg: RunConfig) -> tuple[dict, dict, list, list, dict]:
+    """A simulated run of ``cfg`` (a steps_workload with K = 6, F = 3, tau = 1) and its
+    resume from the checkpoint after step 15, with fragment 1's average in flight: both
+    end with the same parameters. Returns both final engine states, both metric lists and
+    the checkpoint."""
     full_m, full_s = _simulate(cfg)
     mid = full_s[0]
     assert mid["engine"]["fragments"]["pending"]["fragment"] == 1  # 8th average, after step 15
@@ -378,6 +380,13 @@ def test_simulated_resume_with_an_average_in_flight() -> None:
     a, b = full_s[-1]["engine"], res_s[-1]["engine"]
     for name, t in a["params"].items():
         assert torch.equal(t, b["params"][name]), name
+    return a, b, full_m, res_m, mid
+
+
+def test_simulated_resume_with_an_average_in_flight() -> None:
+    cfg = _config(P=2, K=6, fragments=3, fragment_delay=1, outer={"lr": 0.7, "momentum": 0.5},
+                  workload=steps_workload())  # fmt: skip
+    a, b, full_m, res_m, mid = resumed_after_step_15(cfg)
     assert torch.equal(a["outer_momentum"], b["outer_momentum"])
     assert res_m[-1]["rounds"] == full_m[-1]["rounds"] == 15
     # A checkpoint whose in-flight average the schedule does not expect is refused.

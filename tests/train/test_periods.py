@@ -25,12 +25,7 @@ from .test_stacked import _max_diff, _real_runs, _simulate
 P = 2
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/train/conftest.py
 
 
 def _drive(schedule: AveragingSchedule, steps: int, losses: dict[int, float] | None = None):

@@ -37,14 +37,7 @@ from .test_process_group import _config, sequential_reference
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a busy two-core machine OpenMP's spinning threads make the
-    batched kernels up to 30x slower; the gloo ranks use one thread each too."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/train/conftest.py
 
 
 def _digits64(*args, **kwargs):
